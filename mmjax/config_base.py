@@ -1,0 +1,51 @@
+"""The full config schema with defaults; experiments start from `base_config()`.
+
+Linked fields (`ml_collections.FieldReference`) keep values that two parts of
+the system must agree on in one place: the image size (encoder and data), the
+image tokens per image (connector and data) and the vocabulary size
+(tokenizer and decoder). Overriding either side on the command line changes
+both.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def base_config() -> mlc.ConfigDict:
+    image_size = mlc.FieldReference(32)
+    tokens_per_image = mlc.FieldReference(4)
+    vocab_size = mlc.FieldReference(1024)
+
+    c = mlc.ConfigDict()
+    c.runtime = dict(
+        cpu_devices=0,  # >0: simulate this many devices on the host CPU
+    )
+    c.mesh = dict(data=-1, fsdp=1, expert=1, model=1)
+    c.rules = "fsdp"  # a layout name from mmjax.parallel.rules.LAYOUTS
+
+    c.model = mlc.ConfigDict()
+    c.model.dtype = "float32"
+    c.model.vit = dict(image_size=image_size, patch_size=8, embed=64, depth=2, heads=4, mlp=256)
+    c.model.connector = dict(kind="c_abstractor", num_tokens=tokens_per_image, hidden=64, depth=1)
+    c.model.decoder = dict(vocab_size=vocab_size, embed=128, layers=2, heads=4, kv_heads=2, head_dim=32,
+                           mlp=512, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False)
+
+    c.data = mlc.ConfigDict()
+    c.data.seq_len = 128
+    c.data.global_batch = 16
+    c.data.max_images = 3
+    c.data.image_size = image_size
+    c.data.tokens_per_image = tokens_per_image
+    c.data.vocab_size = vocab_size
+    c.data.mix_weights = (5.0, 5.0, 1.0)  # caption : interleaved : text
+    c.data.seed = 0
+    c.data.workers = 0  # >0: Grain multiprocess workers (mp_prefetch)
+
+    c.optimizer = dict(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+                       weight_decay=0.01, grad_clip=1.0)
+    c.loss = dict(z_loss=1e-4)
+    c.train = dict(steps=300, log_every=10, checkpoint_every=100, keep_checkpoints=2, seed=0,
+                   async_checkpoint=True)
+    c.eval = dict(num_examples=128, caption_accuracy=True)
+    return c

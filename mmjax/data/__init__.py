@@ -1,0 +1,1 @@
+"""Data: procedural default dataset, tokenizer, example building, Grain pipeline."""

@@ -1,0 +1,103 @@
+"""The embedded default dataset: deterministic, random-access Grain sources.
+
+Each source maps an index to a raw record, generated from
+`(seed, split, stream, index)` alone, so any process can read any record and
+resumption needs only an index. A raw record is a dict:
+
+  {"stream": "caption" | "interleaved" | "text",
+   "segments": [{"text": str, "spans": [(start, end), ...]} | {"image": uint8 [h, w, 3]}, ...]}
+
+`spans` (optional) marks the characters of colour and kind words in captions,
+for the caption-accuracy evaluation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmjax.data import shapes
+from mmjax.data.text_corpus import pydoc_chunks
+
+SPLITS = {"train": 0, "eval": 1}
+STREAMS = ("caption", "interleaved", "text")
+VIRTUAL_LENGTH = 10**9  # procedural sources are effectively endless
+
+
+def _rng(seed: int, split: str, stream: str, index: int) -> np.random.Generator:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    return np.random.default_rng([seed, SPLITS[split], STREAMS.index(stream), index])
+
+
+class _ProceduralSource:
+    stream = ""
+
+    def __init__(self, image_size: int, seed: int = 0, split: str = "train"):
+        self.image_size, self.seed, self.split = image_size, seed, split
+
+    def __len__(self) -> int:
+        return VIRTUAL_LENGTH
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size}, seed={self.seed}, split={self.split!r})"
+
+
+class CaptionSource(_ProceduralSource):
+    """One image followed by its exact caption."""
+
+    stream = "caption"
+
+    def __getitem__(self, index: int) -> dict:
+        rng = _rng(self.seed, self.split, self.stream, index)
+        scene = shapes.sample_scene(rng)
+        text = shapes.caption(scene)
+        return {"stream": self.stream, "segments": [
+            {"image": shapes.render_scene(scene, self.image_size, rng)},
+            {"text": text, "spans": shapes.attribute_spans(text, scene)},
+        ]}
+
+
+class InterleavedSource(_ProceduralSource):
+    """Documents of 2-4 scenes, each image followed by questions and answers about it."""
+
+    stream = "interleaved"
+
+    def __getitem__(self, index: int) -> dict:
+        rng = _rng(self.seed, self.split, self.stream, index)
+        segments: list[dict] = [{"text": "a page of pictures with questions."}]
+        for number in range(int(rng.integers(2, 5))):
+            scene = shapes.sample_scene(rng)
+            segments.append({"text": f"picture {number + 1}:"})
+            segments.append({"image": shapes.render_scene(scene, self.image_size, rng)})
+            segments.append({"text": shapes.question_answers(scene, rng)})
+        return {"stream": self.stream, "segments": segments}
+
+
+class TextSource(_ProceduralSource):
+    """Prose chunks from Python's own help topics, chosen at random per index."""
+
+    stream = "text"
+
+    def __init__(self, image_size: int = 0, seed: int = 0, split: str = "train"):
+        super().__init__(image_size, seed, split)
+        self.chunks = pydoc_chunks()
+
+    def __getitem__(self, index: int) -> dict:
+        rng = _rng(self.seed, self.split, self.stream, index)
+        return {"stream": self.stream, "segments": [{"text": self.chunks[rng.integers(len(self.chunks))]}]}
+
+
+SOURCES = {"caption": CaptionSource, "interleaved": InterleavedSource, "text": TextSource}
+
+
+def tokenizer_corpus(num_generated: int = 3000) -> list[str]:
+    """Texts the default tokenizer is trained on: all pydoc chunks plus generated
+    captions and question/answer documents (fixed seed, so the tokenizer is stable)."""
+    texts = list(pydoc_chunks())
+    rng = np.random.default_rng(12345)
+    for _ in range(num_generated):
+        scene = shapes.sample_scene(rng)
+        texts.append(shapes.caption(scene))
+        texts.append(shapes.question_answers(scene, rng))
+    texts.append("a page of pictures with questions. " + " ".join(f"picture {i}:" for i in range(1, 10)))
+    return texts

@@ -1,0 +1,85 @@
+"""Multi-head / grouped-query attention with optional rotary embeddings.
+
+Shapes: queries `[batch, q_len, heads, head_dim]`, keys and values
+`[batch, kv_len, kv_heads, head_dim]`; `heads` must be a multiple of `kv_heads`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmjax.models.layers import Dense
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Applies RoPE (half-split rotation, as in Llama) to x `[b, s, h, d]`.
+
+    positions: `[b, s]` integer positions of each token.
+    """
+    head_dim = x.shape[-1]
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, s, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          mask: jax.Array | None) -> jax.Array:
+    """Softmax attention in float32.
+
+    q `[b, t, h, d]`, k/v `[b, s, kv, d]`, mask `[b, t, s]` bool (True = attend)
+    or None. Returns `[b, t, h, d]`. Rows with nothing to attend give a
+    uniform average instead of NaN.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
+    scores = scores / math.sqrt(d)
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """`[b, s]` segment ids (0 = padding) -> `[b, s, s]` causal mask that never
+    crosses segments."""
+    s = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((s, s), dtype=jnp.bool_))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same
+
+
+class Attention(nnx.Module):
+    """Projections + attention. x `[b, s, embed]` -> `[b, s, embed]`."""
+
+    def __init__(self, embed: int, heads: int, kv_heads: int, head_dim: int, *,
+                 rngs: nnx.Rngs, embed_axis: str = "embed", use_bias: bool = False,
+                 rope_theta: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32):
+        if heads % kv_heads:
+            raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+        self.rope_theta = rope_theta
+        kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
+        self.query = Dense(embed, (heads, head_dim), (embed_axis, "heads", "head_dim"), **kw)
+        self.key = Dense(embed, (kv_heads, head_dim), (embed_axis, "kv_heads", "head_dim"), **kw)
+        self.value = Dense(embed, (kv_heads, head_dim), (embed_axis, "kv_heads", "head_dim"), **kw)
+        self.out = Dense((heads, head_dim), embed, ("heads", "head_dim", embed_axis), **kw)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.rope_theta is not None:
+            q = rotary_embedding(q, positions, self.rope_theta)
+            k = rotary_embedding(k, positions, self.rope_theta)
+        return self.out(dot_product_attention(q, k, v, mask))

@@ -1,0 +1,113 @@
+"""Vision-language connectors: ViT patch features -> `num_tokens` LLM embeddings.
+
+All connectors map `[batch, num_patches, vit_embed]` to
+`[batch, num_tokens, embed]` and are selected by name from `CONNECTORS`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmjax.models.layers import Conv2D, Dense, LayerNorm, make_param
+
+
+def adaptive_avg_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """`[out_size, in_size]` averaging weights equal to torch's adaptive_avg_pool
+    (bin i covers floor(i*n/m) .. ceil((i+1)*n/m))."""
+    weights = np.zeros((out_size, in_size), np.float32)
+    for i in range(out_size):
+        start = (i * in_size) // out_size
+        end = -((-(i + 1) * in_size) // out_size)
+        weights[i, start:end] = 1.0 / (end - start)
+    return weights
+
+
+def adaptive_avg_pool2d(x: jax.Array, out_size: int) -> jax.Array:
+    """x `[b, h, w, c]` -> `[b, out_size, out_size, c]` adaptive average pool."""
+    ph = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], out_size))
+    pw = jnp.asarray(adaptive_avg_pool_matrix(x.shape[2], out_size))
+    return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x)
+
+
+class ResBlock(nnx.Module):
+    """Bottleneck residual block (1x1 -> 3x3 -> 1x1, LayerNorm, SiLU), NHWC."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        hidden = channels
+        self.conv1 = Conv2D(channels, hidden, 1, rngs=rngs, dtype=dtype)
+        self.norm1 = LayerNorm(hidden, rngs=rngs, logical_axes=("conv_out",))
+        self.conv2 = Conv2D(hidden, hidden, 3, rngs=rngs, dtype=dtype)
+        self.norm2 = LayerNorm(hidden, rngs=rngs, logical_axes=("conv_out",))
+        self.conv3 = Conv2D(hidden, channels, 1, rngs=rngs, dtype=dtype)
+        self.norm3 = LayerNorm(channels, rngs=rngs, logical_axes=("conv_out",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jax.nn.silu(self.norm1(self.conv1(x)))
+        y = jax.nn.silu(self.norm2(self.conv2(y)))
+        y = self.norm3(self.conv3(y))
+        return jax.nn.silu(x + y)
+
+
+class ResStage(nnx.Module):
+    """Optional input projection followed by `depth` ResBlocks."""
+
+    def __init__(self, in_channels: int, channels: int, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.proj = Conv2D(in_channels, channels, 1, rngs=rngs, dtype=dtype) if in_channels != channels else None
+        self.blocks = nnx.List([ResBlock(channels, rngs=rngs, dtype=dtype) for _ in range(depth)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.proj is not None:
+            x = self.proj(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class CAbstractor(nnx.Module):
+    """Honeybee C-Abstractor: pos-emb -> ResNet stage -> adaptive average pool
+    to sqrt(k) x sqrt(k) -> ResNet stage -> MLP readout.
+
+    Config fields: num_tokens (a perfect square), hidden, depth.
+    """
+
+    def __init__(self, cfg, *, vit_embed: int, num_patches: int, embed: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        side = math.isqrt(cfg.num_tokens)
+        if side * side != cfg.num_tokens:
+            raise ValueError(f"config.model.connector.num_tokens={cfg.num_tokens} must be a perfect square for c_abstractor.")
+        grid = math.isqrt(num_patches)
+        if grid * grid != num_patches:
+            raise ValueError(f"c_abstractor needs a square patch grid, got {num_patches} patches.")
+        self.side, self.grid = side, grid
+        self.pos_embed = make_param(rngs, nnx.initializers.normal(0.02), (num_patches, vit_embed),
+                                    ("patches", "vit_embed"))
+        self.stage1 = ResStage(vit_embed, cfg.hidden, cfg.depth, rngs=rngs, dtype=dtype)
+        self.stage2 = ResStage(cfg.hidden, cfg.hidden, cfg.depth, rngs=rngs, dtype=dtype)
+        self.readout1 = Dense(cfg.hidden, embed, ("conv_out", "embed"), rngs=rngs, use_bias=True, dtype=dtype)
+        self.readout2 = Dense(embed, embed, ("embed_in", "embed"), rngs=rngs, use_bias=True, dtype=dtype)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """features `[b, num_patches, vit_embed]` -> `[b, num_tokens, embed]`."""
+        b = features.shape[0]
+        x = (features + self.pos_embed[...]).reshape(b, self.grid, self.grid, -1)
+        x = self.stage1(x)
+        x = adaptive_avg_pool2d(x, self.side)
+        x = self.stage2(x)
+        x = x.reshape(b, self.side * self.side, -1)
+        return self.readout2(jax.nn.silu(self.readout1(x)))
+
+
+CONNECTORS = {"c_abstractor": CAbstractor}
+
+
+def make_connector(cfg, *, vit_embed: int, num_patches: int, embed: int, rngs: nnx.Rngs, dtype=jnp.float32):
+    """Builds the connector named by `cfg.kind`."""
+    if cfg.kind not in CONNECTORS:
+        raise ValueError(f"config.model.connector.kind={cfg.kind!r} is unknown; choose one of {sorted(CONNECTORS)}.")
+    return CONNECTORS[cfg.kind](cfg, vit_embed=vit_embed, num_patches=num_patches,
+                                embed=embed, rngs=rngs, dtype=dtype)

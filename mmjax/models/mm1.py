@@ -1,0 +1,63 @@
+"""MM1 model: ViT -> connector -> image embeddings spliced at `<image>` slots
+-> decoder -> logits.
+
+Batch fields consumed (see `mmjax.data.examples`):
+  tokens       `[b, s]` int32   token ids (`<image>` id at image slots)
+  image_slots  `[b, s]` int32   index into the flattened image tokens
+                                `[num_images * tokens_per_image]`, -1 for text
+  images       `[b, n, h, w, 3]` float32 normalised pixels
+  segment_ids  `[b, s]` int32   1.. per document, 0 for padding
+  positions    `[b, s]` int32   position within the document
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmjax.models.connectors import make_connector
+from mmjax.models.decoder import Decoder
+from mmjax.models.vit import ViT
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def splice_image_embeddings(text_embeddings: jax.Array, image_embeddings: jax.Array,
+                            image_slots: jax.Array) -> jax.Array:
+    """Replaces text embeddings at image slots with image embeddings.
+
+    text_embeddings `[b, s, e]`, image_embeddings `[b, n*k, e]`,
+    image_slots `[b, s]` (-1 keeps the text embedding) -> `[b, s, e]`.
+    """
+    index = jnp.clip(image_slots, 0, image_embeddings.shape[1] - 1)
+    gathered = jnp.take_along_axis(image_embeddings, index[..., None], axis=1)
+    return jnp.where((image_slots >= 0)[..., None], gathered.astype(text_embeddings.dtype), text_embeddings)
+
+
+class MM1Model(nnx.Module):
+    """Config fields: vit, connector, decoder (sub-configs), dtype."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        dtype = _DTYPES[cfg.dtype]
+        self.vit = ViT(cfg.vit, rngs=rngs, dtype=dtype)
+        num_patches = (cfg.vit.image_size // cfg.vit.patch_size) ** 2
+        self.connector = make_connector(cfg.connector, vit_embed=cfg.vit.embed, num_patches=num_patches,
+                                        embed=cfg.decoder.embed, rngs=rngs, dtype=dtype)
+        self.decoder = Decoder(cfg.decoder, rngs=rngs, dtype=dtype)
+
+    def encode_images(self, images: jax.Array) -> jax.Array:
+        """images `[b, n, h, w, 3]` -> image tokens `[b, n * num_tokens, embed]`."""
+        b, n = images.shape[:2]
+        features = self.vit(images.reshape((b * n,) + images.shape[2:]))
+        tokens = self.connector(features)
+        return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+    def input_embeddings(self, tokens: jax.Array, image_slots: jax.Array, images: jax.Array) -> jax.Array:
+        """The decoder's input `[b, s, embed]`: token embeddings with image tokens spliced in."""
+        return splice_image_embeddings(self.decoder.embed(tokens), self.encode_images(images), image_slots)
+
+    def __call__(self, tokens, image_slots, images, segment_ids, positions) -> jax.Array:
+        """Returns logits `[b, s, vocab]` float32."""
+        x = self.input_embeddings(tokens, image_slots, images)
+        return self.decoder(x, segment_ids, positions)

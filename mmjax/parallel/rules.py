@@ -1,0 +1,129 @@
+"""Named layouts: tables mapping logical axis names to mesh axes.
+
+Models declare parameters with logical names only (`embed`, `mlp`, `vocab`,
+`vit_embed`, ...). A layout maps each name to a mesh axis, a tuple of mesh
+axes, or None (replicated). Names a layout does not list are replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MeshAxes = str | tuple[str, ...] | None
+
+# Batch-like axes are split over every data-parallel mesh axis; the expert axis
+# acts as an extra data axis for the non-expert parts of the model.
+_BATCH = ("data", "fsdp", "expert")
+
+LAYOUTS: dict[str, dict[str, MeshAxes]] = {
+    # ZeRO-3 style: weights split on their embedding dimension over `fsdp`,
+    # hidden dimensions over `model` (size 1 unless tensor parallelism is on).
+    "fsdp": {
+        "batch": _BATCH,
+        "embed": "fsdp",
+        "vit_embed": "fsdp",
+        "mlp": "model",
+        "vit_mlp": "model",
+        "heads": "model",
+        "kv_heads": "model",
+        "vocab": "model",
+        "expert": "expert",
+        "conv_out": "model",
+    },
+    # Pure data parallelism: every weight replicated.
+    "data_parallel": {"batch": _BATCH},
+}
+
+
+class LayoutError(ValueError):
+    """A parameter cannot be partitioned as the layout asks."""
+
+
+def get_layout(name_or_table: str | Mapping[str, MeshAxes]) -> dict[str, MeshAxes]:
+    """Returns the rule table for a layout name (or passes a table through)."""
+    if isinstance(name_or_table, str):
+        if name_or_table not in LAYOUTS:
+            raise LayoutError(
+                f"config.rules={name_or_table!r} is not a known layout; choose one of {sorted(LAYOUTS)}."
+            )
+        return dict(LAYOUTS[name_or_table])
+    return dict(name_or_table)
+
+
+def _mesh_size(mesh: Mesh, axes: MeshAxes) -> int:
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else axes
+    size = 1
+    for name in names:
+        size *= mesh.shape[name]
+    return size
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    rules: Mapping[str, MeshAxes],
+    mesh: Mesh | None = None,
+    shape: Sequence[int] | None = None,
+    where: str = "array",
+) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec.
+
+    A mesh axis is used at most once per array (first logical axis wins).
+    With `mesh` and `shape`, mesh axes of size 1 are dropped and each
+    partitioned dimension must divide evenly; otherwise LayoutError names
+    `where`.
+    """
+    used: set[str] = set()
+    spec: list[MeshAxes] = []
+    for dim, name in enumerate(logical_axes):
+        axes = rules.get(name) if name is not None else None
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        names = tuple(a for a in names if a not in used)
+        if mesh is not None:
+            names = tuple(a for a in names if mesh.shape[a] > 1)
+        used.update(names)
+        entry: MeshAxes = None if not names else (names[0] if len(names) == 1 else names)
+        if mesh is not None and shape is not None and entry is not None:
+            size = _mesh_size(mesh, entry)
+            if shape[dim] % size:
+                raise LayoutError(
+                    f"{where}: dimension {dim} ({name}, size {shape[dim]}) is not divisible "
+                    f"by mesh axes {entry} of size {size}."
+                )
+        spec.append(entry)
+    return PartitionSpec(*spec)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, MeshAxes]) -> Any:
+    """NamedShardings for an nnx.State whose Variables carry `logical_axes`.
+
+    Works on concrete or abstract (`nnx.eval_shape`) states; the result has a
+    same structure as `tree`, with a NamedSharding as each Variable's value.
+    """
+
+    def one(path, variable):
+        value = variable.get_value() if hasattr(variable, "get_value") else variable.value
+        axes = variable.get_metadata().get("logical_axes")
+        where = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        if axes is None:
+            axes = (None,) * len(value.shape)
+        if len(axes) != len(value.shape):
+            raise LayoutError(
+                f"{where}: logical axes {axes} do not match its shape {tuple(value.shape)}."
+            )
+        return variable.replace(NamedSharding(mesh, logical_to_spec(axes, rules, mesh, value.shape, where)))
+
+    return jax.tree_util.tree_map_with_path(
+        one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def batch_sharding(mesh: Mesh, rules: Mapping[str, MeshAxes], ndim: int) -> NamedSharding:
+    """Sharding for a batch-major array `[batch, ...]` of rank `ndim`."""
+    spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh)
+    return NamedSharding(mesh, spec)

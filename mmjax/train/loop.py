@@ -1,0 +1,142 @@
+"""The training loop: build everything from the config, resume, train, log,
+checkpoint, evaluate.
+
+Timing is measured to device completion: the first step (compile + run) is
+reported alone as `compile_time_s`; afterwards, at each log step the loop
+waits for the step's outputs, so `step_time_s` is the wall time of the log
+window divided by its steps, and `data_wait_s` is the mean time the host
+spent blocked on the input iterator per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from mmjax.data.pipeline import default_tokenizer, make_dataset, to_global_arrays
+from mmjax.data.procedural import STREAMS
+from mmjax.parallel import get_layout, make_mesh
+from mmjax.train.caption_eval import eval_batches, make_caption_eval
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.config_checks import ConfigError, check_config
+from mmjax.train.metrics import MetricsWriter, format_duration, log, progress_line
+from mmjax.train.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.train.state import MODEL_INPUTS, abstract_train_state, build_train_setup, init_train_state
+from mmjax.train.step import make_train_step
+
+
+def _write_config(config, workdir: str) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) training; returns a summary with the final metrics
+    and the untrained/trained caption accuracy."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    check_config(config, jax.device_count(), jax.process_count())
+    mesh = make_mesh(dict(config.mesh))
+    rules = get_layout(config.rules)
+    tokenizer = default_tokenizer(config.data)
+    if tokenizer.vocab_size > config.model.decoder.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than "
+                          f"config.model.decoder.vocab_size={config.model.decoder.vocab_size}.")
+    total_steps = config.train.steps
+    setup = build_train_setup(config, mesh, rules,
+                              lambda params: make_optimizer(config.optimizer, total_steps, params))
+    train_step = make_train_step(setup, learning_rate_schedule(config.optimizer, total_steps),
+                                 config.loss.z_loss)
+    pc, pi = jax.process_count(), jax.process_index()
+    data_iter = iter(make_dataset(config.data, tokenizer, batch_size=config.data.global_batch // pc,
+                                  process_index=pi, process_count=pc))
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints,
+                        async_save=config.train.async_checkpoint)
+    writer = MetricsWriter(workdir)
+    _write_config(config, workdir)
+    log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
+        f"layout {config.rules!r}; workdir {workdir}")
+
+    state = init_train_state(config, setup)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    log(f"model: {n_params:,} parameters")
+    summary: dict = {"num_params": int(n_params)}
+    evaluate = batches = None
+    if config.eval.caption_accuracy:
+        evaluate = make_caption_eval(setup)
+        batches = eval_batches(config, tokenizer, setup)
+        summary["untrained"] = evaluate(state["params"], batches)
+
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, abstract_train_state(setup), data_iter)
+        log(f"resumed from {ckpt.directory}/{start}")
+
+    tokens_per_step = config.data.global_batch * config.data.seq_len
+    metrics = None
+    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+    stream_counts = np.zeros(len(STREAMS))
+    run_start = time.perf_counter()
+    for step in range(start, total_steps):
+        t0 = time.perf_counter()
+        local = next(data_iter)
+        wait = time.perf_counter() - t0
+        stream_counts += np.bincount(local["stream"], minlength=len(STREAMS))
+        batch = to_global_arrays({k: local[k] for k in MODEL_INPUTS}, setup.batch_shardings)
+        state, metrics = train_step(state, batch)
+        done = step + 1
+        if step == start:  # first step: compile + one run, reported on its own
+            jax.block_until_ready(metrics)
+            compile_s = time.perf_counter() - t0
+            log(f"first step (compile + run) took {compile_s:.2f}s")
+            writer.write({"step": done, "compile_time_s": compile_s})
+            window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+            if done % config.train.log_every and done != total_steps:
+                continue
+        else:
+            window_steps += 1
+            window_wait += wait
+        if done % config.train.log_every == 0 or done == total_steps:
+            values = jax.device_get(metrics)  # waits for the step to finish
+            elapsed = time.perf_counter() - window_start
+            step_time = elapsed / window_steps if window_steps else float("nan")
+            record = {"step": done, **{k: float(v) for k, v in values.items()},
+                      "step_time_s": step_time,
+                      "data_wait_s": window_wait / window_steps if window_steps else 0.0,
+                      "tokens_per_s": tokens_per_step / step_time if window_steps else float("nan"),
+                      **{f"mix_{s}": float(c / max(stream_counts.sum(), 1))
+                         for s, c in zip(STREAMS, stream_counts)}}
+            writer.write(record)
+            if window_steps:
+                log(progress_line(done, total_steps, record, step_time * (total_steps - done)))
+            window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+        if done % config.train.checkpoint_every == 0 and done != total_steps:
+            t_save = time.perf_counter()
+            ckpt.save(done, state, data_iter)
+            window_start += time.perf_counter() - t_save  # checkpoint time is not step time
+    if metrics is not None:
+        summary["final"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if ckpt.latest_step() != total_steps:
+        ckpt.save(total_steps, state, data_iter)
+    ckpt.close()
+    if evaluate is not None:
+        summary["trained"] = evaluate(state["params"], batches)
+        u, t = summary["untrained"], summary["trained"]
+        log(f"held-out caption accuracy (colour+kind words, teacher-forced, {t['eval_captions']} captions): "
+            f"untrained exact {u['caption_exact_match']:.3f} / words {u['attribute_accuracy']:.3f}; "
+            f"trained exact {t['caption_exact_match']:.3f} / words {t['attribute_accuracy']:.3f}")
+        writer.write({"step": total_steps, **{f"eval/untrained_{k}": v for k, v in u.items()},
+                      **{f"eval/{k}": v for k, v in t.items()}})
+    summary["wall_time_s"] = time.perf_counter() - run_start
+    log(f"done: {total_steps} steps, checkpoints in {ckpt.directory} "
+        f"(loop wall time {format_duration(summary['wall_time_s'])})")
+    writer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary

@@ -1,0 +1,78 @@
+"""Run outputs: `metrics.jsonl`, TensorBoard events and a progress line.
+
+Only process 0 writes files; every process may call the methods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Mapping
+
+import jax
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to `WORKDIR/metrics.jsonl` and
+    mirrors scalar values to TensorBoard event files under `WORKDIR/tensorboard`."""
+
+    def __init__(self, workdir: str, enable_tensorboard: bool = True):
+        self.is_writer = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = None
+        self._tb = None
+        if self.is_writer:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(self.path, "a", buffering=1)
+            if enable_tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, record: Mapping) -> None:
+        if not self.is_writer:
+            return
+        record = {k: _jsonable(v) for k, v in record.items()}
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self._tb is not None and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def progress_line(step: int, total: int, record: Mapping, eta_s: float) -> str:
+    """`step 120/300 | loss 2.3456 | step 0.412s | data 0.003s | 4,971 tok/s | ETA 1m14s`."""
+    return (f"step {step}/{total} | loss {record['loss']:.4f} | step {record['step_time_s']:.3f}s"
+            f" | data {record['data_wait_s']:.3f}s | {record['tokens_per_s']:,.0f} tok/s"
+            f" | ETA {format_duration(eta_s)}")
+
+
+def log(message: str) -> None:
+    """Prints on process 0 only (flushed, so progress shows in pipes and logs)."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stdout, flush=True)

@@ -1,0 +1,109 @@
+"""Sharded train state: `{"step", "params", "opt_state"}` created directly on
+the mesh (parameters are never materialised unsharded).
+
+`params` is the model's `nnx.State` of Params; each Param's logical axes go
+through the layout rules to a NamedSharding. Optimizer moments inherit the
+sharding of the parameter they belong to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mmjax.models import MM1Model
+from mmjax.parallel import batch_sharding, tree_shardings
+
+# Batch fields the jitted step consumes; anything else stays on the host.
+MODEL_INPUTS = ("tokens", "targets", "loss_mask", "image_slots", "segment_ids", "positions", "images")
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    """Static pieces of a run: how to rebuild the model and where arrays live."""
+
+    graphdef: Any
+    abstract_params: nnx.State
+    optimizer: optax.GradientTransformation
+    mesh: Mesh
+    state_shardings: dict
+    batch_shardings: dict[str, NamedSharding]
+
+
+def abstract_model(model_cfg, seed: int = 0) -> tuple[Any, nnx.State]:
+    """(graphdef, abstract params) without allocating any parameter."""
+    model = nnx.eval_shape(lambda: MM1Model(model_cfg, rngs=nnx.Rngs(seed)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params
+
+
+def _path_key(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _inherit_shardings(abstract_tree, param_shardings, params, mesh: Mesh):
+    """Sharding per leaf of `abstract_tree`: a leaf whose path ends with a
+    parameter's path (and has its shape) gets that parameter's sharding;
+    everything else (counters, scalars) is replicated."""
+    by_suffix = {}
+    for (path, sharding), (_, leaf) in zip(
+            jax.tree_util.tree_flatten_with_path(param_shardings)[0],
+            jax.tree_util.tree_flatten_with_path(params)[0]):
+        by_suffix[_path_key(path)] = (sharding, tuple(leaf.shape))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def pick(path, leaf):
+        key = _path_key(path)
+        for start in range(len(key)):
+            hit = by_suffix.get(key[start:])
+            if hit is not None and hit[1] == tuple(leaf.shape):
+                return hit[0]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+
+
+def build_train_setup(config, mesh: Mesh, rules: dict,
+                      make_optimizer: Callable[[nnx.State], optax.GradientTransformation]) -> TrainSetup:
+    """Derives every sharding of the run from the config and layout rules."""
+    graphdef, abstract_params = abstract_model(config.model, config.train.seed)
+    param_shardings = tree_shardings(abstract_params, mesh, rules)
+    optimizer = make_optimizer(abstract_params)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt_shardings = _inherit_shardings(abstract_opt, param_shardings, abstract_params, mesh)
+    state_shardings = {
+        "step": NamedSharding(mesh, PartitionSpec()),
+        "params": param_shardings,
+        "opt_state": opt_shardings,
+    }
+    seq_len, n_img, size = config.data.seq_len, config.data.max_images, config.data.image_size
+    shapes = {k: (seq_len,) for k in MODEL_INPUTS if k != "images"}
+    shapes["images"] = (n_img, size, size, 3)
+    batch_shardings = {k: batch_sharding(mesh, rules, 1 + len(v)) for k, v in shapes.items()}
+    return TrainSetup(graphdef, abstract_params, optimizer, mesh, state_shardings, batch_shardings)
+
+
+def init_train_state(config, setup: TrainSetup) -> dict:
+    """Initial state, created inside jit with the target shardings."""
+
+    def init():
+        model = MM1Model(config.model, rngs=nnx.Rngs(config.train.seed))
+        params = nnx.state(model, nnx.Param)
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": setup.optimizer.init(params)}
+
+    return jax.jit(init, out_shardings=setup.state_shardings)()
+
+
+def abstract_train_state(setup: TrainSetup) -> dict:
+    """ShapeDtypeStructs with shardings, the target of a checkpoint restore."""
+    shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": setup.abstract_params,
+              "opt_state": jax.eval_shape(setup.optimizer.init, setup.abstract_params)}
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, setup.state_shardings)
