@@ -26,7 +26,7 @@ def base_config() -> mlc.ConfigDict:
 
     c.model = mlc.ConfigDict()
     c.model.dtype = "float32"
-    c.model.vit = dict(image_size=image_size, patch_size=8, embed=64, depth=2, heads=4, mlp=256)
+    c.model.vit = dict(image_size=image_size, patch_size=4, embed=64, depth=2, heads=4, mlp=256)
     c.model.connector = dict(kind="c_abstractor", num_tokens=tokens_per_image, hidden=64, depth=1)
     c.model.decoder = dict(vocab_size=vocab_size, embed=128, layers=2, heads=4, kv_heads=2, head_dim=32,
                            mlp=512, rope_theta=10_000.0, norm_eps=1e-6, tie_embeddings=False)
@@ -42,7 +42,7 @@ def base_config() -> mlc.ConfigDict:
     c.data.seed = 0
     c.data.workers = 0  # >0: Grain multiprocess workers (mp_prefetch)
 
-    c.optimizer = dict(lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+    c.optimizer = dict(lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
                        weight_decay=0.01, grad_clip=1.0)
     c.loss = dict(z_loss=1e-4)
     c.train = dict(steps=300, log_every=10, checkpoint_every=100, keep_checkpoints=2, seed=0,

@@ -51,7 +51,9 @@ def test_tokenizer_specials_and_cache(tok, tmp_path, monkeypatch):
     assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.image_id) == (0, 1, 2, 3)
     text = "two shapes. top left: red circle."
     assert tok.decode(tok.encode(text)) == text
-    assert tok.image_id not in tok.encode("<image> is plain text here")
+    literal = "<image> is plain text here, <bos> too"
+    assert not {0, 1, 2, 3} & set(tok.encode(literal))
+    assert tok.decode(tok.encode(literal)) == literal
     monkeypatch.setenv("MMJAX_CACHE_DIR", str(tmp_path))
     first = load_or_train(["a b c", "red circle"] * 50, 300)
     files = list((tmp_path / "tokenizers").glob("*.json"))

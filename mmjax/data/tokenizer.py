@@ -24,6 +24,23 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("MMJAX_CACHE_DIR", pathlib.Path.home() / ".cache" / "mmjax"))
 
 
+def _split_specials(text: str) -> list[tuple[int, str]]:
+    """Splits `text` inside every special-token string ("<image>" -> "<",
+    "image>") so the pieces cannot match a special token; returns
+    `(start offset, piece)` pairs."""
+    cuts = sorted({i + 1 for special in SPECIALS for i in _find_all(text, special)})
+    bounds = [0] + cuts + [len(text)]
+    return [(a, text[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _find_all(text: str, pattern: str) -> list[int]:
+    found, i = [], text.find(pattern)
+    while i >= 0:
+        found.append(i)
+        i = text.find(pattern, i + 1)
+    return found
+
+
 class Tokenizer:
     """Thin wrapper over a `tokenizers.Tokenizer` with the mmjax special ids."""
 
@@ -36,12 +53,19 @@ class Tokenizer:
         self.vocab_size = hf_tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        """Text -> ids. Special-token strings in the text (e.g. a literal
+        "<image>") are encoded as ordinary text, never as special ids."""
+        return self.encode_with_offsets(text)[0]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and the `(start, end)` character span of each token."""
-        enc = self._tok.encode(text, add_special_tokens=False)
-        return enc.ids, enc.offsets
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        for start, piece in _split_specials(text):
+            enc = self._tok.encode(piece, add_special_tokens=False)
+            ids += enc.ids
+            offsets += [(start + a, start + b) for a, b in enc.offsets]
+        return ids, offsets
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -9,6 +9,8 @@ Outputs under --workdir: config.json, metrics.jsonl, tensorboard/,
 checkpoints/<step>/, summary.json.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -44,4 +46,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    if any(arg in ("-h", "--help", "--helpshort") for arg in sys.argv[1:]):
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl would exit 1
     app.run(main)

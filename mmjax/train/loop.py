@@ -80,6 +80,8 @@ def train(config, workdir: str) -> dict:
     tokens_per_step = config.data.global_batch * config.data.seq_len
     metrics = None
     window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
+    window_losses: list = []  # per-step losses, fetched only at log steps
+    loss_history: list[float] = []
     stream_counts = np.zeros(len(STREAMS))
     run_start = time.perf_counter()
     for step in range(start, total_steps):
@@ -89,6 +91,7 @@ def train(config, workdir: str) -> dict:
         stream_counts += np.bincount(local["stream"], minlength=len(STREAMS))
         batch = to_global_arrays({k: local[k] for k in MODEL_INPUTS}, setup.batch_shardings)
         state, metrics = train_step(state, batch)
+        window_losses.append(metrics["loss"])
         done = step + 1
         if step == start:  # first step: compile + one run, reported on its own
             jax.block_until_ready(metrics)
@@ -102,18 +105,20 @@ def train(config, workdir: str) -> dict:
             window_steps += 1
             window_wait += wait
         if done % config.train.log_every == 0 or done == total_steps:
-            values = jax.device_get(metrics)  # waits for the step to finish
+            values, losses = jax.device_get((metrics, window_losses))  # waits for the step
+            loss_history += [float(x) for x in losses]
+            window_losses = []
             elapsed = time.perf_counter() - window_start
-            step_time = elapsed / window_steps if window_steps else float("nan")
             record = {"step": done, **{k: float(v) for k, v in values.items()},
-                      "step_time_s": step_time,
-                      "data_wait_s": window_wait / window_steps if window_steps else 0.0,
-                      "tokens_per_s": tokens_per_step / step_time if window_steps else float("nan"),
+                      "loss_window_mean": float(np.mean(losses)),
                       **{f"mix_{s}": float(c / max(stream_counts.sum(), 1))
                          for s, c in zip(STREAMS, stream_counts)}}
-            writer.write(record)
-            if window_steps:
+            if window_steps:  # timing only for steps after the compile step
+                step_time = elapsed / window_steps
+                record.update(step_time_s=step_time, data_wait_s=window_wait / window_steps,
+                              tokens_per_s=tokens_per_step / step_time)
                 log(progress_line(done, total_steps, record, step_time * (total_steps - done)))
+            writer.write(record)
             window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
         if done % config.train.checkpoint_every == 0 and done != total_steps:
             t_save = time.perf_counter()
@@ -121,17 +126,25 @@ def train(config, workdir: str) -> dict:
             window_start += time.perf_counter() - t_save  # checkpoint time is not step time
     if metrics is not None:
         summary["final"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if len(loss_history) >= 20:
+        first, last = float(np.mean(loss_history[:10])), float(np.mean(loss_history[-10:]))
+        summary.update(loss_first10_mean=first, loss_last10_mean=last)
+        log(f"loss: mean of the first 10 steps {first:.4f} -> last 10 steps {last:.4f} "
+            f"({100 * last / first:.1f}%)")
     if ckpt.latest_step() != total_steps:
         ckpt.save(total_steps, state, data_iter)
     ckpt.close()
     if evaluate is not None:
         summary["trained"] = evaluate(state["params"], batches)
-        u, t = summary["untrained"], summary["trained"]
-        log(f"held-out caption accuracy (colour+kind words, teacher-forced, {t['eval_captions']} captions): "
-            f"untrained exact {u['caption_exact_match']:.3f} / words {u['attribute_accuracy']:.3f}; "
-            f"trained exact {t['caption_exact_match']:.3f} / words {t['attribute_accuracy']:.3f}")
-        writer.write({"step": total_steps, **{f"eval/untrained_{k}": v for k, v in u.items()},
-                      **{f"eval/{k}": v for k, v in t.items()}})
+        summary["trained_blank_images"] = evaluate(state["params"], batches, blank_images=True)
+        log(f"held-out caption accuracy, colour+kind words, teacher-forced, "
+            f"{summary['trained']['eval_captions']} captions (exact caption / per word):")
+        for name in ("untrained", "trained", "trained_blank_images"):
+            r = summary[name]
+            log(f"  {name:22s} {r['caption_exact_match']:.3f} / {r['attribute_accuracy']:.3f}")
+        writer.write({"step": total_steps, **{f"eval/{name}/{k}": v for name in
+                                               ("untrained", "trained", "trained_blank_images")
+                                               for k, v in summary[name].items()}})
     summary["wall_time_s"] = time.perf_counter() - run_start
     log(f"done: {total_steps} steps, checkpoints in {ckpt.directory} "
         f"(loop wall time {format_duration(summary['wall_time_s'])})")
