@@ -79,3 +79,22 @@ def test_params_and_optimizer_state_are_sharded_as_the_rules_say():
     kernel = dec["layers"][0]["mlp"]["gate"]["kernel"][...]
     assert {s.data.shape for s in kernel.addressable_shards} == {(64, 256)}
     assert setup.batch_shardings["tokens"].spec == P(("data", "fsdp", "expert"), None)
+
+
+def test_activation_constraints_follow_the_rules():
+    import jax.numpy as jnp
+
+    from mmjax.models.partitioning import activation_sharding, constrain
+    from mmjax.parallel import activation_resolver
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "expert": 2})
+    resolver = activation_resolver(mesh, get_layout("fsdp"))
+    f = jax.jit(lambda x: constrain(x * 2, ("batch", "seq", "act_embed")))
+    x = jnp.ones((8, 4, 6))
+    assert constrain(x, ("batch", "seq", "act_embed")) is x  # no resolver: no-op
+    with activation_sharding(resolver):
+        y = f(x)
+    assert tuple(y.sharding.spec) + (None,) * (3 - len(y.sharding.spec)) == (("data", "fsdp", "expert"), None, None)
+    with activation_sharding(resolver):  # a batch of 3 cannot be split 8 ways: left replicated
+        z = jax.jit(lambda x: constrain(x, ("batch", "seq")))(jnp.ones((3, 4)))
+    assert z.sharding.spec in (P(None, None), P())

@@ -12,6 +12,7 @@ from flax import nnx
 
 from mmjax.models.attention import Attention, causal_segment_mask
 from mmjax.models.layers import Dense, Embed, RMSNorm
+from mmjax.models.partitioning import constrain
 
 
 class SwiGLU(nnx.Module):
@@ -60,7 +61,7 @@ class Decoder(nnx.Module):
         """x `[b, s, embed]`, segment_ids/positions `[b, s]` -> logits `[b, s, vocab]` (float32)."""
         mask = causal_segment_mask(segment_ids)
         for layer in self.layers:
-            x = layer(x, mask, positions)
+            x = constrain(layer(x, mask, positions), ("batch", "seq", "act_embed"))
         x = self.final_norm(x)
         logits = self.embedder.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.float32)
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmjax.models.partitioning import constrain
+
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
 
@@ -89,8 +91,13 @@ class Embed(nnx.Module):
         self.embedding = make_param(rngs, fan_in_init(1, 1.0), (vocab, features), logical_axes, param_dtype)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        """tokens `[batch, seq]` int -> `[batch, seq, embed]`."""
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        """tokens `[batch, seq]` int -> `[batch, seq, embed]`.
+
+        The table is gathered whole along `embed` first (FSDP all-gather;
+        its gradient is a reduce-scatter), so the lookup never has to move a
+        batch-sharded result onto an embed-sharded layout."""
+        table = constrain(self.embedding[...], ("vocab", "act_embed"))
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x `[batch, seq, embed]` -> logits `[batch, seq, vocab]`."""

@@ -18,6 +18,7 @@ from flax import nnx
 
 from mmjax.models.connectors import make_connector
 from mmjax.models.decoder import Decoder
+from mmjax.models.partitioning import constrain
 from mmjax.models.vit import ViT
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -51,11 +52,14 @@ class MM1Model(nnx.Module):
         b, n = images.shape[:2]
         features = self.vit(images.reshape((b * n,) + images.shape[2:]))
         tokens = self.connector(features)
-        return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+        tokens = tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+        return constrain(tokens, ("batch", "image_tokens", "act_embed"))
 
     def input_embeddings(self, tokens: jax.Array, image_slots: jax.Array, images: jax.Array) -> jax.Array:
         """The decoder's input `[b, s, embed]`: token embeddings with image tokens spliced in."""
-        return splice_image_embeddings(self.decoder.embed(tokens), self.encode_images(images), image_slots)
+        text = constrain(self.decoder.embed(tokens), ("batch", "seq", "act_embed"))
+        spliced = splice_image_embeddings(text, self.encode_images(images), image_slots)
+        return constrain(spliced, ("batch", "seq", "act_embed"))
 
     def __call__(self, tokens, image_slots, images, segment_ids, positions) -> jax.Array:
         """Returns logits `[b, s, vocab]` float32."""

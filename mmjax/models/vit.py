@@ -12,6 +12,7 @@ from flax import nnx
 
 from mmjax.models.attention import Attention
 from mmjax.models.layers import Dense, LayerNorm, make_param
+from mmjax.models.partitioning import constrain
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -59,5 +60,5 @@ class ViT(nnx.Module):
         """images `[b, h, w, 3]` -> `[b, grid*grid, vit_embed]`."""
         x = self.patch_embed(patchify(images, self.patch_size)) + self.pos_embed[...]
         for block in self.blocks:
-            x = block(x)
+            x = constrain(block(x), ("batch", "patches", "act_vit_embed"))
         return self.ln_post(x)

@@ -3,6 +3,7 @@
 from mmjax.parallel.mesh import MESH_AXES, make_mesh, resolve_mesh_shape
 from mmjax.parallel.rules import (
     LAYOUTS,
+    activation_resolver,
     batch_sharding,
     get_layout,
     logical_to_spec,
@@ -14,6 +15,7 @@ __all__ = [
     "make_mesh",
     "resolve_mesh_shape",
     "LAYOUTS",
+    "activation_resolver",
     "batch_sharding",
     "get_layout",
     "logical_to_spec",

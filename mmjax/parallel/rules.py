@@ -123,6 +123,22 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, MeshAxes]) -> Any:
     )
 
 
+def activation_resolver(mesh: Mesh, rules: Mapping[str, MeshAxes]):
+    """`(logical_axes, shape) -> NamedSharding` for `mmjax.models.partitioning`.
+
+    Dimensions that do not divide their mesh axes are left unconstrained
+    (replicated) rather than failing: activations shapes vary by batch."""
+
+    def resolve(logical_axes, shape):
+        try:
+            spec = logical_to_spec(logical_axes, rules, mesh, shape)
+        except LayoutError:
+            spec = logical_to_spec([None] * len(shape), rules, mesh)
+        return NamedSharding(mesh, spec)
+
+    return resolve
+
+
 def batch_sharding(mesh: Mesh, rules: Mapping[str, MeshAxes], ndim: int) -> NamedSharding:
     """Sharding for a batch-major array `[batch, ...]` of rank `ndim`."""
     spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh)

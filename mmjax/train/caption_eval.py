@@ -46,7 +46,7 @@ def make_caption_eval(setup: TrainSetup) -> Callable:
     def counts(params, batch, blank_images):
         if blank_images:  # same captions, no visual information: the text-only prior
             batch = dict(batch, images=jnp.zeros_like(batch["images"]))
-        logits = model_logits(setup.graphdef, params, batch)
+        logits = model_logits(setup.graphdef, params, batch, setup.resolver)
         correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
         attr = batch["attribute_mask"]
         wrong_per_caption = ((1.0 - correct) * attr).sum(axis=-1)

@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmjax.models import MM1Model
-from mmjax.parallel import batch_sharding, tree_shardings
+from mmjax.parallel import activation_resolver, batch_sharding, tree_shardings
 
 # Batch fields the jitted step consumes; anything else stays on the host.
 MODEL_INPUTS = ("tokens", "targets", "loss_mask", "image_slots", "segment_ids", "positions", "images")
@@ -34,6 +34,7 @@ class TrainSetup:
     mesh: Mesh
     state_shardings: dict
     batch_shardings: dict[str, NamedSharding]
+    resolver: Callable  # activation shardings by logical axes
 
 
 def abstract_model(model_cfg, seed: int = 0) -> tuple[Any, nnx.State]:
@@ -86,7 +87,8 @@ def build_train_setup(config, mesh: Mesh, rules: dict,
     shapes = {k: (seq_len,) for k in MODEL_INPUTS if k != "images"}
     shapes["images"] = (n_img, size, size, 3)
     batch_shardings = {k: batch_sharding(mesh, rules, 1 + len(v)) for k, v in shapes.items()}
-    return TrainSetup(graphdef, abstract_params, optimizer, mesh, state_shardings, batch_shardings)
+    return TrainSetup(graphdef, abstract_params, optimizer, mesh, state_shardings, batch_shardings,
+                      activation_resolver(mesh, rules))
 
 
 def init_train_state(config, setup: TrainSetup) -> dict:

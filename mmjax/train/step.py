@@ -14,15 +14,18 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mmjax.models.partitioning import activation_sharding
 from mmjax.train.loss import cross_entropy_loss
 from mmjax.train.state import TrainSetup
 
 
-def model_logits(graphdef, params: nnx.State, batch: dict) -> jax.Array:
-    """Rebuilds the model from its params and returns logits `[b, s, vocab]`."""
+def model_logits(graphdef, params: nnx.State, batch: dict, resolver=None) -> jax.Array:
+    """Rebuilds the model from its params and returns logits `[b, s, vocab]`;
+    `resolver` (see `mmjax.parallel.activation_resolver`) shards activations."""
     model = nnx.merge(graphdef, params)
-    return model(batch["tokens"], batch["image_slots"], batch["images"],
-                 batch["segment_ids"], batch["positions"])
+    with activation_sharding(resolver):
+        return model(batch["tokens"], batch["image_slots"], batch["images"],
+                     batch["segment_ids"], batch["positions"])
 
 
 def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: float) -> Callable:
@@ -30,7 +33,7 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
 
     def train_step(state, batch):
         def loss_fn(params):
-            logits = model_logits(setup.graphdef, params, batch)
+            logits = model_logits(setup.graphdef, params, batch, setup.resolver)
             return cross_entropy_loss(logits, batch["targets"], batch["loss_mask"], z_loss_weight)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -48,5 +51,5 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
 def make_logits_fn(setup: TrainSetup) -> Callable:
     """Returns `logits(params, batch) -> [b, s, vocab]` (jitted)."""
     inputs = {k: v for k, v in setup.batch_shardings.items()}
-    return jax.jit(lambda params, batch: model_logits(setup.graphdef, params, batch),
+    return jax.jit(lambda params, batch: model_logits(setup.graphdef, params, batch, setup.resolver),
                    in_shardings=(setup.state_shardings["params"], inputs))
