@@ -1,4 +1,4 @@
-"""The jitted train step and the logits function used by evaluation.
+"""The jitted train step and the model call shared with evaluation.
 
 Both are `jax.jit` functions with explicit NamedShardings: the state keeps
 the layout's shardings across steps (and is donated), the batch is sharded
@@ -47,9 +47,3 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
     return jax.jit(train_step, in_shardings=(setup.state_shardings, setup.batch_shardings),
                    out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
 
-
-def make_logits_fn(setup: TrainSetup) -> Callable:
-    """Returns `logits(params, batch) -> [b, s, vocab]` (jitted)."""
-    inputs = {k: v for k, v in setup.batch_shardings.items()}
-    return jax.jit(lambda params, batch: model_logits(setup.graphdef, params, batch, setup.resolver),
-                   in_shardings=(setup.state_shardings["params"], inputs))
