@@ -65,18 +65,18 @@ def test_params_and_optimizer_state_are_sharded_as_the_rules_say():
     state = init_train_state(c, setup)
     params = state["params"]
     dec = params["decoder"]
-    assert dec["layers"][0]["mlp"]["gate"]["kernel"][...].sharding.spec == P("fsdp", None)
-    assert dec["layers"][0]["mlp"]["down"]["kernel"][...].sharding.spec == P(None, "fsdp")
-    assert dec["layers"][0]["attn"]["query"]["kernel"][...].sharding.spec == P("fsdp", None, None)
+    assert dec["layers"]["layers"][0]["mlp"]["gate"]["kernel"][...].sharding.spec == P("fsdp", None)
+    assert dec["layers"]["layers"][0]["mlp"]["down"]["kernel"][...].sharding.spec == P(None, "fsdp")
+    assert dec["layers"]["layers"][0]["attn"]["query"]["kernel"][...].sharding.spec == P("fsdp", None, None)
     assert dec["embedder"]["embedding"][...].sharding.spec == P(None, "fsdp")
     assert dec["final_norm"]["scale"][...].sharding.spec == P("fsdp")
-    assert params["vit"]["blocks"][0]["fc1"]["kernel"][...].sharding.spec == P("fsdp", None)
+    assert params["vit"]["blocks"]["layers"][0]["fc1"]["kernel"][...].sharding.spec == P("fsdp", None)
     # Adam moments inherit their parameter's sharding.
     adam = state["opt_state"][1][0]
-    assert adam.mu["decoder"]["layers"][0]["mlp"]["gate"]["kernel"][...].sharding.spec == P("fsdp", None)
+    assert adam.mu["decoder"]["layers"]["layers"][0]["mlp"]["gate"]["kernel"][...].sharding.spec == P("fsdp", None)
     assert adam.nu["decoder"]["embedder"]["embedding"][...].sharding.spec == P(None, "fsdp")
     # The gate kernel [embed=128, mlp=256] is split in two along embed.
-    kernel = dec["layers"][0]["mlp"]["gate"]["kernel"][...]
+    kernel = dec["layers"]["layers"][0]["mlp"]["gate"]["kernel"][...]
     assert {s.data.shape for s in kernel.addressable_shards} == {(64, 256)}
     assert setup.batch_shardings["tokens"].spec == P(("data", "fsdp", "expert"), None)
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmjax.models.layers import Dense
+from mmjax.models.layers import Dense, RMSNorm
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -66,7 +66,8 @@ class Attention(nnx.Module):
 
     def __init__(self, embed: int, heads: int, kv_heads: int, head_dim: int, *,
                  rngs: nnx.Rngs, embed_axis: str = "embed", use_bias: bool = False,
-                 rope_theta: float | None = None, dtype=jnp.float32, param_dtype=jnp.float32):
+                 rope_theta: float | None = None, qk_norm: bool = False, norm_eps: float = 1e-6,
+                 dtype=jnp.float32, param_dtype=jnp.float32):
         if heads % kv_heads:
             raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
         self.rope_theta = rope_theta
@@ -75,11 +76,24 @@ class Attention(nnx.Module):
         self.key = Dense(embed, (kv_heads, head_dim), (embed_axis, "kv_heads", "head_dim"), **kw)
         self.value = Dense(embed, (kv_heads, head_dim), (embed_axis, "kv_heads", "head_dim"), **kw)
         self.out = Dense((heads, head_dim), embed, ("heads", "head_dim", embed_axis), **kw)
+        # QK-norm: RMSNorm over head_dim of queries and keys (before RoPE).
+        self.q_norm = RMSNorm(head_dim, rngs=rngs, eps=norm_eps, logical_axes=("head_dim",)) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, rngs=rngs, eps=norm_eps, logical_axes=("head_dim",)) if qk_norm else None
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
         q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
             q = rotary_embedding(q, positions, self.rope_theta)
             k = rotary_embedding(k, positions, self.rope_theta)
         return self.out(dot_product_attention(q, k, v, mask))
+
+    def cross(self, queries: jax.Array, context: jax.Array) -> jax.Array:
+        """Unmasked cross-attention: queries `[b, t, embed]` attend to
+        context `[b, s, embed]` -> `[b, t, embed]` (no RoPE)."""
+        q, k, v = self.query(queries), self.key(context), self.value(context)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.out(dot_product_attention(q, k, v, None))

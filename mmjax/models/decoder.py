@@ -13,6 +13,7 @@ from flax import nnx
 from mmjax.models.attention import Attention, causal_segment_mask
 from mmjax.models.layers import Dense, Embed, RMSNorm
 from mmjax.models.partitioning import constrain
+from mmjax.models.stack import LayerStack
 
 
 class SwiGLU(nnx.Module):
@@ -33,22 +34,25 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.attn_norm = RMSNorm(cfg.embed, rngs=rngs, eps=cfg.norm_eps)
         self.attn = Attention(cfg.embed, cfg.heads, cfg.kv_heads, cfg.head_dim, rngs=rngs,
-                              rope_theta=cfg.rope_theta, dtype=dtype)
+                              rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
+                              dtype=dtype)
         self.mlp_norm = RMSNorm(cfg.embed, rngs=rngs, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.embed, cfg.mlp, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), mask, positions)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "seq", "act_embed"))
 
 
 class Decoder(nnx.Module):
     """Config fields: vocab_size, embed, layers, heads, kv_heads, head_dim, mlp,
-    rope_theta, norm_eps, tie_embeddings."""
+    rope_theta, norm_eps, qk_norm, tie_embeddings, scan, remat."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.embedder = Embed(cfg.vocab_size, cfg.embed, rngs=rngs, dtype=dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, dtype=dtype) for _ in range(cfg.layers)])
+        self.layers = LayerStack(lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype), cfg.layers, rngs=rngs,
+                                 scan=cfg.scan, remat=cfg.remat)
         self.final_norm = RMSNorm(cfg.embed, rngs=rngs, eps=cfg.norm_eps)
         self.lm_head = (None if cfg.tie_embeddings else
                         Dense(cfg.embed, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype))
@@ -57,11 +61,30 @@ class Decoder(nnx.Module):
         """tokens `[b, s]` -> `[b, s, embed]`."""
         return self.embedder(tokens)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
-        """x `[b, s, embed]`, segment_ids/positions `[b, s]` -> logits `[b, s, vocab]` (float32)."""
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                 image_ids: jax.Array | None = None) -> jax.Array:
+        """x `[b, s, embed]`, segment_ids/positions `[b, s]` -> logits `[b, s, vocab]` (float32).
+
+        image_ids `[b, s]` (optional; -1 for text): tokens of the same image
+        also attend to each other bidirectionally."""
         mask = causal_segment_mask(segment_ids)
-        for layer in self.layers:
-            x = constrain(layer(x, mask, positions), ("batch", "seq", "act_embed"))
+        if image_ids is not None:
+            same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] >= 0)
+            mask = mask | same_image
+        x = self.layers(x, mask, positions)
         x = self.final_norm(x)
         logits = self.embedder.attend(x) if self.lm_head is None else self.lm_head(x)
         return constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))
+
+
+class LanguageModel(nnx.Module):
+    """A text-only decoder: token ids `[b, s]` -> logits `[b, s, vocab]`
+    (one document per row, positions 0..s-1). Used for imported LLMs."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.decoder = Decoder(cfg, rngs=rngs, dtype=dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        b, s = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        return self.decoder(self.decoder.embed(tokens), jnp.ones((b, s), jnp.int32), positions)

@@ -37,7 +37,8 @@ def splice_image_embeddings(text_embeddings: jax.Array, image_embeddings: jax.Ar
 
 
 class MM1Model(nnx.Module):
-    """Config fields: vit, connector, decoder (sub-configs), dtype."""
+    """Config fields: vit, connector, decoder (sub-configs), dtype,
+    bidirectional_image_attention (tokens of one image see each other)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         dtype = _DTYPES[cfg.dtype]
@@ -46,11 +47,13 @@ class MM1Model(nnx.Module):
         self.connector = make_connector(cfg.connector, vit_embed=cfg.vit.embed, num_patches=num_patches,
                                         embed=cfg.decoder.embed, rngs=rngs, dtype=dtype)
         self.decoder = Decoder(cfg.decoder, rngs=rngs, dtype=dtype)
+        self.tokens_per_image = cfg.connector.num_tokens
+        self.bidirectional_image_attention = cfg.bidirectional_image_attention
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """images `[b, n, h, w, 3]` -> image tokens `[b, n * num_tokens, embed]`."""
         b, n = images.shape[:2]
-        features = self.vit(images.reshape((b * n,) + images.shape[2:]))
+        features = self.vit.features(images.reshape((b * n,) + images.shape[2:]))
         tokens = self.connector(features)
         tokens = tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
         return constrain(tokens, ("batch", "image_tokens", "act_embed"))
@@ -64,4 +67,7 @@ class MM1Model(nnx.Module):
     def __call__(self, tokens, image_slots, images, segment_ids, positions) -> jax.Array:
         """Returns logits `[b, s, vocab]` float32."""
         x = self.input_embeddings(tokens, image_slots, images)
-        return self.decoder(x, segment_ids, positions)
+        image_ids = None
+        if self.bidirectional_image_attention:
+            image_ids = jnp.where(image_slots >= 0, image_slots // self.tokens_per_image, -1)
+        return self.decoder(x, segment_ids, positions, image_ids)

@@ -1,10 +1,20 @@
-"""Vision Transformer image encoder (pre-LN, learned position embeddings).
+"""Vision Transformer image encoders in two flavours.
 
-images `[batch, height, width, 3]` float -> patch features
-`[batch, num_patches, vit_embed]` (row-major patch order).
+- `clip`:   class token, patch conv without bias, `pre_layrnorm` before the
+            blocks, quick_gelu MLP; `last_hidden_state` is the block output
+            (the post-norm only feeds the pooled output).
+- `siglip`: no class token, patch conv with bias, gelu (tanh), post-norm
+            applied to the whole sequence, optional MAP attention-pool head.
+
+images `[batch, height, width, 3]` float (already normalised) ->
+`last_hidden_state` `[batch, tokens, vit_embed]` (tokens = patches, +1 for
+CLIP's class token), or `features` `[batch, patches, vit_embed]` from the
+configured layer for the connector. Patches are in row-major order.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +23,40 @@ from flax import nnx
 from mmjax.models.attention import Attention
 from mmjax.models.layers import Dense, LayerNorm, make_param
 from mmjax.models.partitioning import constrain
+from mmjax.models.stack import LayerStack
+
+
+@dataclasses.dataclass(frozen=True)
+class Flavour:
+    class_token: bool
+    patch_bias: bool
+    pre_norm: bool
+    post_norm_on_sequence: bool
+    activation: str
+
+
+FLAVOURS = {
+    "clip": Flavour(class_token=True, patch_bias=False, pre_norm=True, post_norm_on_sequence=False,
+                    activation="quick_gelu"),
+    "siglip": Flavour(class_token=False, patch_bias=True, pre_norm=False, post_norm_on_sequence=True,
+                      activation="gelu_tanh"),
+}
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+# name -> (embed, depth, heads, mlp, patch_size)
+VARIANTS = {
+    "B/16": (768, 12, 12, 3072, 16),
+    "L/14": (1024, 24, 16, 4096, 14),
+    "H/14": (1280, 32, 16, 5120, 14),
+    "So400m/14": (1152, 27, 16, 4304, 14),
+    "tiny/4": (64, 2, 4, 256, 4),
+    "tiny/8": (64, 2, 4, 256, 8),
+}
 
 
 def patchify(images: jax.Array, patch: int) -> jax.Array:
@@ -25,40 +69,119 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
     return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
-class ViTBlock(nnx.Module):
-    """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+def interpolate_pos_embed(pos: jax.Array, new_grid: int) -> jax.Array:
+    """Resizes patch position embeddings `[g*g, d]` to `[new_grid**2, d]` (bicubic),
+    so a checkpoint trained at one resolution runs at another."""
+    grid = int(round(pos.shape[0] ** 0.5))
+    if grid == new_grid:
+        return pos
+    table = pos.reshape(grid, grid, -1).astype(jnp.float32)
+    resized = jax.image.resize(table, (new_grid, new_grid, table.shape[-1]), method="bicubic")
+    return resized.reshape(new_grid * new_grid, -1).astype(pos.dtype)
 
-    def __init__(self, embed: int, heads: int, mlp: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.ln1 = LayerNorm(embed, rngs=rngs)
-        self.attn = Attention(embed, heads, heads, embed // heads, rngs=rngs,
+
+class ViTBlock(nnx.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        eps, e = cfg.layer_norm_eps, cfg.embed
+        self.activation = ACTIVATIONS[FLAVOURS[cfg.flavour].activation]
+        self.ln1 = LayerNorm(e, rngs=rngs, eps=eps)
+        self.attn = Attention(e, cfg.heads, cfg.heads, e // cfg.heads, rngs=rngs,
                               embed_axis="vit_embed", use_bias=True, dtype=dtype)
-        self.ln2 = LayerNorm(embed, rngs=rngs)
-        self.fc1 = Dense(embed, mlp, ("vit_embed", "vit_mlp"), rngs=rngs, use_bias=True, dtype=dtype)
-        self.fc2 = Dense(mlp, embed, ("vit_mlp", "vit_embed"), rngs=rngs, use_bias=True, dtype=dtype)
+        self.ln2 = LayerNorm(e, rngs=rngs, eps=eps)
+        self.fc1 = Dense(e, cfg.mlp, ("vit_embed", "vit_mlp"), rngs=rngs, use_bias=True, dtype=dtype)
+        self.fc2 = Dense(cfg.mlp, e, ("vit_mlp", "vit_embed"), rngs=rngs, use_bias=True, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.ln1(x))
-        return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
+        x = x + self.fc2(self.activation(self.fc1(self.ln2(x))))
+        return constrain(x, ("batch", "patches", "act_vit_embed"))
+
+
+class MAPHead(nnx.Module):
+    """SigLIP multihead attention pooling: one learned probe attends to the
+    sequence, then LayerNorm + MLP residual. `[b, n, d]` -> `[b, d]`."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        e = cfg.embed
+        self.probe = make_param(rngs, nnx.initializers.normal(0.02), (1, e), (None, "vit_embed"))
+        self.attn = Attention(e, cfg.heads, cfg.heads, e // cfg.heads, rngs=rngs,
+                              embed_axis="vit_embed", use_bias=True, dtype=dtype)
+        self.norm = LayerNorm(e, rngs=rngs, eps=cfg.layer_norm_eps)
+        self.fc1 = Dense(e, cfg.mlp, ("vit_embed", "vit_mlp"), rngs=rngs, use_bias=True, dtype=dtype)
+        self.fc2 = Dense(cfg.mlp, e, ("vit_mlp", "vit_embed"), rngs=rngs, use_bias=True, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        probe = jnp.broadcast_to(self.probe[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+        h = self.attn.cross(probe, x)
+        h = h + self.fc2(jax.nn.gelu(self.fc1(self.norm(h)), approximate=True))
+        return h[:, 0]
 
 
 class ViT(nnx.Module):
-    """ViT encoder. Config fields: image_size, patch_size, embed, depth, heads, mlp."""
+    """Config fields: flavour, image_size, patch_size, embed, depth, heads,
+    mlp, layer_norm_eps, feature_layer (-1 last, -2 penultimate, ...),
+    map_head, scan, remat."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.patch_size = cfg.patch_size
+        if cfg.flavour not in FLAVOURS:
+            raise ValueError(f"config.model.vit.flavour={cfg.flavour!r} is unknown; choose one of {sorted(FLAVOURS)}.")
+        flavour = FLAVOURS[cfg.flavour]
+        self.flavour, self.patch_size, self.embed = flavour, cfg.patch_size, cfg.embed
+        self.feature_layer = cfg.feature_layer
+        if not -cfg.depth <= cfg.feature_layer <= -1:
+            raise ValueError(f"config.model.vit.feature_layer={cfg.feature_layer} must be in -{cfg.depth}..-1.")
         grid = cfg.image_size // cfg.patch_size
-        self.grid = grid
-        self.patch_embed = Dense(cfg.patch_size * cfg.patch_size * 3, cfg.embed,
-                                 ("patch", "vit_embed"), rngs=rngs, use_bias=True, dtype=dtype)
-        self.pos_embed = make_param(rngs, nnx.initializers.normal(0.02), (grid * grid, cfg.embed),
+        e, eps = cfg.embed, cfg.layer_norm_eps
+        self.patch_embed = Dense(cfg.patch_size * cfg.patch_size * 3, e, ("patch", "vit_embed"),
+                                 rngs=rngs, use_bias=flavour.patch_bias, dtype=dtype)
+        self.class_embed = (make_param(rngs, nnx.initializers.normal(0.02), (e,), ("vit_embed",))
+                            if flavour.class_token else None)
+        self.pos_embed = make_param(rngs, nnx.initializers.normal(0.02), (grid * grid, e),
                                     ("patches", "vit_embed"))
-        self.blocks = nnx.List([ViTBlock(cfg.embed, cfg.heads, cfg.mlp, rngs=rngs, dtype=dtype)
-                                for _ in range(cfg.depth)])
-        self.ln_post = LayerNorm(cfg.embed, rngs=rngs)
+        self.cls_pos_embed = (make_param(rngs, nnx.initializers.normal(0.02), (1, e), (None, "vit_embed"))
+                              if flavour.class_token else None)
+        self.ln_pre = LayerNorm(e, rngs=rngs, eps=eps) if flavour.pre_norm else None
+        self.blocks = LayerStack(lambda r: ViTBlock(cfg, rngs=r, dtype=dtype), cfg.depth, rngs=rngs,
+                                 scan=cfg.scan, remat=cfg.remat)
+        self.ln_post = LayerNorm(e, rngs=rngs, eps=eps)
+        self.head = MAPHead(cfg, rngs=rngs, dtype=dtype) if cfg.map_head else None
+
+    def _embed(self, images: jax.Array) -> jax.Array:
+        """`[b, h, w, 3]` -> tokens `[b, (1+)patches, vit_embed]` before the blocks."""
+        b, h, w, _ = images.shape
+        if h != w:
+            raise ValueError(f"ViT expects square images, got {h}x{w}")
+        x = self.patch_embed(patchify(images, self.patch_size))
+        x = x + interpolate_pos_embed(self.pos_embed[...], h // self.patch_size).astype(x.dtype)
+        if self.class_embed is not None:
+            cls = (self.class_embed[...] + self.cls_pos_embed[0]).astype(x.dtype)
+            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.embed)), x], axis=1)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        return constrain(x, ("batch", "patches", "act_vit_embed"))
 
     def __call__(self, images: jax.Array) -> jax.Array:
-        """images `[b, h, w, 3]` -> `[b, grid*grid, vit_embed]`."""
-        x = self.patch_embed(patchify(images, self.patch_size)) + self.pos_embed[...]
-        for block in self.blocks:
-            x = constrain(block(x), ("batch", "patches", "act_vit_embed"))
-        return self.ln_post(x)
+        """`last_hidden_state` `[b, tokens, vit_embed]`, as the reference models return it."""
+        x = self.blocks(self._embed(images))
+        return self.ln_post(x) if self.flavour.post_norm_on_sequence else x
+
+    def pooled(self, images: jax.Array) -> jax.Array:
+        """`[b, vit_embed]`: CLIP post-normed class token, SigLIP MAP head output."""
+        x = self(images)
+        if self.flavour.class_token:
+            return self.ln_post(x[:, 0])
+        if self.head is None:
+            raise ValueError("this SigLIP encoder has no MAP head (config.model.vit.map_head=False)")
+        return self.head(x)
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """Patch features for the connector `[b, patches, vit_embed]` from
+        `feature_layer` (-1: last block, post-normed for SigLIP; -2: the block
+        before it, un-normed, as LLaVA/MM1 take CLIP's penultimate layer)."""
+        n = self.blocks.depth + 1 + self.feature_layer
+        x = self.blocks(self._embed(images), num_layers=n)
+        if self.feature_layer == -1 and self.flavour.post_norm_on_sequence:
+            x = self.ln_post(x)
+        return x[:, 1:] if self.flavour.class_token else x
