@@ -1,0 +1,115 @@
+"""Numerical parity of imported HF models against `transformers` references
+built locally from configs with random weights (float32, no downloads)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from mmjax.tools import convert_hf
+
+transformers = pytest.importorskip("transformers")  # installed by the `parity` extra
+
+
+def _randomise(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+def _save(model, path):
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def _older_layout(src, dst, prefix):
+    """The same checkpoint with every tensor name prefixed (older key layout)."""
+    from safetensors.numpy import load_file
+
+    os.makedirs(dst, exist_ok=True)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    save_file({prefix + k: v for k, v in tensors.items()}, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+        g.write(f.read())
+    return str(dst)
+
+
+VISION = {
+    "clip": lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8)),
+    "siglip": lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        image_size=32, patch_size=8)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(VISION))
+def test_vision_parity(kind, tmp_path):
+    ref = _randomise(VISION[kind]())
+    src = _save(ref, tmp_path / "hf")
+    ours = convert_hf.load(kind, src)
+    older = convert_hf.load(kind, _older_layout(src, tmp_path / "old", "vision_model."))
+    rng = np.random.default_rng(0)
+    for batch in (1, 3):
+        pixels = rng.normal(size=(batch, 32, 32, 3)).astype(np.float32)
+        with torch.no_grad():
+            out = ref(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+        expected = out.last_hidden_state.numpy()
+        got = np.asarray(ours(pixels))
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 1e-4
+        assert np.abs(np.asarray(older(pixels)) - expected).max() <= 1e-4
+        assert np.abs(np.asarray(ours.pooled(pixels)) - out.pooler_output.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_parity(tied, tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=tied, max_position_embeddings=128)
+    ref = _randomise(transformers.LlamaForCausalLM(cfg))
+    if tied:
+        ref.tie_weights()
+    src = _save(ref, tmp_path / "hf")
+    ours = convert_hf.load("llama", src)
+    rng = np.random.default_rng(1)
+    for batch, seq in ((1, 5), (2, 17), (3, 32)):
+        tokens = rng.integers(0, 96, size=(batch, seq))
+        with torch.no_grad():
+            expected = ref(input_ids=torch.from_numpy(tokens)).logits.numpy()
+        got = np.asarray(ours(tokens.astype(np.int32)))
+        assert got.shape == expected.shape
+        assert np.abs(got - expected).max() <= 1e-4, np.abs(got - expected).max()
+
+
+def test_missing_and_misshaped_tensors_are_named(tmp_path):
+    ref = _randomise(VISION["clip"]())
+    src = _save(ref, tmp_path / "hf")
+    from safetensors.numpy import load_file
+
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    bad = dict(tensors)
+    del bad["encoder.layers.1.mlp.fc2.weight"]
+    save_file(bad, os.path.join(src, "model.safetensors"))
+    with pytest.raises(convert_hf.ConversionError, match="'encoder.layers.1.mlp.fc2.weight' is missing"):
+        convert_hf.load("clip", src)
+    bad = dict(tensors)
+    bad["encoder.layers.0.mlp.fc1.bias"] = np.zeros((5,), np.float32)
+    save_file(bad, os.path.join(src, "model.safetensors"))
+    with pytest.raises(convert_hf.ConversionError, match=r"'encoder.layers.0.mlp.fc1.bias' has shape \(5,\), expected \(96,\)"):
+        convert_hf.load("clip", src)
+
+
+def test_cli_writes_an_orbax_checkpoint(tmp_path):
+    ref = _randomise(VISION["siglip"]())
+    src = _save(ref, tmp_path / "hf")
+    assert convert_hf.main(["--kind", "siglip", src, str(tmp_path / "out")]) == 0
+    meta = json.loads((tmp_path / "out" / "mmjax.json").read_text())
+    assert meta["component"] == "vit" and meta["config"]["embed"] == 48
+    assert (tmp_path / "out" / "params").is_dir()
