@@ -13,7 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmjax.models.attention import Attention
 from mmjax.models.layers import Conv2D, Dense, LayerNorm, make_param
+from mmjax.models.vit import interpolate_pos_embed
+
+
+def _square(n: int, what: str) -> int:
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{what}={n} must be a perfect square (a side x side grid).")
+    return side
 
 
 def adaptive_avg_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -93,8 +102,10 @@ class CAbstractor(nnx.Module):
 
     def __call__(self, features: jax.Array) -> jax.Array:
         """features `[b, num_patches, vit_embed]` -> `[b, num_tokens, embed]`."""
-        b = features.shape[0]
-        x = (features + self.pos_embed[...]).reshape(b, self.grid, self.grid, -1)
+        b, n, _ = features.shape
+        grid = _square(n, "patches")
+        pos = interpolate_pos_embed(self.pos_embed[...], grid).astype(features.dtype)
+        x = (features + pos).reshape(b, grid, grid, -1)
         x = self.stage1(x)
         x = adaptive_avg_pool2d(x, self.side)
         x = self.stage2(x)
@@ -102,7 +113,50 @@ class CAbstractor(nnx.Module):
         return self.readout2(jax.nn.silu(self.readout1(x)))
 
 
-CONNECTORS = {"c_abstractor": CAbstractor}
+class AveragePool(nnx.Module):
+    """n x n average pooling to sqrt(k) x sqrt(k) tokens, then a linear map.
+    Config fields: num_tokens (a perfect square)."""
+
+    def __init__(self, cfg, *, vit_embed: int, num_patches: int, embed: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        self.side, self.grid = _square(cfg.num_tokens, "num_tokens"), _square(num_patches, "patches")
+        self.proj = Dense(vit_embed, embed, ("vit_embed", "embed"), rngs=rngs, use_bias=True, dtype=dtype)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """features `[b, num_patches, vit_embed]` -> `[b, num_tokens, embed]`."""
+        b, n, c = features.shape
+        grid = _square(n, "patches")
+        x = adaptive_avg_pool2d(features.reshape(b, grid, grid, c), self.side)
+        return self.proj(x.reshape(b, self.side * self.side, c))
+
+
+class AttentionPool(nnx.Module):
+    """k learned queries cross-attend to the (position-embedded) patch
+    features, then LayerNorm and a linear map. Config fields: num_tokens, heads."""
+
+    def __init__(self, cfg, *, vit_embed: int, num_patches: int, embed: int,
+                 rngs: nnx.Rngs, dtype=jnp.float32):
+        if vit_embed % cfg.heads:
+            raise ValueError(f"config.model.connector.heads={cfg.heads} does not divide vit embed {vit_embed}.")
+        self.queries = make_param(rngs, nnx.initializers.normal(0.02), (cfg.num_tokens, vit_embed),
+                                  ("image_tokens", "vit_embed"))
+        self.pos_embed = make_param(rngs, nnx.initializers.normal(0.02), (num_patches, vit_embed),
+                                    ("patches", "vit_embed"))
+        self.attn = Attention(vit_embed, cfg.heads, cfg.heads, vit_embed // cfg.heads, rngs=rngs,
+                              embed_axis="vit_embed", use_bias=True, dtype=dtype)
+        self.norm = LayerNorm(vit_embed, rngs=rngs)
+        self.proj = Dense(vit_embed, embed, ("vit_embed", "embed"), rngs=rngs, use_bias=True, dtype=dtype)
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        """features `[b, num_patches, vit_embed]` -> `[b, num_tokens, embed]`."""
+        b = features.shape[0]
+        pos = interpolate_pos_embed(self.pos_embed[...], _square(features.shape[1], "patches"))
+        queries = jnp.broadcast_to(self.queries[...], (b,) + self.queries.shape).astype(features.dtype)
+        pooled = self.attn.cross(queries, features + pos.astype(features.dtype))
+        return self.proj(self.norm(pooled))
+
+
+CONNECTORS = {"c_abstractor": CAbstractor, "avg_pool": AveragePool, "attention_pool": AttentionPool}
 
 
 def make_connector(cfg, *, vit_embed: int, num_patches: int, embed: int, rngs: nnx.Rngs, dtype=jnp.float32):
