@@ -185,3 +185,32 @@ class ViT(nnx.Module):
         if self.feature_layer == -1 and self.flavour.post_norm_on_sequence:
             x = self.ln_post(x)
         return x[:, 1:] if self.flavour.class_token else x
+
+
+def variant_config(variant: str, flavour: str, image_size: int, **overrides):
+    """A ViT config from the `VARIANTS` table (e.g. "H/14", "clip", 378)."""
+    import ml_collections as mlc
+
+    if variant not in VARIANTS:
+        raise ValueError(f"ViT variant {variant!r} is unknown; choose one of {sorted(VARIANTS)}.")
+    embed, depth, heads, mlp, patch = VARIANTS[variant]
+    cfg = dict(flavour=flavour, image_size=image_size, patch_size=patch, embed=embed, depth=depth,
+               heads=heads, mlp=mlp, layer_norm_eps=1e-5 if flavour == "clip" else 1e-6,
+               feature_layer=-1, map_head=flavour == "siglip", scan=False, remat=False)
+    cfg.update(overrides)
+    return mlc.ConfigDict(cfg)
+
+
+def param_count(cfg) -> int:
+    """Analytic parameter count of `ViT(cfg)`."""
+    f = FLAVOURS[cfg.flavour]
+    e, m, p = cfg.embed, cfg.mlp, cfg.patch_size
+    patches = (cfg.image_size // p) ** 2
+    count = p * p * 3 * e + (e if f.patch_bias else 0) + patches * e
+    count += 2 * e if f.class_token else 0  # class embedding + its position embedding
+    count += 2 * e if f.pre_norm else 0
+    block = 4 * e * e + 2 * e * m + 9 * e + m  # qkvo + biases, mlp + biases, two LayerNorms
+    count += cfg.depth * block + 2 * e  # + ln_post
+    if cfg.map_head:
+        count += e + 4 * e * e + 4 * e + 2 * e + 2 * e * m + m + e
+    return count
