@@ -23,6 +23,9 @@ def base_config() -> mlc.ConfigDict:
     )
     c.mesh = dict(data=-1, fsdp=1, expert=1, model=1)
     c.rules = "fsdp"  # a layout name from mmjax.parallel.rules.LAYOUTS
+    # Folders from `python -m mmjax.tools.convert_hf` whose weights replace the
+    # matching component (vit or decoder) at the start of a fresh run.
+    c.init_from = ()
 
     c.model = mlc.ConfigDict()
     c.model.dtype = "float32"

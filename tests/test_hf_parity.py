@@ -113,3 +113,35 @@ def test_cli_writes_an_orbax_checkpoint(tmp_path):
     meta = json.loads((tmp_path / "out" / "mmjax.json").read_text())
     assert meta["component"] == "vit" and meta["config"]["embed"] == 48
     assert (tmp_path / "out" / "params").is_dir()
+
+
+def test_init_from_places_converted_weights_on_the_mesh(tmp_path):
+    from jax.sharding import PartitionSpec as P
+
+    from conftest import small_config
+    from mmjax.parallel import get_layout, make_mesh
+    from mmjax.train.init_from import InitFromError, apply_init_from
+    from mmjax.train.optimizer import make_optimizer
+    from mmjax.train.state import build_train_setup, init_train_state
+
+    c = small_config()
+    d = c.model.decoder
+    ref = _randomise(transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=d.vocab_size, hidden_size=d.embed, intermediate_size=d.mlp, num_hidden_layers=d.layers,
+        num_attention_heads=d.heads, num_key_value_heads=d.kv_heads, head_dim=d.head_dim,
+        rope_theta=d.rope_theta, rms_norm_eps=d.norm_eps)))
+    src = _save(ref, tmp_path / "hf")
+    assert convert_hf.main(["--kind", "llama", src, str(tmp_path / "llama")]) == 0
+    mesh = make_mesh(dict(c.mesh))
+    setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
+    state = apply_init_from(init_train_state(c, setup), [str(tmp_path / "llama")])
+    emb = state["params"]["decoder"]["embedder"]["embedding"][...]
+    np.testing.assert_array_equal(np.asarray(emb), ref.model.embed_tokens.weight.detach().numpy())
+    assert emb.sharding.spec == P(None, "fsdp")
+    gate = state["params"]["decoder"]["layers"]["layers"][0]["mlp"]["gate"]["kernel"][...]
+    np.testing.assert_array_equal(np.asarray(gate), ref.model.layers[0].mlp.gate_proj.weight.detach().numpy().T)
+
+    c.model.decoder.mlp = 128  # a config that no longer matches the checkpoint
+    setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
+    with pytest.raises(InitFromError, match="does not match config.model.decoder"):
+        apply_init_from(init_train_state(c, setup), [str(tmp_path / "llama")])

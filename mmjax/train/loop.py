@@ -23,6 +23,7 @@ from mmjax.parallel import get_layout, make_mesh
 from mmjax.train.caption_eval import eval_batches, make_caption_eval
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_checks import ConfigError, check_config
+from mmjax.train.init_from import apply_init_from
 from mmjax.train.metrics import MetricsWriter, format_duration, log, progress_line
 from mmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from mmjax.train.state import MODEL_INPUTS, abstract_train_state, build_train_setup, init_train_state
@@ -66,13 +67,16 @@ def train(config, workdir: str) -> dict:
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     log(f"model: {n_params:,} parameters")
     summary: dict = {"num_params": int(n_params)}
+    start = ckpt.latest_step() or 0
+    if config.init_from and not start:
+        state = apply_init_from(state, config.init_from)
+        log(f"initialised from {', '.join(config.init_from)}")
     evaluate = batches = None
     if config.eval.caption_accuracy:
         evaluate = make_caption_eval(setup)
         batches = eval_batches(config, tokenizer, setup)
         summary["untrained"] = evaluate(state["params"], batches)
 
-    start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(start, abstract_train_state(setup), data_iter)
         log(f"resumed from {ckpt.directory}/{start}")
