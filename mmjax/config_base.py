@@ -31,12 +31,12 @@ def base_config() -> mlc.ConfigDict:
     c.model.dtype = "float32"
     c.model.vit = dict(flavour="siglip", image_size=image_size, patch_size=4, embed=64, depth=2, heads=4,
                        mlp=256, layer_norm_eps=1e-5, feature_layer=-1, map_head=False, scan=False,
-                       remat=False)
+                       remat="")
     # kind: c_abstractor | avg_pool | attention_pool (hidden/depth: C-Abstractor; heads: attention pool)
     c.model.connector = dict(kind="c_abstractor", num_tokens=tokens_per_image, hidden=64, depth=1, heads=4)
     c.model.decoder = dict(vocab_size=vocab_size, embed=128, layers=2, heads=4, kv_heads=2, head_dim=32,
                            mlp=512, rope_theta=10_000.0, norm_eps=1e-6, qk_norm=False, tie_embeddings=False,
-                           scan=False, remat=False)
+                           scan=False, remat="")
     c.model.bidirectional_image_attention = False
 
     c.data = mlc.ConfigDict()

@@ -13,6 +13,14 @@ import jax
 from flax import nnx
 
 
+# remat policy name -> what the backward pass may keep instead of recomputing
+REMAT_POLICIES = {
+    "full": None,  # keep nothing: recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 def _prepend_layers_axis(stack: nnx.Module) -> None:
     for _, variable in nnx.iter_graph(stack):
         if isinstance(variable, nnx.Variable):
@@ -27,12 +35,17 @@ class LayerStack(nnx.Module):
 
     Args:
       scan: store parameters stacked and apply with `jax.lax.scan`.
-      remat: recompute each layer's activations in the backward pass.
+      remat: "" (off) or a policy name from REMAT_POLICIES: recompute each
+        layer's activations in the backward pass, keeping what the policy saves.
     """
 
     def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int, *,
-                 rngs: nnx.Rngs, scan: bool = False, remat: bool = False):
-        self.depth, self.scan, self.remat = depth, scan, remat
+                 rngs: nnx.Rngs, scan: bool = False, remat: str = ""):
+        if remat is True:
+            remat = "full"
+        if remat and remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} is not a policy; choose '' or one of {sorted(REMAT_POLICIES)}.")
+        self.depth, self.scan, self.remat = depth, scan, remat or ""
         if scan:
             @nnx.split_rngs(splits=depth)
             @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -50,7 +63,10 @@ class LayerStack(nnx.Module):
             raise ValueError(f"num_layers={n} is outside 0..{self.depth}")
         if not self.scan:
             for layer in list(self.layers)[:n]:
-                x = nnx.remat(lambda l, h: l(h, *args))(layer, x) if self.remat else layer(x, *args)
+                if self.remat:
+                    x = nnx.remat(lambda l, h: l(h, *args), policy=REMAT_POLICIES[self.remat])(layer, x)
+                else:
+                    x = layer(x, *args)
             return x
         graphdef, state = nnx.split(self.layers)
         state = jax.tree.map(lambda a: a[:n], state)
@@ -59,7 +75,7 @@ class LayerStack(nnx.Module):
             return nnx.merge(graphdef, layer_state)(h, *args), None
 
         if self.remat:
-            body = jax.checkpoint(body)
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
         return jax.lax.scan(body, x, state)[0]
 
     def layer(self, index: int) -> nnx.Module:

@@ -196,7 +196,7 @@ def variant_config(variant: str, flavour: str, image_size: int, **overrides):
     embed, depth, heads, mlp, patch = VARIANTS[variant]
     cfg = dict(flavour=flavour, image_size=image_size, patch_size=patch, embed=embed, depth=depth,
                heads=heads, mlp=mlp, layer_norm_eps=1e-5 if flavour == "clip" else 1e-6,
-               feature_layer=-1, map_head=flavour == "siglip", scan=False, remat=False)
+               feature_layer=-1, map_head=flavour == "siglip", scan=False, remat="")
     cfg.update(overrides)
     return mlc.ConfigDict(cfg)
 

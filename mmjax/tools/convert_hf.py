@@ -120,7 +120,7 @@ def vision_config(kind: str, hf: dict) -> mlc.ConfigDict:
         flavour=kind, image_size=image_size, patch_size=patch, embed=v["hidden_size"],
         depth=v["num_hidden_layers"], heads=v["num_attention_heads"], mlp=v["intermediate_size"],
         layer_norm_eps=v.get("layer_norm_eps", 1e-5 if kind == "clip" else 1e-6), feature_layer=-1,
-        map_head=bool(kind == "siglip" and v.get("vision_use_head", True)), scan=False, remat=False))
+        map_head=bool(kind == "siglip" and v.get("vision_use_head", True)), scan=False, remat=""))
 
 
 def vision_params(kind: str, cfg, tensors: dict[str, np.ndarray], src: str) -> dict:
@@ -177,7 +177,7 @@ def llama_config(hf: dict) -> mlc.ConfigDict:
         kv_heads=hf.get("num_key_value_heads", heads), head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         mlp=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
         norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=False,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), scan=False, remat=False))
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), scan=False, remat=""))
 
 
 def llama_params(cfg, tensors: dict[str, np.ndarray], src: str) -> dict:
