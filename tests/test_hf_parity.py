@@ -67,6 +67,17 @@ def test_vision_parity(kind, tmp_path):
         assert np.abs(np.asarray(older(pixels)) - expected).max() <= 1e-4
         assert np.abs(np.asarray(ours.pooled(pixels)) - out.pooler_output.numpy()).max() <= 1e-4
 
+    # Connector features from the penultimate layer equal the reference's hidden_states[-2].
+    with torch.no_grad():
+        hidden = ref(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
+                     output_hidden_states=True).hidden_states
+    ours.feature_layer = -2
+    penultimate = hidden[-2].numpy()[:, 1:] if kind == "clip" else hidden[-2].numpy()
+    assert np.abs(np.asarray(ours.features(pixels)) - penultimate).max() <= 1e-4
+    # A 32-pixel checkpoint runs at 48 pixels with interpolated position embeddings.
+    big = np.asarray(ours.features(rng.normal(size=(2, 48, 48, 3)).astype(np.float32)))
+    assert big.shape == (2, 36, 48) and np.isfinite(big).all()
+
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_llama_parity(tied, tmp_path):
