@@ -37,6 +37,10 @@ def base_config() -> mlc.ConfigDict:
     c.model.decoder = dict(vocab_size=vocab_size, embed=128, layers=2, heads=4, kv_heads=2, head_dim=32,
                            mlp=512, rope_theta=10_000.0, norm_eps=1e-6, qk_norm=False, tie_embeddings=False,
                            scan=False, remat="")
+    # Mixture of experts (num_experts=0: dense). MM1 3B-MoE: 64 experts, moe_every=2, top_k=2.
+    c.model.decoder.moe = dict(num_experts=0, top_k=2, moe_every=2, renormalize=True, capacity_factor=2.0,
+                               dispatch="capacity", expert_mlp=512, shared_expert=False,
+                               load_balance_weight=0.01, router_z_weight=0.001)
     c.model.bidirectional_image_attention = False
 
     c.data = mlc.ConfigDict()

@@ -11,38 +11,39 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmjax.models.attention import Attention, causal_segment_mask
-from mmjax.models.layers import Dense, Embed, RMSNorm
+from mmjax.models.layers import Dense, Embed, RMSNorm, SwiGLU
 from mmjax.models.partitioning import constrain
+from mmjax.models.moe import MoEFeedForward
 from mmjax.models.stack import LayerStack
 
 
-class SwiGLU(nnx.Module):
-    """x `[..., embed]` -> down(silu(gate(x)) * up(x)) `[..., embed]`."""
-
-    def __init__(self, embed: int, mlp: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.gate = Dense(embed, mlp, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.up = Dense(embed, mlp, ("embed", "mlp"), rngs=rngs, dtype=dtype)
-        self.down = Dense(mlp, embed, ("mlp", "embed"), rngs=rngs, dtype=dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+def is_moe_layer(cfg, index: int) -> bool:
+    """MoE replaces the MLP of every `moe.moe_every`-th layer (1-based: with
+    moe_every=2 the 2nd, 4th, ... layers), when `moe.num_experts > 0`."""
+    moe = cfg.get("moe")
+    return bool(moe and moe.num_experts > 0 and (index + 1) % moe.moe_every == 0)
 
 
 class DecoderLayer(nnx.Module):
-    """x + attn(norm(x)); x + mlp(norm(x))."""
+    """x + attn(norm(x)); x + mlp(norm(x)). Returns (x, aux): aux holds the
+    MoE losses and routing statistics (empty for a dense layer)."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, moe: bool = False):
         self.attn_norm = RMSNorm(cfg.embed, rngs=rngs, eps=cfg.norm_eps)
         self.attn = Attention(cfg.embed, cfg.heads, cfg.kv_heads, cfg.head_dim, rngs=rngs,
                               rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
                               dtype=dtype)
         self.mlp_norm = RMSNorm(cfg.embed, rngs=rngs, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.embed, cfg.mlp, rngs=rngs, dtype=dtype)
+        if moe:
+            self.mlp = MoEFeedForward(cfg.embed, cfg.moe, rngs=rngs, dtype=dtype)
+        else:
+            self.mlp = SwiGLU(cfg.embed, cfg.mlp, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array):
         x = x + self.attn(self.attn_norm(x), mask, positions)
-        x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "seq", "act_embed"))
+        out = self.mlp(self.mlp_norm(x))
+        y, aux = out if isinstance(out, tuple) else (out, {})
+        return constrain(x + y, ("batch", "seq", "act_embed")), aux
 
 
 class Decoder(nnx.Module):
@@ -51,8 +52,13 @@ class Decoder(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.embedder = Embed(cfg.vocab_size, cfg.embed, rngs=rngs, dtype=dtype)
-        self.layers = LayerStack(lambda r: DecoderLayer(cfg, rngs=r, dtype=dtype), cfg.layers, rngs=rngs,
-                                 scan=cfg.scan, remat=cfg.remat)
+        kinds = {is_moe_layer(cfg, i) for i in range(cfg.layers)}
+        if len(kinds) > 1 and cfg.scan:
+            raise ValueError("config.model.decoder.scan=True needs identical layers; with MoE on every "
+                             f"{cfg.moe.moe_every}-th layer set scan=False (or moe_every=1).")
+        self.layers = LayerStack(lambda r, i=0: DecoderLayer(cfg, rngs=r, dtype=dtype, moe=is_moe_layer(cfg, i)),
+                                 cfg.layers, rngs=rngs, scan=cfg.scan, remat=cfg.remat,
+                                 indexed=len(kinds) > 1)
         self.final_norm = RMSNorm(cfg.embed, rngs=rngs, eps=cfg.norm_eps)
         self.lm_head = (None if cfg.tie_embeddings else
                         Dense(cfg.embed, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype))
@@ -67,14 +73,19 @@ class Decoder(nnx.Module):
 
         image_ids `[b, s]` (optional; -1 for text): tokens of the same image
         also attend to each other bidirectionally."""
+        return self.forward(x, segment_ids, positions, image_ids)[0]
+
+    def forward(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                image_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """(logits, aux): aux values are stacked over the MoE layers `[n_moe, ...]`."""
         mask = causal_segment_mask(segment_ids)
         if image_ids is not None:
             same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] >= 0)
             mask = mask | same_image
-        x = self.layers(x, mask, positions)
+        x, aux = self.layers(x, mask, positions)
         x = self.final_norm(x)
         logits = self.embedder.attend(x) if self.lm_head is None else self.lm_head(x)
-        return constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab")), aux
 
 
 class LanguageModel(nnx.Module):

@@ -159,3 +159,15 @@ class Conv2D(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+class SwiGLU(nnx.Module):
+    """x `[..., embed]` -> down(silu(gate(x)) * up(x)) `[..., embed]`."""
+
+    def __init__(self, embed: int, mlp: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.gate = Dense(embed, mlp, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.up = Dense(embed, mlp, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.down = Dense(mlp, embed, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

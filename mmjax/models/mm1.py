@@ -66,8 +66,12 @@ class MM1Model(nnx.Module):
 
     def __call__(self, tokens, image_slots, images, segment_ids, positions) -> jax.Array:
         """Returns logits `[b, s, vocab]` float32."""
+        return self.forward(tokens, image_slots, images, segment_ids, positions)[0]
+
+    def forward(self, tokens, image_slots, images, segment_ids, positions) -> tuple[jax.Array, dict]:
+        """(logits `[b, s, vocab]`, MoE aux stacked over MoE layers; empty when dense)."""
         x = self.input_embeddings(tokens, image_slots, images)
         image_ids = None
         if self.bidirectional_image_attention:
             image_ids = jnp.where(image_slots >= 0, image_slots // self.tokens_per_image, -1)
-        return self.decoder(x, segment_ids, positions, image_ids)
+        return self.decoder.forward(x, segment_ids, positions, image_ids)

@@ -36,3 +36,11 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     if resolver is None:
         return x
     return jax.lax.with_sharding_constraint(x, resolver(tuple(logical_axes), x.shape))
+
+
+def num_shards(logical_axis: str) -> int:
+    """How many ways the active layout splits `logical_axis` (1 outside a
+    training step). MoE uses it to derive its group count from the runtime
+    mesh instead of freezing it in the config."""
+    resolver = _RESOLVER.get()
+    return 1 if resolver is None else resolver.num_shards(logical_axis)

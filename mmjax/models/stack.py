@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -30,8 +31,11 @@ def _prepend_layers_axis(stack: nnx.Module) -> None:
 
 
 class LayerStack(nnx.Module):
-    """`depth` layers built by `make_layer(rngs)`; called as
-    `stack(x, *args, num_layers=None)` where each layer maps `x -> x`.
+    """`depth` layers built by `make_layer(rngs)` (or `make_layer(rngs, index)`
+    when `indexed=True`, list mode only); called as `stack(x, *args,
+    num_layers=None)`. A layer maps `x -> x`, or `x -> (x, aux)` with `aux` a
+    dict of arrays; then the stack returns `(x, aux)` with each aux value
+    stacked over the layers that produced one `[n, ...]`.
 
     Args:
       scan: store parameters stacked and apply with `jax.lax.scan`.
@@ -39,13 +43,15 @@ class LayerStack(nnx.Module):
         layer's activations in the backward pass, keeping what the policy saves.
     """
 
-    def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int, *,
-                 rngs: nnx.Rngs, scan: bool = False, remat: str = ""):
+    def __init__(self, make_layer: Callable[..., nnx.Module], depth: int, *,
+                 rngs: nnx.Rngs, scan: bool = False, remat: str = "", indexed: bool = False):
         if remat is True:
             remat = "full"
         if remat and remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r} is not a policy; choose '' or one of {sorted(REMAT_POLICIES)}.")
         self.depth, self.scan, self.remat = depth, scan, remat or ""
+        if scan and indexed:
+            raise ValueError("layers that differ by index (e.g. MoE every n-th layer) cannot be scanned")
         if scan:
             @nnx.split_rngs(splits=depth)
             @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -55,28 +61,41 @@ class LayerStack(nnx.Module):
             self.layers = make_stacked(rngs)
             _prepend_layers_axis(self.layers)
         else:
-            self.layers = nnx.List([make_layer(rngs) for _ in range(depth)])
+            self.layers = nnx.List([make_layer(rngs, i) if indexed else make_layer(rngs) for i in range(depth)])
 
     def __call__(self, x: jax.Array, *args, num_layers: int | None = None) -> jax.Array:
         n = self.depth if num_layers is None else num_layers
         if not 0 <= n <= self.depth:
             raise ValueError(f"num_layers={n} is outside 0..{self.depth}")
         if not self.scan:
+            auxes, has_aux = [], False
             for layer in list(self.layers)[:n]:
                 if self.remat:
-                    x = nnx.remat(lambda l, h: l(h, *args), policy=REMAT_POLICIES[self.remat])(layer, x)
+                    out = nnx.remat(lambda l, h: l(h, *args), policy=REMAT_POLICIES[self.remat])(layer, x)
                 else:
-                    x = layer(x, *args)
-            return x
+                    out = layer(x, *args)
+                if isinstance(out, tuple):
+                    has_aux = True
+                    x, aux = out
+                    if aux:
+                        auxes.append(aux)
+                else:
+                    x = out
+            if not has_aux:
+                return x
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *auxes) if auxes else {}
+            return x, stacked
         graphdef, state = nnx.split(self.layers)
         state = jax.tree.map(lambda a: a[:n], state)
 
         def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, *args), None
+            out = nnx.merge(graphdef, layer_state)(h, *args)
+            return out if isinstance(out, tuple) else (out, None)
 
         if self.remat:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat])
-        return jax.lax.scan(body, x, state)[0]
+        x, aux = jax.lax.scan(body, x, state)
+        return x if aux is None else (x, aux)
 
     def layer(self, index: int) -> nnx.Module:
         """The `index`-th layer (a view with unstacked parameters when scanned)."""

@@ -123,20 +123,28 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, MeshAxes]) -> Any:
     )
 
 
-def activation_resolver(mesh: Mesh, rules: Mapping[str, MeshAxes]):
+class ActivationResolver:
     """`(logical_axes, shape) -> NamedSharding` for `mmjax.models.partitioning`.
 
     Dimensions that do not divide their mesh axes are left unconstrained
-    (replicated) rather than failing: activations shapes vary by batch."""
+    (replicated) rather than failing: activation shapes vary by batch."""
 
-    def resolve(logical_axes, shape):
+    def __init__(self, mesh: Mesh, rules: Mapping[str, MeshAxes]):
+        self.mesh, self.rules = mesh, dict(rules)
+
+    def __call__(self, logical_axes, shape) -> NamedSharding:
         try:
-            spec = logical_to_spec(logical_axes, rules, mesh, shape)
+            spec = logical_to_spec(logical_axes, self.rules, self.mesh, shape)
         except LayoutError:
-            spec = logical_to_spec([None] * len(shape), rules, mesh)
-        return NamedSharding(mesh, spec)
+            spec = logical_to_spec([None] * len(shape), self.rules, self.mesh)
+        return NamedSharding(self.mesh, spec)
 
-    return resolve
+    def num_shards(self, logical_axis: str) -> int:
+        return _mesh_size(self.mesh, logical_to_spec((logical_axis,), self.rules, self.mesh)[0])
+
+
+def activation_resolver(mesh: Mesh, rules: Mapping[str, MeshAxes]) -> ActivationResolver:
+    return ActivationResolver(mesh, rules)
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, MeshAxes], ndim: int) -> NamedSharding:

@@ -36,6 +36,12 @@ def _write_config(config, workdir: str) -> None:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
+def _to_json(value):
+    """Scalars as floats, arrays (e.g. per-expert fractions) as nested lists."""
+    value = np.asarray(value)
+    return float(value) if value.ndim == 0 else value.tolist()
+
+
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns a summary with the final metrics
     and the untrained/trained caption accuracy."""
@@ -51,8 +57,9 @@ def train(config, workdir: str) -> dict:
     total_steps = config.train.steps
     setup = build_train_setup(config, mesh, rules,
                               lambda params: make_optimizer(config.optimizer, total_steps, params))
+    moe = config.model.decoder.moe
     train_step = make_train_step(setup, learning_rate_schedule(config.optimizer, total_steps),
-                                 config.loss.z_loss)
+                                 config.loss.z_loss, moe.load_balance_weight, moe.router_z_weight)
     pc, pi = jax.process_count(), jax.process_index()
     data_iter = iter(make_dataset(config.data, tokenizer, batch_size=config.data.global_batch // pc,
                                   process_index=pi, process_count=pc))
@@ -113,7 +120,7 @@ def train(config, workdir: str) -> dict:
             loss_history += [float(x) for x in losses]
             window_losses = []
             elapsed = time.perf_counter() - window_start
-            record = {"step": done, **{k: float(v) for k, v in values.items()},
+            record = {"step": done, **{k: _to_json(v) for k, v in values.items()},
                       "loss_window_mean": float(np.mean(losses)),
                       **{f"mix_{s}": float(c / max(stream_counts.sum(), 1))
                          for s, c in zip(STREAMS, stream_counts)}}
@@ -129,7 +136,7 @@ def train(config, workdir: str) -> dict:
             ckpt.save(done, state, data_iter)
             window_start += time.perf_counter() - t_save  # checkpoint time is not step time
     if metrics is not None:
-        summary["final"] = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        summary["final"] = {k: _to_json(v) for k, v in jax.device_get(metrics).items()}
     if len(loss_history) >= 20:
         first, last = float(np.mean(loss_history[:10])), float(np.mean(loss_history[-10:]))
         summary.update(loss_first10_mean=first, loss_last10_mean=last)

@@ -1,0 +1,152 @@
+"""Mixture-of-Experts feed-forward layer: router, aux losses, two dispatches.
+
+x `[batch, seq, embed]` -> (y `[batch, seq, embed]`, aux dict). Config
+fields (`config.model.decoder.moe`): num_experts, top_k, renormalize,
+capacity_factor, dispatch ("capacity" | "dropless"), expert_mlp,
+shared_expert, load_balance_weight, router_z_weight.
+
+- capacity: GShard einsum dispatch/combine. Tokens are split into groups
+  (one per batch shard of the runtime mesh, via
+  `partitioning.num_shards("batch")`), each expert takes at most
+  C = ceil(top_k * group_size * capacity_factor / num_experts) tokens per
+  group, the rest are dropped (their MoE output is 0; the residual carries
+  them). GSPMD inserts the all-to-all between group- and expert-sharded layouts.
+- dropless: tokens sorted by expert and multiplied with `jax.lax.ragged_dot`
+  (grouped matmul), then un-sorted; nothing is dropped.
+
+aux: `load_balance_loss` (Switch/GShard: E * sum_e f_e * P_e, 1.0 when
+balanced), `router_z_loss` (mean logsumexp(logits)^2), both unweighted, and
+routing statistics `expert_fraction` `[E]`, `dropped_fraction`,
+`router_entropy`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmjax.models.layers import SwiGLU, fan_in_init, make_param
+from mmjax.models.partitioning import constrain, num_shards
+
+DISPATCHES = ("capacity", "dropless")
+
+
+def route(logits: jax.Array, top_k: int, renormalize: bool):
+    """logits `[..., E]` float32 -> (weights `[..., k]`, experts `[..., k]` int, probs `[..., E]`)."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts, probs
+
+
+def routing_aux(logits: jax.Array, probs: jax.Array, experts: jax.Array, num_experts: int) -> dict:
+    """Aux losses and statistics over all tokens. logits/probs `[T, E]`, experts `[T, k]`."""
+    chosen = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).sum(axis=-2)  # [T, E]
+    fraction = chosen.mean(axis=0) / experts.shape[-1]                             # f_e, sums to 1
+    mean_prob = probs.mean(axis=0)                                                 # P_e
+    entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-9)), axis=-1).mean()
+    return {
+        "load_balance_loss": num_experts * jnp.sum(fraction * mean_prob),
+        "router_z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
+        "expert_fraction": fraction,
+        "router_entropy": entropy,
+    }
+
+
+def capacity(group_size: int, top_k: int, num_experts: int, factor: float) -> int:
+    return max(1, math.ceil(top_k * group_size * factor / num_experts))
+
+
+def capacity_dispatch_masks(weights: jax.Array, experts: jax.Array, num_experts: int, cap: int):
+    """GShard masks for groups. weights/experts `[G, S, k]` ->
+    (dispatch `[G, S, E, C]` 0/1, combine `[G, S, E, C]`, kept `[G, S, k]`).
+
+    Buffer slots are filled choice-major: every token's first choice before
+    any second choice, in token order."""
+    g, s, k = experts.shape
+    onehot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32)          # [G, S, k, E]
+    order = onehot.transpose(0, 2, 1, 3).reshape(g, k * s, num_experts)     # choice-major
+    position = jnp.cumsum(order, axis=1) - 1                                 # slot in the expert's buffer
+    position = position.reshape(g, k, s, num_experts).transpose(0, 2, 1, 3)  # [G, S, k, E]
+    kept = (onehot == 1) & (position < cap)
+    slot = jax.nn.one_hot(jnp.where(kept, position, -1), cap, dtype=weights.dtype)  # [G,S,k,E,C]
+    dispatch = slot.sum(axis=2)
+    combine = (slot * weights[..., None, None]).sum(axis=2)
+    return dispatch, combine, kept.any(axis=-1)
+
+
+class MoEFeedForward(nnx.Module):
+    """Routed SwiGLU experts (+ optional always-on shared expert)."""
+
+    def __init__(self, embed: int, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        e, h = cfg.num_experts, cfg.expert_mlp
+        if cfg.dispatch not in DISPATCHES:
+            raise ValueError(f"config.model.decoder.moe.dispatch={cfg.dispatch!r}; choose one of {DISPATCHES}.")
+        if not 1 <= cfg.top_k <= e:
+            raise ValueError(f"config.model.decoder.moe.top_k={cfg.top_k} must be in 1..num_experts={e}.")
+        self.cfg, self.dtype = cfg, dtype
+        self.router = make_param(rngs, fan_in_init(embed), (embed, e), ("embed", "router_experts"))
+        self.wi_gate = make_param(rngs, fan_in_init(embed), (e, embed, h), ("expert", "embed", "mlp"))
+        self.wi_up = make_param(rngs, fan_in_init(embed), (e, embed, h), ("expert", "embed", "mlp"))
+        self.wo = make_param(rngs, fan_in_init(h), (e, h, embed), ("expert", "mlp", "embed"))
+        if cfg.shared_expert:
+            self.shared = SwiGLU(embed, h, rngs=rngs, dtype=dtype)
+        else:
+            self.shared = None
+
+    def _experts_einsum(self, x: jax.Array) -> jax.Array:
+        """x `[E, G, C, M]` -> `[E, G, C, M]`, each expert its own SwiGLU."""
+        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        gate = jnp.einsum("egcm,emh->egch", x, w(self.wi_gate))
+        up = jnp.einsum("egcm,emh->egch", x, w(self.wi_up))
+        return jnp.einsum("egch,ehm->egcm", jax.nn.silu(gate) * up, w(self.wo))
+
+    def _capacity(self, x, weights, experts):
+        b, s, m = x.shape
+        tokens = b * s
+        groups = num_shards("batch")
+        groups = groups if tokens % groups == 0 else 1
+        size = tokens // groups
+        cap = capacity(size, self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
+        xg = constrain(x.reshape(groups, size, m), ("batch", None, "act_embed"))
+        dispatch, combine, kept = capacity_dispatch_masks(
+            weights.reshape(groups, size, -1), experts.reshape(groups, size, -1), self.cfg.num_experts, cap)
+        expert_in = jnp.einsum("gsec,gsm->egcm", dispatch.astype(x.dtype), xg)
+        expert_in = constrain(expert_in, ("expert", "batch", None, "act_embed"))
+        expert_out = constrain(self._experts_einsum(expert_in), ("expert", "batch", None, "act_embed"))
+        y = jnp.einsum("gsec,egcm->gsm", combine.astype(x.dtype), expert_out)
+        y = constrain(y, ("batch", None, "act_embed"))
+        return y.reshape(b, s, m), 1.0 - kept.mean()
+
+    def _dropless(self, x, weights, experts):
+        b, s, m = x.shape
+        k = self.cfg.top_k
+        flat = x.reshape(b * s, m)
+        flat_experts = experts.reshape(-1)                       # [T*k]
+        order = jnp.argsort(flat_experts, stable=True)
+        x_sorted = jnp.take(flat, order // k, axis=0)           # [T*k, M]
+        sizes = jnp.bincount(flat_experts, length=self.cfg.num_experts).astype(jnp.int32)
+        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        gate = jax.lax.ragged_dot(x_sorted, w(self.wi_gate), sizes)
+        up = jax.lax.ragged_dot(x_sorted, w(self.wi_up), sizes)
+        out_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, w(self.wo), sizes)
+        out = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(b * s, k, m)
+        y = jnp.einsum("tkm,tk->tm", out, weights.reshape(b * s, k).astype(out.dtype))
+        return y.reshape(b, s, m), jnp.zeros((), jnp.float32)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+        """x `[b, s, embed]` -> (y `[b, s, embed]`, aux)."""
+        logits = jnp.einsum("bsm,me->bse", x.astype(jnp.float32), self.router[...].astype(jnp.float32))
+        weights, experts, probs = route(logits, self.cfg.top_k, self.cfg.renormalize)
+        e = self.cfg.num_experts
+        aux = routing_aux(logits.reshape(-1, e), probs.reshape(-1, e), experts.reshape(-1, self.cfg.top_k), e)
+        dispatch = self._capacity if self.cfg.dispatch == "capacity" else self._dropless
+        y, dropped = dispatch(x, weights, experts)
+        aux["dropped_fraction"] = dropped
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.astype(x.dtype), aux
