@@ -1,0 +1,142 @@
+"""Mixture of experts: aux losses in the loss and the gradient, dropping,
+dispatch agreement, mesh invariance, expert sharding, end-to-end training."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from conftest import small_config
+from mmjax.data.pipeline import default_tokenizer, make_dataset, to_global_arrays
+from mmjax.models.moe import MoEFeedForward, capacity_dispatch_masks
+from mmjax.parallel import get_layout, make_mesh
+from mmjax.train.loss import cross_entropy_loss
+from mmjax.train.optimizer import make_optimizer
+from mmjax.train.state import MODEL_INPUTS, build_train_setup, init_train_state
+from mmjax.train.step import model_forward, moe_losses
+
+
+def moe_cfg(**kw):
+    cfg = mlc.ConfigDict(dict(num_experts=4, top_k=2, moe_every=1, renormalize=True, capacity_factor=2.0,
+                              dispatch="capacity", expert_mlp=32, shared_expert=False,
+                              load_balance_weight=0.01, router_z_weight=0.001))
+    cfg.update(kw)
+    return cfg
+
+
+def small_moe_config(**moe):
+    c = small_config()
+    c.model.decoder.layers = 2
+    c.model.decoder.moe.update(dict(num_experts=4, top_k=2, moe_every=2, expert_mlp=128, **moe))
+    return c
+
+
+def test_capacity_masks_keep_first_choices_first():
+    # 4 tokens, all first choices on expert 0, capacity 2: tokens 0 and 1 keep it.
+    experts = jnp.array([[[0, 1], [0, 1], [0, 2], [0, 3]]])
+    weights = jnp.full((1, 4, 2), 0.5)
+    dispatch, combine, kept = capacity_dispatch_masks(weights, experts, 4, cap=2)
+    assert kept[0, :, 0].tolist() == [True, True, False, False]
+    assert kept[0, :, 1].tolist() == [True, True, True, True]
+    assert dispatch[0, :, 0].sum(axis=-1).tolist() == [1, 1, 0, 0]
+    np.testing.assert_allclose(combine.sum(axis=(2, 3))[0], [1.0, 1.0, 0.5, 0.5])
+
+
+def test_capacity_and_dropless_agree_when_nothing_drops():
+    x = jax.random.normal(jax.random.key(0), (2, 12, 16))
+    capacity = MoEFeedForward(16, moe_cfg(capacity_factor=4.0), rngs=nnx.Rngs(0))
+    dropless = MoEFeedForward(16, moe_cfg(dispatch="dropless"), rngs=nnx.Rngs(0))
+    (yc, ac), (yd, ad) = capacity(x), dropless(x)
+    assert float(ac["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(yc, yd, atol=1e-5)
+    gc = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x)[0])))(capacity)
+    gd = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x)[0])))(dropless)
+    for name in ("wi_gate", "wi_up", "wo", "router"):
+        np.testing.assert_allclose(getattr(gc, name)[...], getattr(gd, name)[...], atol=1e-5)
+
+
+def test_skewed_routing_with_capacity_factor_one_drops_and_reports():
+    layer = MoEFeedForward(16, moe_cfg(capacity_factor=1.0), rngs=nnx.Rngs(0))
+    layer.router[...] = layer.router[...].at[:, 0].add(5.0)  # push tokens to expert 0
+    x = jnp.abs(jax.random.normal(jax.random.key(1), (2, 16, 16)))
+    _, aux = layer(x)
+    assert float(aux["dropped_fraction"]) > 0.1
+    assert float(aux["expert_fraction"][0]) > 0.4
+    _, metrics = moe_losses(jax.tree.map(lambda v: v[None], aux), 0.01, 0.001)
+    assert float(metrics["dropped_fraction"]) == pytest.approx(float(aux["dropped_fraction"]))
+
+
+def _loss_and_grads(c, mesh_cfg, batch_np, lb_weight, z_weight):
+    mesh = make_mesh(mesh_cfg)
+    setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
+    state = init_train_state(c, setup)
+    batch = to_global_arrays({k: batch_np[k] for k in MODEL_INPUTS}, setup.batch_shardings)
+
+    def loss_fn(params):
+        logits, aux = model_forward(setup.graphdef, params, batch, setup.resolver)
+        loss, _ = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"])
+        moe_loss, metrics = moe_losses(aux, lb_weight, z_weight)
+        return loss + moe_loss, metrics
+
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state["params"])
+    return state, float(loss), metrics, jax.tree.map(np.asarray, grads.to_pure_dict())
+
+
+@pytest.fixture(scope="module")
+def batch_np():
+    c = small_config()
+    return next(iter(make_dataset(c.data, default_tokenizer(c.data), batch_size=c.data.global_batch)))
+
+
+def test_aux_losses_are_nonzero_and_reach_the_gradient(batch_np):
+    c = small_moe_config()
+    _, with_aux, metrics, g_with = _loss_and_grads(c, dict(c.mesh), batch_np, 0.01, 0.001)
+    _, without, _, g_without = _loss_and_grads(c, dict(c.mesh), batch_np, 0.0, 0.0)
+    assert float(metrics["moe_aux_loss"]) > 0
+    assert with_aux == pytest.approx(without + float(metrics["moe_aux_loss"]), rel=1e-6)
+    router = lambda g: g["decoder"]["layers"]["layers"][1]["mlp"]["router"]  # noqa: E731
+    assert np.abs(router(g_with) - router(g_without)).max() > 1e-7
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_same_results_for_expert_parallel_meshes(dispatch, batch_np):
+    c = small_moe_config(dispatch=dispatch)
+    results = {}
+    for expert in (1, 2, 4):
+        state, loss, metrics, grads = _loss_and_grads(c, {"data": 8 // expert, "expert": expert}, batch_np, 0.01, 0.001)
+        results[expert] = (loss, grads)
+        wi = state["params"]["decoder"]["layers"]["layers"][1]["mlp"]["wi_gate"][...]
+        assert wi.sharding.spec == (P("expert", None, None) if expert > 1 else P(None, None, None))
+    for expert in (2, 4):
+        assert results[expert][0] == pytest.approx(results[1][0], rel=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
+                     results[expert][1], results[1][1])
+
+
+def test_expert_weights_are_sharded_on_the_expert_axis():
+    c = small_moe_config()
+    mesh = make_mesh(dict(c.mesh))
+    setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
+    mlp = init_train_state(c, setup)["params"]["decoder"]["layers"]["layers"][1]["mlp"]
+    assert mlp["wi_gate"][...].sharding.spec == P("expert", "fsdp", None)
+    assert mlp["wo"][...].sharding.spec == P("expert", None, "fsdp")
+    assert mlp["router"][...].sharding.spec == P("fsdp", None)
+
+
+@pytest.mark.slow
+def test_tiny_moe_trains_and_logs_routing(tmp_path):
+    from mmjax.train.loop import train
+
+    c = small_moe_config()
+    c.train.steps = 40
+    c.train.checkpoint_every = 40
+    c.eval.caption_accuracy = False
+    summary = train(c, str(tmp_path))
+    assert summary["loss_last10_mean"] < 0.5 * summary["loss_first10_mean"]
+    final = summary["final"]
+    assert final["moe_aux_loss"] > 0 and 0 <= final["dropped_fraction"] < 1
+    assert len(final["expert_fraction"]) == 1 and len(final["expert_fraction"][0]) == 4
+    assert sum(final["expert_fraction"][0]) == pytest.approx(1.0, abs=1e-5)
