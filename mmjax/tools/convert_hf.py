@@ -1,13 +1,13 @@
 """Import Hugging Face checkpoints (safetensors + config.json) into mmjax.
 
-  python -m mmjax.tools.convert_hf --kind clip|siglip|llama SRC_DIR DST_DIR
+  python -m mmjax.tools.convert_hf --kind clip|siglip|llama|mixtral SRC_DIR DST_DIR
 
 In Python, `load(kind, src_dir)` returns a ready NNX module:
   clip / siglip: pixels `[b, h, w, 3]` float32 (reference preprocessing
                  applied) -> `last_hidden_state` `[b, tokens, embed]`
-  llama:         token ids `[b, s]` -> logits `[b, s, vocab]`
-Both the current key layout and the older one (`vision_model.` prefix) are
-read. DST_DIR gets `params/` (Orbax) and `mmjax.json` (component + config),
+  llama/mixtral: token ids `[b, s]` -> logits `[b, s, vocab]`
+Both the current key layout and the older one (`vision_model.` prefix;
+Mixtral's per-expert `block_sparse_moe.experts.N.w1/w2/w3`) are read. DST_DIR gets `params/` (Orbax) and `mmjax.json` (component + config),
 the input of `config.init_from`.
 """
 
@@ -180,9 +180,38 @@ def llama_config(hf: dict) -> mlc.ConfigDict:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), scan=False, remat=""))
 
 
+def mixtral_config(hf: dict) -> mlc.ConfigDict:
+    cfg = llama_config(hf)
+    cfg.moe = mlc.ConfigDict(dict(
+        num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"], moe_every=1, renormalize=True,
+        capacity_factor=float(hf["num_local_experts"]) / hf["num_experts_per_tok"], dispatch="dropless",
+        expert_mlp=hf["intermediate_size"], shared_expert=False,
+        load_balance_weight=float(hf.get("router_aux_loss_coef", 0.01)), router_z_weight=0.001))
+    return cfg
+
+
+def _mixtral_experts(read: _Reader, pre: str, e: int, h: int, n: int) -> dict:
+    """Experts of one layer from the fused (current) or per-expert (older) layout."""
+    if f"{pre}.mlp.gate.weight" in read.tensors:
+        router = read(f"{pre}.mlp.gate.weight", (n, e))
+        gate_up = read(f"{pre}.mlp.experts.gate_up_proj", (n, 2 * h, e))
+        down = read(f"{pre}.mlp.experts.down_proj", (n, e, h))
+        gate, up = gate_up[:, :h], gate_up[:, h:]
+    else:
+        router = read(f"{pre}.block_sparse_moe.gate.weight", (n, e))
+        ex = f"{pre}.block_sparse_moe.experts"
+        gate = np.stack([read(f"{ex}.{i}.w1.weight", (h, e)) for i in range(n)])
+        up = np.stack([read(f"{ex}.{i}.w3.weight", (h, e)) for i in range(n)])
+        down = np.stack([read(f"{ex}.{i}.w2.weight", (e, h)) for i in range(n)])
+    return {"router": router.T, "wi_gate": gate.transpose(0, 2, 1), "wi_up": up.transpose(0, 2, 1),
+            "wo": down.transpose(0, 2, 1)}
+
+
 def llama_params(cfg, tensors: dict[str, np.ndarray], src: str) -> dict:
+    """Llama (dense MLP) or Mixtral (`cfg.moe`: experts on every layer) params."""
     t = _strip_prefix(tensors, ("language_model.",))
     read = _Reader(t, src)
+    moe = cfg.get("moe")
     e, m, h, kv, d, v = cfg.embed, cfg.mlp, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.vocab_size
     params = {"embedder": {"embedding": read("model.embed_tokens.weight", (v, e))}}
     layers = []
@@ -193,7 +222,8 @@ def llama_params(cfg, tensors: dict[str, np.ndarray], src: str) -> dict:
             "attn_norm": _norm(read, f"{pre}.input_layernorm", e, bias=False),
             "attn": attn,
             "mlp_norm": _norm(read, f"{pre}.post_attention_layernorm", e, bias=False),
-            "mlp": {"gate": _linear(read, f"{pre}.mlp.gate_proj", e, m, bias=False),
+            "mlp": _mixtral_experts(read, pre, e, m, moe.num_experts) if moe else
+                   {"gate": _linear(read, f"{pre}.mlp.gate_proj", e, m, bias=False),
                     "up": _linear(read, f"{pre}.mlp.up_proj", e, m, bias=False),
                     "down": _linear(read, f"{pre}.mlp.down_proj", m, e, bias=False)},
         })
@@ -213,6 +243,7 @@ KINDS: dict[str, tuple[str, Callable, Callable, Callable]] = {
     "clip": ("vit", lambda hf: vision_config("clip", hf), lambda c, t, s: vision_params("clip", c, t, s), ViT),
     "siglip": ("vit", lambda hf: vision_config("siglip", hf), lambda c, t, s: vision_params("siglip", c, t, s), ViT),
     "llama": ("decoder", llama_config, llama_params, LanguageModel),
+    "mixtral": ("decoder", mixtral_config, llama_params, LanguageModel),
 }
 
 
@@ -248,9 +279,16 @@ def convert(kind: str, src_dir: str) -> tuple[str, mlc.ConfigDict, dict]:
     return component, cfg, params_fn(cfg, tensors, src_dir)
 
 
-def load(kind: str, src_dir: str) -> nnx.Module:
-    """A ready NNX module with the checkpoint's weights (see module doc)."""
+def load(kind: str, src_dir: str, **moe_overrides) -> nnx.Module:
+    """A ready NNX module with the checkpoint's weights (see module doc).
+
+    For mixtral, `moe_overrides` (e.g. `dispatch="capacity"`,
+    `capacity_factor=4.0`) change the MoE config before the module is built."""
     component, cfg, params = convert(kind, src_dir)
+    if moe_overrides:
+        if not cfg.get("moe"):
+            raise ConversionError(f"--kind={kind} has no experts; MoE options {sorted(moe_overrides)} do not apply.")
+        cfg.moe.update(moe_overrides)
     module = KINDS[kind][3](cfg, rngs=nnx.Rngs(0))
     return fill_module(module, params, src_dir)
 
