@@ -152,6 +152,16 @@ def test_init_from_places_converted_weights_on_the_mesh(tmp_path):
     gate = state["params"]["decoder"]["layers"]["layers"][0]["mlp"]["gate"]["kernel"][...]
     np.testing.assert_array_equal(np.asarray(gate), ref.model.layers[0].mlp.gate_proj.weight.detach().numpy().T)
 
+    # The same dense checkpoint into an MoE decoder: every expert is a copy of the MLP.
+    c.model.decoder.moe.update(dict(num_experts=4, moe_every=1, expert_mlp=d.mlp))
+    setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
+    state = apply_init_from(init_train_state(c, setup), [str(tmp_path / "llama")])
+    wi_gate = state["params"]["decoder"]["layers"]["layers"][0]["mlp"]["wi_gate"][...]
+    assert wi_gate.sharding.spec == P("expert", "fsdp", None)
+    for e in range(4):
+        np.testing.assert_array_equal(np.asarray(wi_gate[e]), ref.model.layers[0].mlp.gate_proj.weight.detach().numpy().T)
+    c.model.decoder.moe.num_experts = 0
+
     c.model.decoder.mlp = 128  # a config that no longer matches the checkpoint
     setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
     with pytest.raises(InitFromError, match="does not match config.model.decoder"):

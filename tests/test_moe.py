@@ -140,3 +140,25 @@ def test_tiny_moe_trains_and_logs_routing(tmp_path):
     assert final["moe_aux_loss"] > 0 and 0 <= final["dropped_fraction"] < 1
     assert len(final["expert_fraction"]) == 1 and len(final["expert_fraction"][0]) == 4
     assert sum(final["expert_fraction"][0]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_upcycled_moe_computes_the_dense_mlp():
+    from mmjax.models.decoder import Decoder
+    from mmjax.models.upcycle import upcycle_decoder
+
+    dense_cfg = small_config().model.decoder
+    dense_cfg.layers = 2
+    moe_cfg_ = small_config().model.decoder
+    moe_cfg_.layers = 2
+    moe_cfg_.moe.update(dict(num_experts=4, top_k=2, moe_every=2, expert_mlp=dense_cfg.mlp))
+    dense, moe = Decoder(dense_cfg, rngs=nnx.Rngs(0)), Decoder(moe_cfg_, rngs=nnx.Rngs(1))
+    params = upcycle_decoder(jax.tree.map(np.asarray, nnx.state(dense, nnx.Param).to_pure_dict()),
+                             jax.tree.map(np.asarray, nnx.state(moe, nnx.Param).to_pure_dict()))
+    state = nnx.state(moe, nnx.Param)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    nnx.update(moe, state)
+    assert moe.layers.layers[1].mlp.wi_gate.shape == (4, 128, dense_cfg.mlp)
+    tokens = jnp.arange(12)[None] + 4
+    seg, pos = jnp.ones((1, 12), jnp.int32), jnp.arange(12)[None]
+    run = lambda m: jax.jit(lambda t: m(m.embed(t), seg, pos))(tokens)  # noqa: E731
+    np.testing.assert_allclose(run(moe), run(dense), atol=1e-5)
