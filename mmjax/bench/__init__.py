@@ -1,0 +1,1 @@
+"""Benchmarks: step time measured side by side in one run."""
