@@ -44,3 +44,8 @@ def num_shards(logical_axis: str) -> int:
     mesh instead of freezing it in the config."""
     resolver = _RESOLVER.get()
     return 1 if resolver is None else resolver.num_shards(logical_axis)
+
+
+def current_resolver() -> Resolver | None:
+    """The active resolver (it carries `.mesh`), or None outside a training step."""
+    return _RESOLVER.get()
