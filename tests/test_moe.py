@@ -28,9 +28,9 @@ def moe_cfg(**kw):
 
 
 def small_moe_config(**moe):
+    """The small test config with its one decoder layer made an MoE layer."""
     c = small_config()
-    c.model.decoder.layers = 2
-    c.model.decoder.moe.update(dict(num_experts=4, top_k=2, moe_every=2, expert_mlp=128, **moe))
+    c.model.decoder.moe.update(dict(num_experts=4, top_k=2, moe_every=1, expert_mlp=128, **moe))
     return c
 
 
@@ -97,30 +97,48 @@ def test_aux_losses_are_nonzero_and_reach_the_gradient(batch_np):
     _, without, _, g_without = _loss_and_grads(c, dict(c.mesh), batch_np, 0.0, 0.0)
     assert float(metrics["moe_aux_loss"]) > 0
     assert with_aux == pytest.approx(without + float(metrics["moe_aux_loss"]), rel=1e-6)
-    router = lambda g: g["decoder"]["layers"]["layers"][1]["mlp"]["router"]  # noqa: E731
+    router = lambda g: g["decoder"]["layers"]["layers"][0]["mlp"]["router"]  # noqa: E731
     assert np.abs(router(g_with) - router(g_without)).max() > 1e-7
 
 
 @pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
-def test_same_results_for_expert_parallel_meshes(dispatch, batch_np):
-    c = small_moe_config(dispatch=dispatch)
+def test_same_results_for_expert_parallel_meshes(dispatch):
+    """The MoE layer alone, sharded by the fsdp layout on meshes with
+    expert = 1, 2, 4: same output, aux losses and gradients."""
+    from mmjax.models.partitioning import activation_sharding
+    from mmjax.parallel import activation_resolver, batch_sharding, tree_shardings
+
+    layer = MoEFeedForward(32, moe_cfg(num_experts=8, dispatch=dispatch), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer, nnx.Param)
+    x = jax.random.normal(jax.random.key(3), (8, 16, 32))
     results = {}
     for expert in (1, 2, 4):
-        state, loss, metrics, grads = _loss_and_grads(c, {"data": 8 // expert, "expert": expert}, batch_np, 0.01, 0.001)
-        results[expert] = (loss, grads)
-        wi = state["params"]["decoder"]["layers"]["layers"][1]["mlp"]["wi_gate"][...]
-        assert wi.sharding.spec == (P("expert", None, None) if expert > 1 else P(None, None, None))
+        mesh = make_mesh({"data": 8 // expert, "expert": expert})
+        rules = get_layout("fsdp")
+        shardings = tree_shardings(params, mesh, rules)
+        sharded = jax.device_put(params, shardings)
+        xs = jax.device_put(x, batch_sharding(mesh, rules, 3))
+
+        def loss_fn(p, x):
+            with activation_sharding(activation_resolver(mesh, rules)):
+                y, aux = nnx.merge(graphdef, p)(x)
+            return jnp.sum(jnp.sin(y)) + aux["load_balance_loss"] + aux["router_z_loss"], aux
+
+        (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(sharded, xs)
+        assert sharded["wi_gate"][...].sharding.spec == (P("expert", None, None) if expert > 1 else P(None, None, None))
+        results[expert] = (float(loss), jax.tree.map(np.asarray, aux), jax.tree.map(np.asarray, grads.to_pure_dict()))
     for expert in (2, 4):
         assert results[expert][0] == pytest.approx(results[1][0], rel=1e-5)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
-                     results[expert][1], results[1][1])
+        for tree in (1, 2):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
+                         results[expert][tree], results[1][tree])
 
 
 def test_expert_weights_are_sharded_on_the_expert_axis():
     c = small_moe_config()
     mesh = make_mesh(dict(c.mesh))
     setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
-    mlp = init_train_state(c, setup)["params"]["decoder"]["layers"]["layers"][1]["mlp"]
+    mlp = init_train_state(c, setup)["params"]["decoder"]["layers"]["layers"][0]["mlp"]
     assert mlp["wi_gate"][...].sharding.spec == P("expert", "fsdp", None)
     assert mlp["wo"][...].sharding.spec == P("expert", None, "fsdp")
     assert mlp["router"][...].sharding.spec == P("fsdp", None)
