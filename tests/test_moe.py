@@ -180,3 +180,12 @@ def test_upcycled_moe_computes_the_dense_mlp():
     seg, pos = jnp.ones((1, 12), jnp.int32), jnp.arange(12)[None]
     run = lambda m: jax.jit(lambda t: m(m.embed(t), seg, pos))(tokens)  # noqa: E731
     np.testing.assert_allclose(run(moe), run(dense), atol=1e-5)
+
+
+def test_shared_expert_adds_a_dense_mlp_to_every_token():
+    x = jax.random.normal(jax.random.key(4), (2, 6, 16))
+    routed = MoEFeedForward(16, moe_cfg(), rngs=nnx.Rngs(0))
+    with_shared = MoEFeedForward(16, moe_cfg(shared_expert=True), rngs=nnx.Rngs(0))
+    for name in ("router", "wi_gate", "wi_up", "wo"):
+        getattr(with_shared, name)[...] = getattr(routed, name)[...]
+    np.testing.assert_allclose(with_shared(x)[0], routed(x)[0] + with_shared.shared(x), atol=1e-5)
