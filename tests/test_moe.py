@@ -51,6 +51,7 @@ def test_capacity_and_dropless_agree_when_nothing_drops():
     dropless = MoEFeedForward(16, moe_cfg(dispatch="dropless"), rngs=nnx.Rngs(0))
     (yc, ac), (yd, ad) = capacity(x), dropless(x)
     assert float(ac["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(ad["expert_fraction"], ac["expert_fraction"])
     np.testing.assert_allclose(yc, yd, atol=1e-5)
     gc = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x)[0])))(capacity)
     gd = nnx.grad(lambda m: jnp.sum(jnp.sin(m(x)[0])))(dropless)
