@@ -51,8 +51,16 @@ def base_config() -> mlc.ConfigDict:
     c.data.tokens_per_image = tokens_per_image
     c.data.vocab_size = vocab_size
     c.data.mix_weights = (5.0, 5.0, 1.0)  # caption : interleaved : text
+    # Where each stream comes from: "procedural" or "<format>:<paths>" with format
+    # webdataset | array_record | parquet | jsonl | tfds (see mmjax/data/sources.py).
+    c.data.sources = dict(caption="procedural", interleaved="procedural", text="procedural")
+    c.data.loss_weights = (1.0, 1.0, 1.0)  # loss weight of text tokens per stream
+    c.data.pack_window = 32  # examples packed first-fit-decreasing per window; 1 = no packing
+    c.data.image_split = (0, 0)  # MM1.5 dynamic splitting (min_tiles, max_tiles); (0, 0) = off
+    c.data.tile_separators = False  # "(row,col)" text before each tile when splitting
     c.data.seed = 0
     c.data.workers = 0  # >0: Grain multiprocess workers (mp_prefetch)
+    c.data.worker_buffer = 2  # batches prefetched per worker
 
     c.optimizer = dict(lr=1e-3, warmup_steps=20, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
                        weight_decay=0.01, grad_clip=1.0)

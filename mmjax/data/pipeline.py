@@ -1,10 +1,14 @@
-"""Grain pipeline: sources -> per-process shard -> weighted mix -> examples ->
-batches -> global `jax.Array`s.
+"""Grain pipeline: sources -> examples -> weighted mix -> packing -> batches ->
+global `jax.Array`s.
 
-The mix interleaves the streams deterministically in proportion to
-`data.mix_weights` (caption : interleaved : text, default 5:5:1), so every
-batch carries close to the configured ratio and the iterator state is a
-single index (checkpointable with Orbax through `grain.checkpoint`).
+  per stream:  open_stream (per-process shard, shuffled, endless)
+               -> ExampleBuilder (decode + resize images, tokenize, masks)
+  mix:         IterDataset.mix in proportion to `data.mix_weights` (5:5:1
+               caption : interleaved : text by default), deterministic by index
+  pack:        PackIterDataset (first-fit-decreasing per `data.pack_window`)
+  batch:       `batch_size` packed sequences per process
+  workers:     `data.workers > 0` runs all of the above in Grain worker
+               processes (`mp_prefetch`); the iterator state stays checkpointable.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ from typing import Mapping
 
 import grain
 import jax
-import numpy as np
+from absl import flags
 from jax.sharding import NamedSharding
 
 from mmjax.data.examples import ExampleBuilder
-from mmjax.data.procedural import SOURCES, STREAMS, tokenizer_corpus
+from mmjax.data.packing import Packer, PackIterDataset
+from mmjax.data.procedural import tokenizer_corpus
+from mmjax.data.records import STREAMS, DataError
+from mmjax.data.sources import open_stream
 from mmjax.data.tokenizer import Tokenizer, load_or_train
 
 
@@ -26,46 +33,60 @@ def default_tokenizer(data_cfg) -> Tokenizer:
     return load_or_train(tokenizer_corpus(), data_cfg.vocab_size)
 
 
-def stream_datasets(data_cfg, split: str, process_index: int = 0,
-                    process_count: int = 1) -> list[grain.MapDataset]:
-    """One MapDataset per stream, each restricted to this process's shard."""
-    datasets = []
-    for stream in STREAMS:
-        source = SOURCES[stream](image_size=data_cfg.image_size, seed=data_cfg.seed, split=split)
-        datasets.append(grain.MapDataset.source(source)[process_index::process_count])
-    return datasets
+def make_builder(data_cfg, tokenizer: Tokenizer, with_attributes: bool = False) -> ExampleBuilder:
+    return ExampleBuilder(tokenizer, data_cfg.seq_len, data_cfg.max_images, data_cfg.tokens_per_image,
+                          data_cfg.image_size, with_attributes=with_attributes,
+                          loss_weights=tuple(data_cfg.loss_weights), image_split=tuple(data_cfg.image_split),
+                          tile_separators=data_cfg.tile_separators)
+
+
+def mixed_examples(data_cfg, tokenizer: Tokenizer, *, split: str = "train", process_index: int = 0,
+                   process_count: int = 1, streams: tuple[str, ...] | None = None,
+                   with_attributes: bool = False) -> grain.IterDataset:
+    """Examples (unpacked, variable length) of the chosen streams, mixed by weight."""
+    weights = dict(zip(STREAMS, data_cfg.mix_weights))
+    chosen = [s for s in STREAMS if (streams is None or s in streams) and weights[s] > 0]
+    if not chosen:
+        raise DataError(f"config.data.mix_weights={tuple(data_cfg.mix_weights)} selects no stream.")
+    builder = make_builder(data_cfg, tokenizer, with_attributes)
+    per_stream = [open_stream(data_cfg.sources[s], s, split=split, image_size=data_cfg.image_size,
+                              seed=data_cfg.seed, process_index=process_index,
+                              process_count=process_count).map(builder)
+                  for s in chosen]
+    if len(per_stream) == 1:
+        return per_stream[0]
+    return grain.IterDataset.mix(per_stream, [weights[s] for s in chosen])
 
 
 def make_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split: str = "train",
                  process_index: int = 0, process_count: int = 1,
-                 streams: tuple[str, ...] | None = None,
-                 with_attributes: bool = False) -> grain.IterDataset:
-    """Batched examples for this process.
+                 streams: tuple[str, ...] | None = None, with_attributes: bool = False,
+                 pack: bool = True) -> grain.IterDataset:
+    """Batches of packed sequences for this process (see `mmjax.data.packing`
+    for the fields; each gets a leading `[batch_size]` dimension).
 
     Args:
-      data_cfg: `config.data` (seq_len, max_images, tokens_per_image,
-        image_size, mix_weights, seed, workers).
-      batch_size: examples per batch on this process.
+      data_cfg: `config.data`.
+      batch_size: sequences per batch on this process.
       streams: restrict to these streams (default: all, mixed by weight).
+      pack: False puts one example in each sequence (evaluation).
     """
-    weights = dict(zip(STREAMS, data_cfg.mix_weights))
-    chosen = [s for s in STREAMS if (streams is None or s in streams) and weights[s] > 0]
-    if not chosen:
-        raise ValueError(f"config.data.mix_weights={tuple(data_cfg.mix_weights)} selects no stream.")
-    all_ds = dict(zip(STREAMS, stream_datasets(data_cfg, split, process_index, process_count)))
-    ds = (all_ds[chosen[0]] if len(chosen) == 1 else
-          grain.MapDataset.mix([all_ds[s] for s in chosen], [weights[s] for s in chosen]))
-    builder = ExampleBuilder(tokenizer, data_cfg.seq_len, data_cfg.max_images,
-                             data_cfg.tokens_per_image, data_cfg.image_size, with_attributes)
-    ds = ds.map(lambda record: dict(builder(record), stream=np.int32(STREAMS.index(record["stream"]))))
-    it = ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
+    examples = mixed_examples(data_cfg, tokenizer, split=split, process_index=process_index,
+                              process_count=process_count, streams=streams, with_attributes=with_attributes)
+    packer = Packer(data_cfg.seq_len, data_cfg.max_images, data_cfg.tokens_per_image, data_cfg.image_size,
+                    tokenizer.pad_id)
+    packed = PackIterDataset(examples, packer, window=data_cfg.pack_window if pack else 1)
+    it = packed.batch(batch_size, drop_remainder=True)
     if data_cfg.workers > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers))
+        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (library use, tests)
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers,
+                                                         per_worker_buffer_size=data_cfg.worker_buffer))
     return it
 
 
-def to_global_arrays(local_batch: Mapping[str, np.ndarray],
-                     shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
-    """Assembles per-process numpy batches into global arrays (batch dim sharded)."""
+def to_global_arrays(local_batch: Mapping, shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Assembles per-process numpy batches into global arrays (batch dim sharded)
+    with `jax.make_array_from_process_local_data`."""
     return {k: jax.make_array_from_process_local_data(shardings[k], v)
             for k, v in local_batch.items() if k in shardings}

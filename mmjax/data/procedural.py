@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 from mmjax.data import shapes
+from mmjax.data.records import STREAMS
 from mmjax.data.text_corpus import pydoc_chunks
 
 SPLITS = {"train": 0, "eval": 1}
-STREAMS = ("caption", "interleaved", "text")
 VIRTUAL_LENGTH = 10**9  # procedural sources are effectively endless
 
 

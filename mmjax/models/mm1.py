@@ -5,7 +5,8 @@ Batch fields consumed (see `mmjax.data.examples`):
   tokens       `[b, s]` int32   token ids (`<image>` id at image slots)
   image_slots  `[b, s]` int32   index into the flattened image tokens
                                 `[num_images * tokens_per_image]`, -1 for text
-  images       `[b, n, h, w, 3]` float32 normalised pixels
+  images       `[b, n, h, w, 3]` uint8 pixels (normalised here with the ViT
+                                flavour's mean/std) or float32 normalised pixels
   segment_ids  `[b, s]` int32   1.. per document, 0 for padding
   positions    `[b, s]` int32   position within the document
 """
@@ -19,7 +20,7 @@ from flax import nnx
 from mmjax.models.connectors import make_connector
 from mmjax.models.decoder import Decoder
 from mmjax.models.partitioning import constrain
-from mmjax.models.vit import ViT
+from mmjax.models.vit import ViT, normalize_pixels
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -49,10 +50,12 @@ class MM1Model(nnx.Module):
         self.decoder = Decoder(cfg.decoder, rngs=rngs, dtype=dtype)
         self.tokens_per_image = cfg.connector.num_tokens
         self.bidirectional_image_attention = cfg.bidirectional_image_attention
+        self.flavour = cfg.vit.flavour
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """images `[b, n, h, w, 3]` -> image tokens `[b, n * num_tokens, embed]`."""
         b, n = images.shape[:2]
+        images = normalize_pixels(images, self.flavour)
         features = self.vit.features(images.reshape((b * n,) + images.shape[2:]))
         tokens = self.connector(features)
         tokens = tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])

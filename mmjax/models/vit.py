@@ -33,14 +33,30 @@ class Flavour:
     pre_norm: bool
     post_norm_on_sequence: bool
     activation: str
+    # uint8 pixels are normalised as (x / 255 - mean) / std per channel
+    pixel_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    pixel_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
 
 FLAVOURS = {
     "clip": Flavour(class_token=True, patch_bias=False, pre_norm=True, post_norm_on_sequence=False,
-                    activation="quick_gelu"),
+                    activation="quick_gelu", pixel_mean=(0.48145466, 0.4578275, 0.40821073),
+                    pixel_std=(0.26862954, 0.26130258, 0.27577711)),
     "siglip": Flavour(class_token=False, patch_bias=True, pre_norm=False, post_norm_on_sequence=True,
                       activation="gelu_tanh"),
 }
+
+
+
+def normalize_pixels(images: jax.Array, flavour: str) -> jax.Array:
+    """uint8 pixels `[..., 3]` -> float32 normalised with the flavour's
+    mean/std; float input is taken as already normalised."""
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images
+    f = FLAVOURS[flavour]
+    scaled = images.astype(jnp.float32) / 255.0
+    return (scaled - jnp.asarray(f.pixel_mean, jnp.float32)) / jnp.asarray(f.pixel_std, jnp.float32)
+
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),

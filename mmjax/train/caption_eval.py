@@ -30,7 +30,7 @@ def eval_batches(config, tokenizer, setup: TrainSetup) -> list[dict]:
     num_batches = max(1, config.eval.num_examples // config.data.global_batch)
     ds = make_dataset(config.data, tokenizer, batch_size=per_process, split="eval",
                       process_index=pi, process_count=pc, streams=("caption",),
-                      with_attributes=True)
+                      with_attributes=True, pack=False)
     iterator = iter(ds)
     shardings = dict(setup.batch_shardings, attribute_mask=setup.batch_shardings["loss_mask"])
     batches = []
@@ -45,7 +45,7 @@ def make_caption_eval(setup: TrainSetup) -> Callable:
 
     def counts(params, batch, blank_images):
         if blank_images:  # same captions, no visual information: the text-only prior
-            batch = dict(batch, images=jnp.zeros_like(batch["images"]))
+            batch = dict(batch, images=jnp.full_like(batch["images"], 128))  # mid-grey
         logits = model_logits(setup.graphdef, params, batch, setup.resolver)
         correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
         attr = batch["attribute_mask"]

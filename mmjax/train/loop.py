@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from mmjax.data.pipeline import default_tokenizer, make_dataset, to_global_arrays
-from mmjax.data.procedural import STREAMS
+from mmjax.data.packing import COUNTS
+from mmjax.data.records import STREAMS
 from mmjax.parallel import get_layout, make_mesh
 from mmjax.train.caption_eval import eval_batches, make_caption_eval
 from mmjax.train.checkpoint import Checkpointer
@@ -94,12 +95,15 @@ def train(config, workdir: str) -> dict:
     window_losses: list = []  # per-step losses, fetched only at log steps
     loss_history: list[float] = []
     stream_counts = np.zeros(len(STREAMS))
+    data_counts = dict.fromkeys(COUNTS, 0)  # images dropped / skipped, records skipped (all steps)
     run_start = time.perf_counter()
     for step in range(start, total_steps):
         t0 = time.perf_counter()
         local = next(data_iter)
         wait = time.perf_counter() - t0
-        stream_counts += np.bincount(local["stream"], minlength=len(STREAMS))
+        stream_counts += local["stream_counts"].sum(axis=0)
+        for k in COUNTS:
+            data_counts[k] += int(local[k].sum())
         batch = to_global_arrays({k: local[k] for k in MODEL_INPUTS}, setup.batch_shardings)
         state, metrics = train_step(state, batch)
         window_losses.append(metrics["loss"])
@@ -123,7 +127,8 @@ def train(config, workdir: str) -> dict:
             record = {"step": done, **{k: _to_json(v) for k, v in values.items()},
                       "loss_window_mean": float(np.mean(losses)),
                       **{f"mix_{s}": float(c / max(stream_counts.sum(), 1))
-                         for s, c in zip(STREAMS, stream_counts)}}
+                         for s, c in zip(STREAMS, stream_counts)},
+                      **{f"data/{k}": v for k, v in data_counts.items()}}
             if window_steps:  # timing only for steps after the compile step
                 step_time = elapsed / window_steps
                 record.update(step_time_s=step_time, data_wait_s=window_wait / window_steps,

@@ -1,0 +1,107 @@
+"""Source specs -> Grain datasets of raw records, one per stream.
+
+`config.data.sources.<stream>` is a spec string:
+
+  procedural                         the embedded generated data (default)
+  webdataset:/data/cc3m/{00000..00099}.tar   tar shards (`.jpg/.png` + `.txt`/`.json`)
+  array_record:/data/mix/caption-*.array_record   records written by `mmjax.data.convert`
+  parquet:/data/obelics/*.parquet    parquet files (`text`, `image` / `texts`, `images`)
+  jsonl:/data/text/*.jsonl           one JSON object per line
+  tfds:NAME[@DATA_DIR]               a TFDS dataset prepared as array_record
+
+Paths take shell globs and `{a..b}` numeric ranges (zero padding kept).
+Random-access formats are sliced per process (`[process_index::process_count]`,
+disjoint reads), shuffled with the seed and repeated forever; parquet files
+are split between processes.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import grain
+
+from mmjax.data.procedural import SOURCES as PROCEDURAL
+from mmjax.data.records import STREAMS, DataError
+
+FORMATS = ("procedural", "webdataset", "array_record", "parquet", "jsonl", "tfds")
+_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`shard-{000..002}.tar` -> `[shard-000.tar, shard-001.tar, shard-002.tar]`."""
+    match = _RANGE.search(pattern)
+    if not match:
+        return [pattern]
+    lo, hi = match.group(1), match.group(2)
+    width = len(lo) if lo.startswith("0") else 0
+    out = []
+    for n in range(int(lo), int(hi) + 1):
+        out += expand_braces(pattern[:match.start()] + str(n).zfill(width) + pattern[match.end():])
+    return out
+
+
+def resolve_paths(pattern: str, where: str) -> list[str]:
+    """Comma-separated globs/ranges -> sorted existing files; one clear error otherwise."""
+    paths: list[str] = []
+    for part in filter(None, (p.strip() for p in pattern.split(","))):
+        for expanded in expand_braces(os.path.expanduser(part)):
+            matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+            for path in matches:
+                if os.path.isdir(path):
+                    raise DataError(f"{where}: {path!r} is a directory; name the files (e.g. {path}/*.tar).")
+                if not os.path.exists(path):
+                    raise DataError(f"{where}: no file matches {path!r}.")
+                if not os.access(path, os.R_OK):
+                    raise DataError(f"{where}: {path!r} is not readable.")
+            if not matches:
+                raise DataError(f"{where}: no file matches {expanded!r}.")
+            paths += matches
+    if not paths:
+        raise DataError(f"{where}: the spec names no files.")
+    return paths
+
+
+def parse_spec(spec: str, where: str) -> tuple[str, str]:
+    """`"fmt:location"` -> (fmt, location); `"procedural"` -> ("procedural", "")."""
+    fmt, _, location = spec.partition(":")
+    if fmt not in FORMATS:
+        raise DataError(f"{where}={spec!r}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}.")
+    if fmt != "procedural" and not location:
+        raise DataError(f"{where}={spec!r}: give a location after '{fmt}:'.")
+    return fmt, location
+
+
+def open_stream(spec: str, stream: str, *, split: str, image_size: int, seed: int,
+                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """An endless IterDataset of raw records of `stream` for this process."""
+    if stream not in STREAMS:
+        raise DataError(f"unknown stream {stream!r}; expected one of {STREAMS}.")
+    where = f"config.data.sources.{stream}"
+    fmt, location = parse_spec(spec, where)
+    stream_seed = seed * len(STREAMS) + STREAMS.index(stream)
+    if fmt == "procedural":  # already random per index: no shuffle, results stay comparable
+        source = PROCEDURAL[stream](image_size=image_size, seed=seed, split=split)
+        return grain.MapDataset.source(source)[process_index::process_count].to_iter_dataset()
+    if fmt == "parquet":
+        from mmjax.data.readers.parquet import open_parquet
+        return open_parquet(resolve_paths(location, where), stream, process_index=process_index,
+                            process_count=process_count, seed=stream_seed)
+    if fmt == "tfds":
+        from mmjax.data.readers.tfds import open_tfds
+        name, _, data_dir = location.partition("@")
+        ds = open_tfds(name, data_dir or None, split, stream)
+    else:
+        paths = resolve_paths(location, where)
+        if fmt == "webdataset":
+            from mmjax.data.readers.webdataset import open_webdataset as reader
+        elif fmt == "array_record":
+            from mmjax.data.readers.array_record import open_array_record as reader
+        else:
+            from mmjax.data.readers.jsonl import open_jsonl as reader
+        ds = reader(paths, stream)
+    if len(ds) < process_count:
+        raise DataError(f"{where}: {len(ds)} records cannot be split between {process_count} processes.")
+    return ds[process_index::process_count].shuffle(seed=stream_seed).repeat().to_iter_dataset()
