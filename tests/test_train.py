@@ -43,7 +43,7 @@ def test_small_run_learns_and_writes_its_outputs(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     untrained, trained = summary["untrained"], summary["trained"]
     assert untrained["attribute_accuracy"] < 0.1
-    assert trained["attribute_accuracy"] > untrained["attribute_accuracy"] + 0.25
+    assert trained["attribute_accuracy"] > untrained["attribute_accuracy"] + 0.2
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from mmjax.data.procedural import SOURCES as PROCEDURAL
 from mmjax.data.records import STREAMS, DataError
 
 FORMATS = ("procedural", "webdataset", "array_record", "parquet", "jsonl", "tfds")
+TFDS_SPLITS = {"train": "train", "eval": "validation"}
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -92,7 +93,7 @@ def open_stream(spec: str, stream: str, *, split: str, image_size: int, seed: in
     if fmt == "tfds":
         from mmjax.data.readers.tfds import open_tfds
         name, _, data_dir = location.partition("@")
-        ds = open_tfds(name, data_dir or None, split, stream)
+        ds = open_tfds(name, data_dir or None, TFDS_SPLITS.get(split, split), stream)
     else:
         paths = resolve_paths(location, where)
         if fmt == "webdataset":

@@ -80,7 +80,10 @@ def train(config, workdir: str) -> dict:
         state = apply_init_from(state, config.init_from)
         log(f"initialised from {', '.join(config.init_from)}")
     evaluate = batches = None
-    if config.eval.caption_accuracy:
+    if config.eval.caption_accuracy and config.data.sources.caption != "procedural":
+        log("caption accuracy is measured on the procedural captions only; skipped for "
+            f"config.data.sources.caption={config.data.sources.caption!r}")
+    elif config.eval.caption_accuracy:
         evaluate = make_caption_eval(setup)
         batches = eval_batches(config, tokenizer, setup)
         summary["untrained"] = evaluate(state["params"], batches)
