@@ -59,6 +59,7 @@ def base_config() -> mlc.ConfigDict:
     c.data.image_split = (0, 0)  # MM1.5 dynamic splitting (min_tiles, max_tiles); (0, 0) = off
     c.data.tile_separators = False  # "(row,col)" text before each tile when splitting
     c.data.seed = 0
+    c.data.shards = 0  # virtual data shards (0: one per process); fixed -> same batches for any process count
     c.data.workers = 0  # >0: Grain multiprocess workers (mp_prefetch)
     c.data.worker_buffer = 2  # batches prefetched per worker
 

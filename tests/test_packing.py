@@ -135,3 +135,15 @@ def test_uint8_images_are_normalised_by_the_model():
     pixels = jax.random.randint(jax.random.key(0), (1, 2, 32, 32, 3), 0, 256).astype(jnp.uint8)
     np.testing.assert_allclose(model.encode_images(pixels),
                                model.encode_images(pixels.astype(jnp.float32) / 127.5 - 1.0), atol=1e-5)
+
+
+def test_global_batch_is_the_same_for_any_process_count(tok):
+    c = small_config().data
+    c.shards = 2
+    whole = next(iter(make_dataset(c, tok, batch_size=8)))
+    halves = [next(iter(make_dataset(c, tok, batch_size=4, process_index=i, process_count=2))) for i in range(2)]
+    for k in whole:
+        np.testing.assert_array_equal(whole[k], np.concatenate([h[k] for h in halves]), err_msg=k)
+    c.shards = 3
+    with pytest.raises(ValueError, match="not a multiple of the 2 processes"):
+        make_dataset(c, tok, batch_size=4, process_index=0, process_count=2)

@@ -17,6 +17,7 @@ from typing import Mapping
 
 import grain
 import jax
+import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding
 
@@ -65,24 +66,44 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split: str 
     """Batches of packed sequences for this process (see `mmjax.data.packing`
     for the fields; each gets a leading `[batch_size]` dimension).
 
+    The data is split into `data.shards` virtual shards (0: one per process),
+    each read and packed by its own pipeline; a process concatenates the
+    batches of its `shards / process_count` shards. The global batch is thus
+    the same for any process count that divides `data.shards`.
+
     Args:
       data_cfg: `config.data`.
       batch_size: sequences per batch on this process.
       streams: restrict to these streams (default: all, mixed by weight).
       pack: False puts one example in each sequence (evaluation).
     """
-    examples = mixed_examples(data_cfg, tokenizer, split=split, process_index=process_index,
-                              process_count=process_count, streams=streams, with_attributes=with_attributes)
+    shards = data_cfg.get("shards", 0) or process_count
+    if shards % process_count:
+        raise DataError(f"config.data.shards={shards} is not a multiple of the {process_count} processes.")
+    per_process = shards // process_count
+    if batch_size % per_process:
+        raise DataError(f"the per-process batch of {batch_size} cannot be split between "
+                        f"config.data.shards / processes = {per_process} shards.")
     packer = Packer(data_cfg.seq_len, data_cfg.max_images, data_cfg.tokens_per_image, data_cfg.image_size,
                     tokenizer.pad_id)
-    packed = PackIterDataset(examples, packer, window=data_cfg.pack_window if pack else 1)
-    it = packed.batch(batch_size, drop_remainder=True)
+    parts = []
+    for j in range(per_process):
+        examples = mixed_examples(data_cfg, tokenizer, split=split, process_index=process_index * per_process + j,
+                                  process_count=shards, streams=streams, with_attributes=with_attributes)
+        packed = PackIterDataset(examples, packer, window=data_cfg.pack_window if pack else 1)
+        parts.append(packed.batch(batch_size // per_process, drop_remainder=True))
+    it = parts[0] if per_process == 1 else grain.experimental.ZipIterDataset(parts).map(_concatenate)
     if data_cfg.workers > 0:
         if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (library use, tests)
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers,
                                                          per_worker_buffer_size=data_cfg.worker_buffer))
     return it
+
+
+def _concatenate(batches: tuple[dict, ...]) -> dict:
+    """Batches of several shards -> one batch (shard order kept)."""
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 def to_global_arrays(local_batch: Mapping, shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
