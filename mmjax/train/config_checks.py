@@ -30,8 +30,8 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
     if d.global_batch % shards:
         raise ConfigError(f"config.data.global_batch={d.global_batch} is not divisible by the "
                           f"{shards} batch shards of mesh axes {tuple(batch_axes)}.")
-    shards = d.get("shards", 0) or process_count
-    if shards % process_count or d.global_batch % shards:
+    data_shards = d.get("shards", 0) or process_count
+    if data_shards % process_count or d.global_batch % data_shards:
         raise ConfigError(f"config.data.shards={d.shards} must be a multiple of the {process_count} processes "
                           f"and divide config.data.global_batch={d.global_batch}.")
     if d.global_batch % process_count:
