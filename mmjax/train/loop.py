@@ -1,16 +1,18 @@
 """The training loop: build everything from the config, resume, train, log,
 checkpoint, evaluate.
 
-Timing is measured to device completion: the first step (compile + run) is
-reported alone as `compile_time_s`; afterwards, at each log step the loop
-waits for the step's outputs, so `step_time_s` is the wall time of the log
-window divided by its steps, and `data_wait_s` is the mean time the host
-spent blocked on the input iterator per step.
+The step is compiled ahead of time on the first batch (`compile_time_s`);
+every step is then timed to device completion (`mmjax.train.timing`). SIGTERM
+saves a checkpoint and stops cleanly; a NaN/Inf loss stops the run naming the
+step and the last good checkpoint; a watchdog reports a step that hangs;
+`train.profile_steps=(a, b)` writes a profiler trace of steps a..b to
+`WORKDIR/profile`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -25,10 +27,13 @@ from mmjax.train.caption_eval import eval_batches, make_caption_eval
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_checks import ConfigError, check_config
 from mmjax.train.init_from import apply_init_from
+from mmjax.train.flops import mfu, peak_flops_per_device, train_flops
+from mmjax.train.guards import PreemptionFlag, TrainingDiverged, Watchdog
 from mmjax.train.metrics import MetricsWriter, format_duration, log, progress_line
 from mmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from mmjax.train.state import MODEL_INPUTS, abstract_train_state, build_train_setup, init_train_state
 from mmjax.train.step import make_train_step
+from mmjax.train.timing import StepTimer, memory_bytes
 
 
 def _write_config(config, workdir: str) -> None:
@@ -92,64 +97,18 @@ def train(config, workdir: str) -> dict:
         state = ckpt.restore(start, abstract_train_state(setup), data_iter)
         log(f"resumed from {ckpt.directory}/{start}")
 
-    tokens_per_step = config.data.global_batch * config.data.seq_len
-    metrics = None
-    window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-    window_losses: list = []  # per-step losses, fetched only at log steps
-    loss_history: list[float] = []
-    stream_counts = np.zeros(len(STREAMS))
-    data_counts = dict.fromkeys(COUNTS, 0)  # images dropped / skipped, records skipped (all steps)
-    run_start = time.perf_counter()
-    for step in range(start, total_steps):
-        t0 = time.perf_counter()
-        local = next(data_iter)
-        wait = time.perf_counter() - t0
-        stream_counts += local["stream_counts"].sum(axis=0)
-        for k in COUNTS:
-            data_counts[k] += int(local[k].sum())
-        batch = to_global_arrays({k: local[k] for k in MODEL_INPUTS}, setup.batch_shardings)
-        state, metrics = train_step(state, batch)
-        window_losses.append(metrics["loss"])
-        done = step + 1
-        if step == start:  # first step: compile + one run, reported on its own
-            jax.block_until_ready(metrics)
-            compile_s = time.perf_counter() - t0
-            log(f"first step (compile + run) took {compile_s:.2f}s")
-            writer.write({"step": done, "compile_time_s": compile_s})
-            window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-            if done % config.train.log_every and done != total_steps:
-                continue
-        else:
-            window_steps += 1
-            window_wait += wait
-        if done % config.train.log_every == 0 or done == total_steps:
-            values, losses = jax.device_get((metrics, window_losses))  # waits for the step
-            loss_history += [float(x) for x in losses]
-            window_losses = []
-            elapsed = time.perf_counter() - window_start
-            record = {"step": done, **{k: _to_json(v) for k, v in values.items()},
-                      "loss_window_mean": float(np.mean(losses)),
-                      **{f"mix_{s}": float(c / max(stream_counts.sum(), 1))
-                         for s, c in zip(STREAMS, stream_counts)},
-                      **{f"data/{k}": v for k, v in data_counts.items()}}
-            if window_steps:  # timing only for steps after the compile step
-                step_time = elapsed / window_steps
-                record.update(step_time_s=step_time, data_wait_s=window_wait / window_steps,
-                              tokens_per_s=tokens_per_step / step_time)
-                log(progress_line(done, total_steps, record, step_time * (total_steps - done)))
-            writer.write(record)
-            window_start, window_steps, window_wait = time.perf_counter(), 0, 0.0
-        if done % config.train.checkpoint_every == 0 and done != total_steps:
-            t_save = time.perf_counter()
-            ckpt.save(done, state, data_iter)
-            window_start += time.perf_counter() - t_save  # checkpoint time is not step time
-    if metrics is not None:
-        summary["final"] = {k: _to_json(v) for k, v in jax.device_get(metrics).items()}
-    if len(loss_history) >= 20:
-        first, last = float(np.mean(loss_history[:10])), float(np.mean(loss_history[-10:]))
-        summary.update(loss_first10_mean=first, loss_last10_mean=last)
-        log(f"loss: mean of the first 10 steps {first:.4f} -> last 10 steps {last:.4f} "
-            f"({100 * last / first:.1f}%)")
+    flops = train_flops(config, num_devices=jax.device_count())
+    peak, peak_source = peak_flops_per_device()
+    summary.update(model_flops_per_step=flops.model_flops, hardware_flops_per_step=flops.hardware_flops,
+                   peak_flops_per_device=peak, peak_source=peak_source)
+    log(f"model FLOPs per step {flops.model_flops:.3e} (hardware {flops.hardware_flops:.3e}); "
+        f"peak per device {peak:.3e} FLOP/s ({peak_source})")
+    state, summary = _run_steps(config, setup, train_step, state, data_iter, ckpt, writer, start, summary)
+    if summary.get("preempted_at") is not None:
+        ckpt.close()
+        writer.close()
+        _write_summary(workdir, summary)
+        return summary
     if ckpt.latest_step() != total_steps:
         ckpt.save(total_steps, state, data_iter)
     ckpt.close()
@@ -164,11 +123,123 @@ def train(config, workdir: str) -> dict:
         writer.write({"step": total_steps, **{f"eval/{name}/{k}": v for name in
                                                ("untrained", "trained", "trained_blank_images")
                                                for k, v in summary[name].items()}})
-    summary["wall_time_s"] = time.perf_counter() - run_start
     log(f"done: {total_steps} steps, checkpoints in {ckpt.directory} "
         f"(loop wall time {format_duration(summary['wall_time_s'])})")
     writer.close()
+    _write_summary(workdir, summary)
+    return summary
+
+
+def _write_summary(workdir: str, summary: dict) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    return summary
+
+
+def _compile(train_step, state, batch) -> tuple:
+    """Ahead-of-time compile for these exact shapes/shardings: (executable, seconds)."""
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def _run_steps(config, setup, train_step, state, data_iter, ckpt, writer, start, summary):
+    """The step loop (see `mmjax.train.timing` for what is timed and how).
+    Returns (state, summary); `summary["preempted_at"]` is set when SIGTERM
+    stopped the run after saving."""
+    total_steps, t = config.train.steps, config.train
+    tokens_per_step = config.data.global_batch * config.data.seq_len
+    timer = StepTimer()
+    loss_history: list[float] = []
+    stream_counts = np.zeros(len(STREAMS))
+    data_counts = dict.fromkeys(COUNTS, 0)  # images dropped / skipped, records skipped (all steps)
+    preempted = PreemptionFlag()
+    watchdog = Watchdog(t.watchdog_s, lambda step, s: log(f"watchdog: step {step} has not finished after {s:.0f}s"))
+    profile_start, profile_stop = tuple(t.profile_steps) if t.profile_steps else (0, 0)
+    profiling = False
+    compiled, metrics = None, None
+    run_start = time.perf_counter()
+    try:
+        for step in range(start, total_steps):
+            done = step + 1
+            t0 = time.perf_counter()
+            local = next(data_iter)
+            stream_counts += local["stream_counts"].sum(axis=0)
+            for k in COUNTS:
+                data_counts[k] += int(local[k].sum())
+            batch = to_global_arrays({k: local[k] for k in MODEL_INPUTS}, setup.batch_shardings)
+            t1 = time.perf_counter()
+            wait = t1 - t0
+            if compiled is None:
+                compiled, compile_s = _compile(train_step, state, batch)
+                log(f"compiled the train step ahead of time in {compile_s:.2f}s")
+                writer.write({"step": done, "compile_time_s": compile_s})
+                summary["compile_time_s"] = compile_s
+                timer.reset()
+                t1 = time.perf_counter()
+            if done == profile_start:
+                jax.profiler.start_trace(os.path.join(os.path.dirname(ckpt.directory), "profile"))
+                profiling = True
+            watchdog.beat(done)
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            t2 = time.perf_counter()
+            if profiling and done >= profile_stop:
+                jax.profiler.stop_trace()
+                profiling = False
+                log(f"profiler trace of steps {profile_start}-{profile_stop} written")
+            loss = float(metrics["loss"])
+            loss_history.append(loss)
+            if not math.isfinite(loss):
+                last = ckpt.latest_step()
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {done}; last good checkpoint: "
+                    f"{os.path.join(ckpt.directory, str(last)) if last else 'none (no checkpoint yet)'}.")
+            images = int(local["image_mask"].sum())
+            if done % t.log_every == 0 or done == total_steps:
+                values = jax.device_get(metrics)
+                timer.add(t2 - t1, wait, time.perf_counter() - t2, images)
+                record = {"step": done, **{k: _to_json(v) for k, v in values.items()},
+                          **timer.summary(tokens_per_step),
+                          "hbm_or_rss_bytes": memory_bytes(),
+                          **{f"mix_{s}": float(c / max(stream_counts.sum(), 1))
+                             for s, c in zip(STREAMS, stream_counts)},
+                          **{f"data/{k}": v for k, v in data_counts.items()}}
+                record.setdefault("moe_aux_loss", 0.0)
+                achieved = summary["model_flops_per_step"] / jax.device_count() / record["step_time_s"]
+                record.update(model_tflops_per_device=achieved / 1e12,
+                              mfu=mfu(summary["model_flops_per_step"], record["step_time_s"],
+                                      jax.device_count(), summary["peak_flops_per_device"]))
+                log(progress_line(done, total_steps, record,
+                                  record["wall_per_step_s"] * (total_steps - done)))
+                writer.write(record)
+                timer.reset()
+            else:
+                timer.add(t2 - t1, wait, time.perf_counter() - t2, images)
+            if preempted:
+                t_save = time.perf_counter()
+                ckpt.save(done, state, data_iter)
+                ckpt.wait()
+                log(f"{preempted.signal_name} received: saved step {done} in "
+                    f"{time.perf_counter() - t_save:.1f}s and stopped; run the same command to resume")
+                summary["preempted_at"] = done
+                break
+            if done % t.checkpoint_every == 0 and done != total_steps:
+                t_save = time.perf_counter()
+                watchdog.idle()
+                ckpt.save(done, state, data_iter)
+                timer.exclude(time.perf_counter() - t_save)  # checkpoint time is not step time
+    finally:
+        watchdog.close()
+        preempted.close()
+        if profiling:
+            jax.profiler.stop_trace()
+    if metrics is not None:
+        summary["final"] = {k: _to_json(v) for k, v in jax.device_get(metrics).items()}
+    if len(loss_history) >= 20:
+        first, last = float(np.mean(loss_history[:10])), float(np.mean(loss_history[-10:]))
+        summary.update(loss_first10_mean=first, loss_last10_mean=last)
+        log(f"loss: mean of the first 10 steps {first:.4f} -> last 10 steps {last:.4f} "
+            f"({100 * last / first:.1f}%)")
+    summary["wall_time_s"] = time.perf_counter() - run_start
+    return state, summary

@@ -66,9 +66,11 @@ class MetricsWriter:
 
 
 def progress_line(step: int, total: int, record: Mapping, eta_s: float) -> str:
-    """`step 120/300 | loss 2.3456 | step 0.412s | data 0.003s | 4,971 tok/s | ETA 1m14s`."""
+    """`step 120/300 | loss 2.3456 | step 0.412s (p90 0.430s) | data 0.003s | 4,971 tok/s | MFU 3.1% | ETA 1m14s`."""
+    mfu = f" | MFU {100 * record['mfu']:.1f}%" if "mfu" in record else ""
     return (f"step {step}/{total} | loss {record['loss']:.4f} | step {record['step_time_s']:.3f}s"
-            f" | data {record['data_wait_s']:.3f}s | {record['tokens_per_s']:,.0f} tok/s"
+            f" (p90 {record.get('step_time_p90_s', record['step_time_s']):.3f}s)"
+            f" | data {record['data_wait_s']:.3f}s | {record['tokens_per_s']:,.0f} tok/s{mfu}"
             f" | ETA {format_duration(eta_s)}")
 
 

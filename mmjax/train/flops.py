@@ -1,0 +1,480 @@
+"""Training FLOPs per step from the config alone, device peak FLOP/s and MFU.
+
+`train_flops(config)` counts the matrix multiplications (and the connector's
+convolutions) of one training step of `MM1Model` on `data.global_batch`
+sequences of `data.seq_len` tokens with `data.max_images` images each. A
+multiply-add is 2 FLOPs. Elementwise work (norms, softmax, activations, the
+loss, the optimizer update) is not counted: it is a few percent of the total
+for models whose matmuls are not tiny.
+
+Two totals:
+
+- `model_flops`: the useful work, what MFU is computed from. Forward FLOPs
+  x 3 (the backward pass is taken as twice the forward). MoE layers count
+  only the `top_k` active experts per token (plus router and shared expert);
+  causal decoder attention counts only the unmasked (query, key) pairs,
+  s * (s + 1) / 2 per sequence and head for a length-s sequence (the exact
+  lower triangle with its diagonal; the common s^2 / 2 convention is s / 2
+  pairs fewer). The sequence is taken as one causal document: packing
+  several documents into a row, or bidirectional attention among one image's
+  tokens, changes the useful pairs but not this count. No rematerialisation.
+- `hardware_flops`: an estimate of what the compiled program executes, the
+  number XLA's `cost_analysis()["flops"]` reports (less its elementwise
+  work). Differences from `model_flops`:
+    * attention computes the full masked s x s score matrix
+      (`attention.dot_product_attention`), so all s^2 pairs count;
+    * capacity MoE (`dispatch="capacity"`) runs every expert on its whole
+      buffer of C slots per token group (C = ceil(top_k * group * factor / E),
+      one group per batch shard of the mesh), and the one-hot dispatch and
+      combine einsums are matmuls of their own (2 * T * E * C * embed each);
+    * dropless MoE uses `jax.lax.ragged_dot`, executed as a grouped matmul on
+      TPU/GPU but, on the CPU backend, as a dense matmul against every
+      expert (E times the active work);
+    * the backward pass is counted per operation: an operation with one
+      differentiable operand (the patch embedding, whose input is pixels; the
+      constant average-pool matrices; the one-hot dispatch mask) needs one
+      backward matmul, not two;
+    * rematerialisation (`vit.remat` / `decoder.remat`) recomputes, in the
+      backward pass, the layer-stack operations whose outputs the backward
+      needs and the remat policy does not save (`full`: all of them; `dots`:
+      none of the matmuls; `dots_no_batch`: the batched ones, i.e. attention
+      scores/values and the MoE dispatch/expert einsums). A layer's last
+      projection (MLP down / MoE combine) is never recomputed: only its
+      input is needed. The recompute is reported separately (`remat_flops`).
+  Convolutions count only window positions inside the input (SAME padding
+  zeros are skipped), as XLA's cost analysis does, in both totals.
+
+Per-device values divide by the device count (the work is split evenly by
+data/FSDP/expert parallelism). For an SPMD-partitioned step, XLA's
+`compiled.cost_analysis()["flops"]` is per device (measured: an 8-device
+program reports about 1/8 of the same step on one device, a few percent more
+for work the partitioner replicates), so compare it with
+`hardware_flops_per_device`. With `scan=True` XLA's cost analysis may count
+a scanned layer stack's body once rather than once per layer; the analytic
+count is always per layer.
+
+Peak FLOP/s: `PEAK_FLOPS_PER_DEVICE` holds published bf16 dense peaks by
+`jax.Device.device_kind`; devices not in the table (the host CPU) get a
+measured peak from a matmul calibration, see `peak_flops_per_device`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Analytic FLOPs
+# ---------------------------------------------------------------------------
+
+# Operation kinds and which remat policy keeps (does not recompute) them.
+_DOT, _BATCHED_DOT, _RAGGED, _CONV = "dot", "batched_dot", "ragged_dot", "conv"
+_SAVED_BY_POLICY = {
+    "": None,  # no remat: nothing is recomputed
+    "full": frozenset(),
+    "dots": frozenset({_DOT, _BATCHED_DOT}),
+    "dots_no_batch": frozenset({_DOT}),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    """One matmul-like operation (summed over all its instances in a step)."""
+
+    component: str      # breakdown key, e.g. "decoder/attention_scores"
+    model: float        # useful forward FLOPs
+    hardware: float     # forward FLOPs as executed
+    grads: int = 2      # backward ops of the forward's size (1: one differentiable operand)
+    kind: str = _DOT
+    stack: str = ""     # "vit" / "decoder": inside a rematerialisable layer stack
+    residual: bool = True  # the backward needs its output (False: never recomputed)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsBreakdown:
+    """FLOPs of one training step (global batch, all devices together).
+
+    Dicts map a component ("vit/mlp", "decoder/moe_experts", ...) to FLOPs:
+    `forward` the useful forward work, `hardware_forward`/`hardware_backward`
+    the executed forward/backward work, `remat` the backward recompute."""
+
+    forward: dict[str, float]
+    hardware_forward: dict[str, float]
+    hardware_backward: dict[str, float]
+    remat: dict[str, float]
+    num_devices: int
+    tokens_per_step: int
+    images_per_step: int
+
+    @property
+    def model_forward_flops(self) -> float:
+        return float(sum(self.forward.values()))
+
+    @property
+    def model_flops(self) -> float:
+        """3 x useful forward FLOPs: what MFU is computed from."""
+        return 3.0 * self.model_forward_flops
+
+    @property
+    def remat_flops(self) -> float:
+        return float(sum(self.remat.values()))
+
+    @property
+    def hardware_flops(self) -> float:
+        """Executed forward + backward + remat recompute."""
+        return float(sum(self.hardware_forward.values()) + sum(self.hardware_backward.values())
+                     + self.remat_flops)
+
+    @property
+    def model_flops_per_device(self) -> float:
+        return self.model_flops / self.num_devices
+
+    @property
+    def hardware_flops_per_device(self) -> float:
+        return self.hardware_flops / self.num_devices
+
+    @property
+    def model_flops_per_token(self) -> float:
+        return self.model_flops / self.tokens_per_step
+
+    def component_totals(self, prefix: str = "") -> dict[str, float]:
+        """Model FLOPs (3 x forward) summed per top-level part (vit, connector, decoder)."""
+        out: dict[str, float] = {}
+        for name, value in self.forward.items():
+            if name.startswith(prefix):
+                part = name.split("/")[0]
+                out[part] = out.get(part, 0.0) + 3.0 * value
+        return out
+
+    def table(self) -> str:
+        """A readable per-component table (GFLOPs per step)."""
+        lines = [f"{'GFLOPs per step':32s} {'model fwd':>12s} {'hw fwd':>12s} {'hw bwd':>12s} {'remat':>12s}"]
+        for name in self.hardware_forward:
+            lines.append(f"{name:32s} {self.forward.get(name, 0.0) / 1e9:12.5g} "
+                         f"{self.hardware_forward[name] / 1e9:12.5g} "
+                         f"{self.hardware_backward.get(name, 0.0) / 1e9:12.5g} "
+                         f"{self.remat.get(name, 0.0) / 1e9:12.5g}")
+        lines.append(f"model_flops={self.model_flops:.6g} hardware_flops={self.hardware_flops:.6g} "
+                     f"(remat {self.remat_flops:.6g}) on {self.num_devices} device(s): "
+                     f"{self.model_flops_per_device:.6g} / {self.hardware_flops_per_device:.6g} per device")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"forward": dict(self.forward), "hardware_forward": dict(self.hardware_forward),
+                "hardware_backward": dict(self.hardware_backward), "remat": dict(self.remat),
+                "model_flops": self.model_flops, "hardware_flops": self.hardware_flops,
+                "remat_flops": self.remat_flops, "num_devices": self.num_devices,
+                "model_flops_per_device": self.model_flops_per_device,
+                "hardware_flops_per_device": self.hardware_flops_per_device}
+
+
+def _conv_positions(size: int, kernel: int) -> int:
+    """(output, tap) pairs along one dimension of a stride-1 SAME convolution
+    whose tap falls inside the input (padding excluded)."""
+    half = kernel // 2
+    return sum(max(0, size - abs(offset)) for offset in range(-half, kernel - half))
+
+
+def _vit_ops(vit, n_img: int) -> list[_Op]:
+    from mmjax.models.vit import FLAVOURS
+
+    flavour = FLAVOURS[vit.flavour]
+    e, m, p = vit.embed, vit.mlp, vit.patch_size
+    patches = (vit.image_size // p) ** 2
+    tokens = patches + (1 if flavour.class_token else 0)
+    blocks = vit.depth + 1 + vit.feature_layer  # `ViT.features` stops after this block
+    rows = n_img * tokens
+    ops = [_Op("vit/patch_embed", *(2.0 * n_img * patches * p * p * 3 * e,) * 2, grads=1)]
+    proj = 2.0 * rows * e * e
+    scores = 2.0 * n_img * tokens * tokens * e  # all heads: heads * head_dim = e
+    mlp = 2.0 * rows * e * m
+    for _ in range(blocks):
+        ops += [_Op("vit/attention_proj", 4 * proj, 4 * proj, stack="vit"),
+                _Op("vit/attention_scores", 2 * scores, 2 * scores, kind=_BATCHED_DOT, stack="vit"),
+                _Op("vit/mlp", mlp, mlp, stack="vit"),
+                _Op("vit/mlp", mlp, mlp, stack="vit", residual=False)]
+    # The MAP head only feeds `ViT.pooled`; MM1 takes patch features, so it
+    # is not part of a training step.
+    ops.append(_Op("vit/map_head", 0.0, 0.0))
+    return ops
+
+
+def _pool_op(component: str, n: int, grid: int, side: int, channels: int) -> _Op:
+    """`adaptive_avg_pool2d`: two contractions with constant matrices (rows first)."""
+    flops = 2.0 * n * channels * (side * grid * grid + side * side * grid)
+    return _Op(component, flops, flops, grads=1)
+
+
+def _connector_ops(cfg, vit_embed: int, num_patches: int, embed: int, n_img: int) -> list[_Op]:
+    kind, k = cfg.kind, cfg.num_tokens
+    grid, side = math.isqrt(num_patches), math.isqrt(k)
+    ops: list[_Op] = []
+
+    def dense(name, rows, fan_in, fan_out):
+        flops = 2.0 * rows * fan_in * fan_out
+        ops.append(_Op(name, flops, flops))
+
+    def conv(name, size, c_in, c_out, kernel):
+        flops = 2.0 * n_img * c_in * c_out * _conv_positions(size, kernel) ** 2
+        ops.append(_Op(name, flops, flops, kind=_CONV))
+
+    if kind == "c_abstractor":
+        h = cfg.hidden
+        for stage, size, c_in in (("stage1", grid, vit_embed), ("stage2", side, h)):
+            if stage == "stage2":
+                ops.append(_pool_op("connector/pool", n_img, grid, side, h))
+            if c_in != h:
+                conv(f"connector/{stage}", size, c_in, h, 1)
+            for _ in range(cfg.depth):
+                conv(f"connector/{stage}", size, h, h, 1)
+                conv(f"connector/{stage}", size, h, h, 3)
+                conv(f"connector/{stage}", size, h, h, 1)
+        dense("connector/readout", n_img * k, h, embed)
+        dense("connector/readout", n_img * k, embed, embed)
+    elif kind == "avg_pool":
+        ops.append(_pool_op("connector/pool", n_img, grid, side, vit_embed))
+        dense("connector/proj", n_img * k, vit_embed, embed)
+    elif kind == "attention_pool":
+        dense("connector/attention_proj", n_img * k, vit_embed, vit_embed)  # queries
+        dense("connector/attention_proj", n_img * num_patches, vit_embed, 2 * vit_embed)  # keys, values
+        dense("connector/attention_proj", n_img * k, vit_embed, vit_embed)  # out
+        scores = 2.0 * 2 * n_img * k * num_patches * vit_embed
+        ops.append(_Op("connector/attention_scores", scores, scores, kind=_BATCHED_DOT))
+        dense("connector/proj", n_img * k, vit_embed, embed)
+    else:
+        raise ValueError(f"config.model.connector.kind={kind!r} is unknown.")
+    return ops
+
+
+def _mesh_sizes(config, num_devices: int) -> dict[str, int]:
+    from mmjax.parallel.mesh import resolve_mesh_shape
+
+    return resolve_mesh_shape(dict(config.mesh), num_devices)
+
+
+def _batch_shards(config, sizes: Mapping[str, int]) -> int:
+    from mmjax.parallel.rules import get_layout
+
+    axes = get_layout(config.rules).get("batch")
+    names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    return math.prod(sizes.get(a, 1) for a in names)
+
+
+def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: int,
+                 ragged_dot: str) -> list[_Op]:
+    from mmjax.models.decoder import is_moe_layer
+    from mmjax.models.moe import capacity
+
+    t = b * s
+    m, hd = dec.embed, dec.head_dim
+    q_out, kv_out = dec.heads * hd, dec.kv_heads * hd
+    causal_pairs = s * (s + 1) / 2
+    ops: list[_Op] = []
+    for i in range(dec.layers):
+        proj = 2.0 * t * m * (2 * q_out + 2 * kv_out)  # q, o: heads; k, v: kv_heads (GQA)
+        ops.append(_Op("decoder/attention_proj", proj, proj, stack="decoder"))
+        per_pair = 2.0 * 2 * b * dec.heads * hd  # scores + weighted values
+        ops.append(_Op("decoder/attention_scores", per_pair * causal_pairs, per_pair * s * s,
+                       kind=_BATCHED_DOT, stack="decoder"))
+        if not is_moe_layer(dec, i):
+            up = 2.0 * t * m * dec.mlp
+            ops += [_Op("decoder/mlp", 2 * up, 2 * up, stack="decoder"),  # gate, up
+                    _Op("decoder/mlp", up, up, stack="decoder", residual=False)]  # down
+            continue
+        moe = dec.moe
+        e, k, h = moe.num_experts, moe.top_k, moe.expert_mlp
+        router = 2.0 * t * m * e
+        ops.append(_Op("decoder/moe_router", router, router, stack="decoder"))
+        active = 2.0 * t * k * m * h  # one of gate / up / down for the routed tokens
+        if moe.dispatch == "capacity":
+            groups = batch_shards if t % batch_shards == 0 else 1
+            slots = groups * e * capacity(t // groups, k, e, moe.capacity_factor)  # all expert buffers
+            one_hot = 2.0 * t * (slots // groups) * m  # dispatch or combine einsum: T x (E * C) x M
+            hw = 2.0 * slots * m * h
+            ops += [_Op("decoder/moe_dispatch", 0.0, one_hot, grads=1, kind=_BATCHED_DOT, stack="decoder"),
+                    _Op("decoder/moe_experts", 3 * active, 3 * hw, kind=_BATCHED_DOT, stack="decoder"),
+                    _Op("decoder/moe_dispatch", 0.0, one_hot, kind=_BATCHED_DOT, stack="decoder",
+                        residual=False)]
+        else:
+            # Expert parallelism all-gathers tokens over `expert` within `shard_map` with weights
+            # replicated over `model`: the model axis repeats the expert work.
+            repeat = sizes.get("model", 1) if sizes.get("expert", 1) > 1 else 1
+            hw = active * repeat * (e if ragged_dot == "dense" else 1)
+            combine = 2.0 * t * k * m  # weighting the k outputs of each token
+            ops += [_Op("decoder/moe_experts", 3 * active, 3 * hw, kind=_RAGGED, stack="decoder"),
+                    _Op("decoder/moe_dispatch", 0.0, combine, kind=_BATCHED_DOT, stack="decoder",
+                        residual=False)]
+        if moe.shared_expert:
+            shared = 2.0 * t * m * h
+            ops += [_Op("decoder/moe_shared", 2 * shared, 2 * shared, stack="decoder"),
+                    _Op("decoder/moe_shared", shared, shared, stack="decoder", residual=False)]
+    head = 2.0 * t * m * dec.vocab_size  # lm_head or tied embedding.attend
+    ops.append(_Op("decoder/lm_head", head, head))
+    return ops
+
+
+def _recompute(op: _Op, policies: Mapping[str, str]) -> float:
+    if not op.stack or not op.residual:
+        return 0.0
+    policy = policies.get(op.stack) or ""
+    if policy is True:
+        policy = "full"
+    if policy not in _SAVED_BY_POLICY:
+        raise ValueError(f"remat policy {policy!r} is unknown; choose one of {sorted(_SAVED_BY_POLICY)}.")
+    saved = _SAVED_BY_POLICY[policy]
+    return 0.0 if saved is None or op.kind in saved else op.hardware
+
+
+def train_flops(config, num_devices: int | None = None, ragged_dot: str | None = None) -> FlopsBreakdown:
+    """FLOPs of one training step of the model in `config` (see module doc).
+
+    Args:
+      config: the full run config (`model`, `data`, `mesh`, `rules`).
+      num_devices: devices the step runs on (default: the product of
+        `config.mesh`, or `jax.device_count()` when an axis is -1); sets the
+        per-device values, resolves a -1 in `config.mesh`, and gives the MoE
+        group count (batch shards) of capacity dispatch.
+      ragged_dot: how dropless MoE's `ragged_dot` executes: "grouped" (only the
+        routed rows: TPU, GPU) or "dense" (against every expert: the CPU
+        backend). Default: by `jax.default_backend()`.
+    """
+    if num_devices is None:
+        fixed = [int(v) for v in dict(config.mesh).values()]
+        num_devices = math.prod(fixed) if all(v > 0 for v in fixed) else jax.device_count()
+    num_devices = int(num_devices)
+    if ragged_dot is None:
+        ragged_dot = "dense" if jax.default_backend() == "cpu" else "grouped"
+    if ragged_dot not in ("grouped", "dense"):
+        raise ValueError(f"ragged_dot={ragged_dot!r}; choose 'grouped' or 'dense'.")
+    model, data = config.model, config.data
+    b, s = data.global_batch, data.seq_len
+    n_img = b * data.max_images
+    sizes = _mesh_sizes(config, num_devices)
+    num_patches = (model.vit.image_size // model.vit.patch_size) ** 2
+    ops = (_vit_ops(model.vit, n_img)
+           + _connector_ops(model.connector, model.vit.embed, num_patches, model.decoder.embed, n_img)
+           + _decoder_ops(model.decoder, b, s, sizes, _batch_shards(config, sizes), ragged_dot))
+    policies = {"vit": model.vit.get("remat", ""), "decoder": model.decoder.get("remat", "")}
+    forward: dict[str, float] = {}
+    hw_fwd: dict[str, float] = {}
+    hw_bwd: dict[str, float] = {}
+    remat: dict[str, float] = {}
+    for op in ops:
+        for table, value in ((forward, op.model), (hw_fwd, op.hardware), (hw_bwd, op.grads * op.hardware),
+                             (remat, _recompute(op, policies))):
+            table[op.component] = table.get(op.component, 0.0) + value
+    return FlopsBreakdown(forward, hw_fwd, hw_bwd, remat, num_devices, b * s, n_img)
+
+
+# ---------------------------------------------------------------------------
+# Peak FLOP/s and MFU
+# ---------------------------------------------------------------------------
+
+# Published dense bf16 peak FLOP/s per chip (TPU) or GPU, keyed by
+# `jax.Device.device_kind`.
+PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,   # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,        # v5p reports itself as "TPU v5"
+    "TPU v6 lite": 918e12,   # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA GH200 480GB": 989e12,  # Grace Hopper: an H100-class GPU
+}
+
+# Normalised substrings (lowercase, letters and digits only) tried in order,
+# most specific first, for kinds that are not spelled exactly as a table key.
+_KIND_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("tpuv6lite", "TPU v6 lite"), ("tpuv6e", "TPU v6e"), ("trillium", "TPU v6 lite"),
+    ("tpuv5lite", "TPU v5 lite"), ("tpuv5e", "TPU v5e"), ("tpuv5p", "TPU v5p"), ("tpuv5", "TPU v5"),
+    ("tpuv4", "TPU v4"),
+    ("h100pcie", "NVIDIA H100 PCIe"), ("h100nvl", "NVIDIA H100 NVL"), ("h100", "NVIDIA H100 80GB HBM3"),
+    ("gh200", "NVIDIA GH200 480GB"), ("h200nvl", "NVIDIA H200 NVL"), ("h200", "NVIDIA H200"),
+)
+
+
+def _normalise(kind: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", kind.lower())
+
+
+def table_peak(device_kind: str) -> tuple[str, float] | None:
+    """(table key, peak FLOP/s) for a `device_kind`, or None if it is not listed."""
+    if device_kind in PEAK_FLOPS_PER_DEVICE:
+        return device_kind, PEAK_FLOPS_PER_DEVICE[device_kind]
+    norm = _normalise(device_kind)
+    for pattern, key in _KIND_PATTERNS:
+        if pattern in norm:
+            return key, PEAK_FLOPS_PER_DEVICE[key]
+    return None
+
+
+_CALIBRATION: dict[str, tuple[float, str]] = {}
+
+
+def calibrate_peak_flops(platform: str | None = None, size: int = 1024, reps: int = 3) -> tuple[float, str]:
+    """Measured peak: achieved float32 matmul FLOP/s per device.
+
+    One `[size, size] @ [size, size]` matmul per local device of `platform`,
+    all at once (the operands are sharded over a mesh of every local device,
+    so simulated devices that share the same cores split them as they do in
+    training). After a warm-up run, the fastest of `reps` timed runs gives the
+    total FLOP/s, divided by the device count. Measured once per process and
+    platform, then cached."""
+    platform = platform or jax.default_backend()
+    if platform in _CALIBRATION:
+        return _CALIBRATION[platform]
+    devices = jax.local_devices(backend=platform)
+    n = len(devices)
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("devices",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
+    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, size, size)), jnp.float32),
+                       sharding)
+    matmul = jax.jit(lambda x, y: jnp.einsum("nij,njk->nik", x, y), out_shardings=sharding)
+    matmul(a, a).block_until_ready()  # compile + warm up
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    per_device = 2.0 * size ** 3 / best
+    source = (f"measured: float32 {size}x{size} matmul on {n} {platform} device(s) at once, "
+              f"best of {reps}: {per_device / 1e9:.3g} GFLOP/s per device")
+    result = (per_device, source)
+    _CALIBRATION[platform] = result
+    return result
+
+
+def peak_flops_per_device(device: jax.Device | None = None, calibrate: bool = True) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from).
+
+    Listed device kinds (TPU v4/v5e/v5p/v6e, H100/H200) give the published
+    bf16 dense peak; any other device (e.g. the host CPU) gets the measured
+    peak of `calibrate_peak_flops` on its platform, or NaN if `calibrate` is
+    False."""
+    device = device or jax.local_devices()[0]
+    hit = table_peak(device.device_kind)
+    if hit is not None:
+        return hit[1], f"table: {hit[0]} (bf16 dense peak)"
+    if not calibrate:
+        return math.nan, f"unknown device kind {device.device_kind!r}; no calibration"
+    return calibrate_peak_flops(device.platform)
+
+
+def mfu(model_flops_per_step: float, step_time_s: float, num_devices: int, peak: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
+    if step_time_s <= 0 or num_devices <= 0 or not peak > 0:
+        return math.nan
+    return model_flops_per_step / step_time_s / (num_devices * peak)
