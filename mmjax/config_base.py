@@ -74,5 +74,6 @@ def base_config() -> mlc.ConfigDict:
                    async_checkpoint=True, grad_accum_steps=1)  # micro-batches per step (gradient accumulation)
     c.eval = dict(num_examples=128, caption_accuracy=True)
     c.train.watchdog_s = 600.0  # report a step that takes longer than this (0: off)
+    c.train.on_nonfinite = "stop"  # NaN/Inf loss: "stop" (naming the last good checkpoint) or "skip" the update
     c.train.profile_steps = (0, 0)  # (first, last) step of a profiler trace under WORKDIR/profile
     return c

@@ -89,3 +89,18 @@ def test_nan_loss_stops_the_run_naming_the_step_and_last_good_checkpoint(tmp_pat
     assert str(err.value) == (f"loss is nan at step 3; last good checkpoint: "
                               f"{tmp_path / 'checkpoints' / '2'}.")
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # nothing bad was saved
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_can_be_skipped_leaving_the_state_unchanged(tmp_path):
+    c = small_config(steps=3)
+    c.eval.caption_accuracy = False
+    c.train.on_nonfinite = "skip"
+    c.data.loss_weights = (float("nan"),) * 3
+    summary = train(c, str(tmp_path))
+    assert summary["skipped_steps"] == 3
+    state = Checkpointer(str(tmp_path)).restore(
+        3, abstract_train_state(_setup(c, dict(data=2, fsdp=2, expert=2), "fsdp")), _data_iter(c))
+    fresh = init_train_state(c, _setup(c, dict(data=2, fsdp=2, expert=2), "fsdp"))
+    for a, b in zip(jax.tree.leaves(fresh["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

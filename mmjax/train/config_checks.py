@@ -34,6 +34,13 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
     if data_shards % process_count or d.global_batch % data_shards:
         raise ConfigError(f"config.data.shards={d.shards} must be a multiple of the {process_count} processes "
                           f"and divide config.data.global_batch={d.global_batch}.")
+    if t.get("on_nonfinite", "stop") not in ("stop", "skip"):
+        raise ConfigError(f"config.train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'.")
+    accum = t.get("grad_accum_steps", 1)
+    if accum < 1 or d.global_batch % (accum * shards):
+        raise ConfigError(f"config.data.global_batch={d.global_batch} must split into "
+                          f"config.train.grad_accum_steps={accum} micro-batches of a multiple of the "
+                          f"{shards} batch shards.")
     if d.global_batch % process_count:
         raise ConfigError(f"config.data.global_batch={d.global_batch} is not divisible by the "
                           f"{process_count} processes.")

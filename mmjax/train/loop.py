@@ -30,7 +30,7 @@ from mmjax.train.init_from import apply_init_from
 from mmjax.train.flops import mfu, peak_flops_per_device, train_flops
 from mmjax.train.guards import PreemptionFlag, TrainingDiverged, Watchdog
 from mmjax.train.metrics import MetricsWriter, format_duration, log, progress_line
-from mmjax.train.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
 from mmjax.train.state import MODEL_INPUTS, abstract_train_state, build_train_setup, init_train_state
 from mmjax.train.step import make_train_step
 from mmjax.train.timing import StepTimer, memory_bytes
@@ -64,8 +64,11 @@ def train(config, workdir: str) -> dict:
     setup = build_train_setup(config, mesh, rules,
                               lambda params: make_optimizer(config.optimizer, total_steps, params))
     moe = config.model.decoder.moe
-    train_step = make_train_step(setup, learning_rate_schedule(config.optimizer, total_steps),
-                                 config.loss.z_loss, moe.load_balance_weight, moe.router_z_weight)
+    schedule = learning_rate_schedule(config.optimizer, total_steps, setup.abstract_params)
+    train_step = make_train_step(setup, schedule, config.loss.z_loss, moe.load_balance_weight,
+                                 moe.router_z_weight, grad_accum_steps=config.train.grad_accum_steps,
+                                 trainable=trainable_mask(config.optimizer, setup.abstract_params),
+                                 skip_nonfinite=config.train.on_nonfinite == "skip")
     pc, pi = jax.process_count(), jax.process_index()
     data_iter = iter(make_dataset(config.data, tokenizer, batch_size=config.data.global_batch // pc,
                                   process_index=pi, process_count=pc))
@@ -158,6 +161,7 @@ def _run_steps(config, setup, train_step, state, data_iter, ckpt, writer, start,
     profile_start, profile_stop = tuple(t.profile_steps) if t.profile_steps else (0, 0)
     profiling = False
     compiled, metrics = None, None
+    skipped_steps = 0
     run_start = time.perf_counter()
     try:
         for step in range(start, total_steps):
@@ -190,7 +194,10 @@ def _run_steps(config, setup, train_step, state, data_iter, ckpt, writer, start,
                 log(f"profiler trace of steps {profile_start}-{profile_stop} written")
             loss = float(metrics["loss"])
             loss_history.append(loss)
-            if not math.isfinite(loss):
+            skipped_steps += int(float(metrics.get("skipped_step", 0.0)))
+            if not math.isfinite(loss) and t.on_nonfinite == "skip":
+                log(f"step {done}: loss is {loss}; update skipped ({skipped_steps} skipped so far)")
+            elif not math.isfinite(loss):
                 last = ckpt.latest_step()
                 raise TrainingDiverged(
                     f"loss is {loss} at step {done}; last good checkpoint: "
@@ -242,4 +249,5 @@ def _run_steps(config, setup, train_step, state, data_iter, ckpt, writer, start,
         log(f"loss: mean of the first 10 steps {first:.4f} -> last 10 steps {last:.4f} "
             f"({100 * last / first:.1f}%)")
     summary["wall_time_s"] = time.perf_counter() - run_start
+    summary["skipped_steps"] = skipped_steps
     return state, summary

@@ -1,13 +1,15 @@
 """The jitted train step and the model call shared with evaluation.
 
-Both are `jax.jit` functions with explicit NamedShardings: the state keeps
-the layout's shardings across steps (and is donated), the batch is sharded
-on its leading dimension.
+The step is a `jax.jit` function with explicit NamedShardings: the state
+keeps the layout's shardings across steps (and is donated), the batch is
+sharded on its leading dimension. Parameters stay in their stored dtype
+(float32) and the optimizer updates them there; `config.model.dtype` only
+sets the compute dtype inside the model.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -52,27 +54,125 @@ def moe_losses(aux: dict, load_balance_weight: float, router_z_weight: float) ->
     return total, metrics
 
 
+def _mesh_axes_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    size = 1
+    for name in names:
+        size *= mesh.shape[name]
+    return size
+
+
+def split_micro_batches(batch: dict, k: int, setup: TrainSetup) -> dict:
+    """`[B, ...]` -> `[k, B/k, ...]` for every field, each micro-batch still
+    sharded over the batch axes.
+
+    Micro-batch j takes rows j, j+k, j+2k, ...: each device's contiguous
+    block of rows splits evenly into the k micro-batches, so the split needs
+    no communication. Needs B divisible by k times the batch shards."""
+
+    def split(name, x):
+        spec = tuple(setup.batch_shardings[name].spec) if name in setup.batch_shardings else ()
+        spec += (None,) * (x.ndim - len(spec))
+        lead, rest = spec[0], spec[1:]
+        shards = _mesh_axes_size(setup.mesh, lead)
+        if x.shape[0] % (k * shards):
+            raise ValueError(f"batch field {name!r} has {x.shape[0]} rows, not divisible by "
+                             f"grad_accum_steps={k} x {shards} batch shards.")
+        x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(setup.mesh, PartitionSpec(lead, None, *rest)))
+        x = jnp.moveaxis(x, 1, 0)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(setup.mesh, PartitionSpec(None, lead, *rest)))
+
+    return {name: split(name, x) for name, x in batch.items()}
+
+
+# Metrics summed over micro-batches after weighting by their share of the
+# counted tokens; every other metric (MoE statistics) is averaged.
+_TOKEN_WEIGHTED = ("lm_loss", "z_loss", "token_accuracy")
+
+
 def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: float,
-                    load_balance_weight: float = 0.0, router_z_weight: float = 0.0) -> Callable:
+                    load_balance_weight: float = 0.0, router_z_weight: float = 0.0, *,
+                    grad_accum_steps: int = 1, trainable=None, skip_nonfinite: bool = False) -> Callable:
     """Returns `step(state, batch) -> (state, metrics)` (jitted, state donated).
 
-    The loss is next-token CE + z-loss + the weighted MoE aux losses."""
+    The loss is next-token CE + z-loss + the weighted MoE aux losses.
 
-    def train_step(state, batch):
-        def loss_fn(params):
-            logits, aux = model_forward(setup.graphdef, params, batch, setup.resolver)
+    grad_accum_steps: k > 1 splits the batch into k micro-batches (see
+      `split_micro_batches`) and accumulates their gradients with
+      `jax.lax.scan`. CE and z-loss are means over all counted tokens of the
+      batch: micro-batch j contributes its mean times `n_j / N` (its share of
+      the counted tokens), so loss and gradients equal the single-batch ones.
+      MoE aux losses are per micro-batch and averaged over the k.
+    trainable: optional tree of bools shaped like the params
+      (`mmjax.train.optimizer.trainable_mask`); parameters marked False get
+      no gradient (none is computed through them) and are left out of
+      `grad_norm`.
+
+    skip_nonfinite: a step whose loss or gradient norm is NaN/Inf leaves the
+      state unchanged (metric `skipped_step` = 1) instead of applying it.
+
+    metrics: loss, lm_loss, z_loss, token_accuracy, loss_tokens, MoE metrics,
+    grad_norm (global norm of the accumulated gradients, before clipping),
+    learning_rate (the base schedule's value for this step)."""
+    k = int(grad_accum_steps)
+    if k < 1:
+        raise ValueError(f"grad_accum_steps={grad_accum_steps} must be at least 1.")
+
+    def freeze(params):
+        if trainable is None:
+            return params
+        return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+
+    def micro_grads(params, batch, total_tokens):
+        """(weighted loss, metrics), grads for one (micro-)batch."""
+
+        def loss_fn(p):
+            logits, aux = model_forward(setup.graphdef, freeze(p), batch, setup.resolver)
             loss, metrics = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"], z_loss_weight)
             moe_loss, moe_metrics = moe_losses(aux, load_balance_weight, router_z_weight)
-            return loss + moe_loss, {**metrics, **moe_metrics}
+            share = metrics["loss_tokens"] / jnp.maximum(total_tokens, 1.0)
+            metrics = {name: (value * share if name in _TOKEN_WEIGHTED else value)
+                       for name, value in {**metrics, **moe_metrics}.items()}
+            return loss * share + moe_loss / k, metrics
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def accumulated_grads(params, batch):
+        total_tokens = batch["loss_mask"].astype(jnp.float32).sum()
+        if k == 1:
+            return micro_grads(params, batch, total_tokens)
+        micro = split_micro_batches(batch, k, setup)
+        grad_shardings = setup.state_shardings["params"]
+
+        def body(acc, mb):
+            (loss, metrics), grads = micro_grads(params, mb, total_tokens)
+            acc = jax.tree.map(jnp.add, acc, grads)
+            return jax.lax.with_sharding_constraint(acc, grad_shardings), (loss, metrics)
+
+        zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), grad_shardings)
+        grads, (losses, metrics) = jax.lax.scan(body, zeros, micro)
+        metrics = {name: (value.sum(0) if name in _TOKEN_WEIGHTED + ("loss_tokens",) else value.mean(0))
+                   for name, value in metrics.items()}
+        return (losses.sum(), metrics), grads
+
+    def train_step(state, batch):
+        (loss, metrics), grads = accumulated_grads(state["params"], batch)
         updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                       learning_rate=schedule(state["step"]))
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+        grad_norm = optax.global_norm(grads)
+        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]))
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        if skip_nonfinite:
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            kept = {"params": state["params"], "opt_state": state["opt_state"]}
+            new_state.update(jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                          {"params": params, "opt_state": opt_state}, kept))
+            metrics["skipped_step"] = 1.0 - finite.astype(jnp.float32)
+        return new_state, metrics
 
     replicated = NamedSharding(setup.mesh, PartitionSpec())
     return jax.jit(train_step, in_shardings=(setup.state_shardings, setup.batch_shardings),
                    out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
-
