@@ -7,6 +7,17 @@ Every config field can be overridden with `--config.<path>=<value>`. Running
 again with the same --workdir resumes from its latest checkpoint.
 Outputs under --workdir: config.json, metrics.jsonl, tensorboard/,
 checkpoints/<step>/, summary.json.
+
+Multi-process (multi-host) runs start the same command once per process:
+
+  python -m mmjax.train --config ... --workdir SHARED_DIR
+      --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+
+or set MMJAX_COORDINATOR_ADDRESS / MMJAX_NUM_PROCESSES / MMJAX_PROCESS_ID, or
+run under srun (SLURM), mpirun (Open MPI) or on a multi-host Cloud TPU slice,
+where they are found automatically (mmjax/train/distributed.py). Only process
+0 writes config.json, metrics.jsonl, tensorboard/ and summary.json;
+checkpoints are written by all processes together.
 """
 
 import sys
@@ -23,6 +34,18 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Directory for all outputs (config.json, metrics.jsonl, tensorboard/, checkpoints/). "
     "An existing workdir with checkpoints is resumed from its latest step.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs: HOST:PORT of process 0, the same on every process (process 0 listens "
+    "there). Default: $MMJAX_COORDINATOR_ADDRESS; unset on SLURM/Open MPI/multi-host TPU, where "
+    "it is found automatically; unset elsewhere means a single-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None,
+    "Multi-process runs: how many processes take part (default: $MMJAX_NUM_PROCESSES).", lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None,
+    "Multi-process runs: this process's index, 0..num_processes-1 (default: $MMJAX_PROCESS_ID).",
+    lower_bound=0)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,8 +57,14 @@ def main(argv):
     import jax
 
     config = _CONFIG.value
-    if config.runtime.cpu_devices:
+    if config.runtime.cpu_devices:  # per process; must precede the backend and the distributed set-up
         jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
+    from mmjax.train.distributed import initialize_from_flags_or_env
+
+    try:
+        initialize_from_flags_or_env(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except ValueError as err:
+        raise SystemExit(f"multi-process set-up: {err}") from None
     from mmjax.train.config_checks import ConfigError
     from mmjax.train.loop import train
 
