@@ -144,3 +144,12 @@ def test_readme_and_ci_run_the_same_test_command():
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     command = ci.strip().splitlines()[-1]
     assert command in readme
+
+
+def test_bad_data_source_and_profile_window_are_one_clear_error(tmp_path):
+    out = _run_cli("--config", "experiments/tiny.py", "--workdir", str(tmp_path),
+                   "--config.data.sources.text=jsonl:/nonexistent/text-*.jsonl")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "data error: config.data.sources.text: no file matches '/nonexistent/text-*.jsonl'." in out.stderr
+    out = _run_cli("--config", "experiments/tiny.py", "--workdir", str(tmp_path), "--profile_steps=5:2")
+    assert out.returncode != 0 and "--profile_steps='5:2' must be FIRST:LAST" in out.stderr

@@ -46,7 +46,23 @@ _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None,
     "Multi-process runs: this process's index, 0..num_processes-1 (default: $MMJAX_PROCESS_ID).",
     lower_bound=0)
+_PROFILE_STEPS = flags.DEFINE_string(
+    "profile_steps", None,
+    "FIRST:LAST (e.g. 10:12): write a JAX profiler trace of these steps to WORKDIR/profile "
+    "(open with TensorBoard's profile plugin or Perfetto). Same as --config.train.profile_steps.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _profile_window(text: str) -> tuple[int, int]:
+    first, sep, last = text.partition(":")
+    try:
+        window = (int(first), int(last or first))
+    except ValueError:
+        window = (0, -1)
+    if not sep and not last or window[0] < 1 or window[1] < window[0]:
+        raise app.UsageError(f"--profile_steps={text!r} must be FIRST:LAST with 1 <= FIRST <= LAST.")
+    return window
+
 
 
 def main(argv):
@@ -57,6 +73,9 @@ def main(argv):
     import jax
 
     config = _CONFIG.value
+    if _PROFILE_STEPS.value:
+        with config.unlocked():
+            config.train.profile_steps = _profile_window(_PROFILE_STEPS.value)
     if config.runtime.cpu_devices:  # per process; must precede the backend and the distributed set-up
         jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
     from mmjax.train.distributed import initialize_from_flags_or_env
@@ -65,13 +84,19 @@ def main(argv):
         initialize_from_flags_or_env(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     except ValueError as err:
         raise SystemExit(f"multi-process set-up: {err}") from None
+    from mmjax.data.records import DataError
     from mmjax.train.config_checks import ConfigError
+    from mmjax.train.guards import TrainingDiverged
     from mmjax.train.loop import train
 
     try:
         train(config, _WORKDIR.value)
     except ConfigError as err:
         raise SystemExit(f"config error: {err}") from None
+    except DataError as err:
+        raise SystemExit(f"data error: {err}") from None
+    except TrainingDiverged as err:
+        raise SystemExit(f"training stopped: {err}") from None
 
 
 if __name__ == "__main__":

@@ -48,6 +48,20 @@ def _to_json(value):
     return float(value) if value.ndim == 0 else value.tolist()
 
 
+def build_step(config, mesh, rules) -> tuple:
+    """(TrainSetup, jitted train step) exactly as `train` runs them."""
+    total_steps = config.train.steps
+    setup = build_train_setup(config, mesh, rules,
+                              lambda params: make_optimizer(config.optimizer, total_steps, params))
+    moe = config.model.decoder.moe
+    schedule = learning_rate_schedule(config.optimizer, total_steps, setup.abstract_params)
+    train_step = make_train_step(setup, schedule, config.loss.z_loss, moe.load_balance_weight,
+                                 moe.router_z_weight, grad_accum_steps=config.train.grad_accum_steps,
+                                 trainable=trainable_mask(config.optimizer, setup.abstract_params),
+                                 skip_nonfinite=config.train.on_nonfinite == "skip")
+    return setup, train_step
+
+
 def train(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns a summary with the final metrics
     and the untrained/trained caption accuracy."""
@@ -61,14 +75,7 @@ def train(config, workdir: str) -> dict:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than "
                           f"config.model.decoder.vocab_size={config.model.decoder.vocab_size}.")
     total_steps = config.train.steps
-    setup = build_train_setup(config, mesh, rules,
-                              lambda params: make_optimizer(config.optimizer, total_steps, params))
-    moe = config.model.decoder.moe
-    schedule = learning_rate_schedule(config.optimizer, total_steps, setup.abstract_params)
-    train_step = make_train_step(setup, schedule, config.loss.z_loss, moe.load_balance_weight,
-                                 moe.router_z_weight, grad_accum_steps=config.train.grad_accum_steps,
-                                 trainable=trainable_mask(config.optimizer, setup.abstract_params),
-                                 skip_nonfinite=config.train.on_nonfinite == "skip")
+    setup, train_step = build_step(config, mesh, rules)
     pc, pi = jax.process_count(), jax.process_index()
     data_iter = iter(make_dataset(config.data, tokenizer, batch_size=config.data.global_batch // pc,
                                   process_index=pi, process_count=pc))
@@ -133,6 +140,19 @@ def train(config, workdir: str) -> dict:
     return summary
 
 
+def _all_processes(values: np.ndarray) -> np.ndarray:
+    """Sum of a small host vector over all processes (itself with one process)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64))).sum(axis=0)
+
+
+def _any_process(flag: bool) -> bool:
+    return bool(_all_processes(np.array([int(flag)]))[0])
+
+
 def _write_summary(workdir: str, summary: dict) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -168,9 +188,12 @@ def _run_steps(config, setup, train_step, state, data_iter, ckpt, writer, start,
             done = step + 1
             t0 = time.perf_counter()
             local = next(data_iter)
-            stream_counts += local["stream_counts"].sum(axis=0)
-            for k in COUNTS:
-                data_counts[k] += int(local[k].sum())
+            counts = _all_processes(np.concatenate([local["stream_counts"].sum(axis=0),
+                                                    [local[k].sum() for k in COUNTS],
+                                                    [local["image_mask"].sum()]]))
+            stream_counts += counts[:len(STREAMS)]
+            for i, k in enumerate(COUNTS):
+                data_counts[k] += int(counts[len(STREAMS) + i])
             batch = to_global_arrays({k: local[k] for k in MODEL_INPUTS}, setup.batch_shardings)
             t1 = time.perf_counter()
             wait = t1 - t0
@@ -182,7 +205,10 @@ def _run_steps(config, setup, train_step, state, data_iter, ckpt, writer, start,
                 timer.reset()
                 t1 = time.perf_counter()
             if done == profile_start:
-                jax.profiler.start_trace(os.path.join(os.path.dirname(ckpt.directory), "profile"))
+                trace_dir = os.path.join(os.path.dirname(ckpt.directory), "profile")
+                if jax.process_count() > 1:
+                    trace_dir = os.path.join(trace_dir, f"process_{jax.process_index()}")
+                jax.profiler.start_trace(trace_dir)
                 profiling = True
             watchdog.beat(done)
             state, metrics = compiled(state, batch)
@@ -202,7 +228,7 @@ def _run_steps(config, setup, train_step, state, data_iter, ckpt, writer, start,
                 raise TrainingDiverged(
                     f"loss is {loss} at step {done}; last good checkpoint: "
                     f"{os.path.join(ckpt.directory, str(last)) if last else 'none (no checkpoint yet)'}.")
-            images = int(local["image_mask"].sum())
+            images = int(counts[-1])
             if done % t.log_every == 0 or done == total_steps:
                 values = jax.device_get(metrics)
                 timer.add(t2 - t1, wait, time.perf_counter() - t2, images)
@@ -223,11 +249,11 @@ def _run_steps(config, setup, train_step, state, data_iter, ckpt, writer, start,
                 timer.reset()
             else:
                 timer.add(t2 - t1, wait, time.perf_counter() - t2, images)
-            if preempted:
+            if _any_process(bool(preempted)):  # all processes stop at the same step
                 t_save = time.perf_counter()
                 ckpt.save(done, state, data_iter)
                 ckpt.wait()
-                log(f"{preempted.signal_name} received: saved step {done} in "
+                log(f"{preempted.signal_name or 'stop signal on another process'} received: saved step {done} in "
                     f"{time.perf_counter() - t_save:.1f}s and stopped; run the same command to resume")
                 summary["preempted_at"] = done
                 break

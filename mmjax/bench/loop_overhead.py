@@ -1,0 +1,115 @@
+"""The training loop's overhead, measured side by side with the bare step.
+
+  python -m mmjax.bench.loop_overhead --config experiments/tiny.py --workdir DIR [--steps 60]
+
+In one process: (1) the bare jitted train step (the very step `mmjax.train`
+builds) called in a plain Python loop on one device-resident batch, each call
+timed to completion; (2) `mmjax.train` itself for `--steps` steps (log every
+step, no evaluation, no checkpoint until the end); (3) the bare loop again.
+Prints the median step time of each, the ratio loop / bare (target <= 1.05),
+and, for information, the loop's whole wall time per step (data wait and host
+work included) over the bare step. Writes `results.csv` and `summary.json`
+under --workdir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import runpy
+import statistics
+import time
+
+
+def _load_config(spec: str):
+    path, _, arg = spec.partition(":")
+    return runpy.run_path(path)["get_config"](arg or None)
+
+
+def bare_step_times(config, steps: int) -> list[float]:
+    """Seconds per call of the bare compiled step on one device-resident batch."""
+    import jax
+
+    from mmjax.data.pipeline import default_tokenizer, make_dataset, to_global_arrays
+    from mmjax.parallel import get_layout, make_mesh
+    from mmjax.train.loop import build_step
+    from mmjax.train.state import MODEL_INPUTS, init_train_state
+
+    setup, train_step = build_step(config, make_mesh(dict(config.mesh)), get_layout(config.rules))
+    local = next(iter(make_dataset(config.data, default_tokenizer(config.data),
+                                   batch_size=config.data.global_batch)))
+    batch = to_global_arrays({k: local[k] for k in MODEL_INPUTS}, setup.batch_shardings)
+    state = init_train_state(config, setup)
+    step = train_step.lower(state, batch).compile()
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmjax.bench.loop_overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="experiments/tiny.py", help="experiment config FILE[:ARG]")
+    parser.add_argument("--workdir", required=True, help="where the run, results.csv and summary.json go")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
+    args = parser.parse_args(argv)
+    config = _load_config(args.config)
+    import jax
+
+    if config.runtime.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
+    from mmjax.train.loop import train
+
+    os.makedirs(args.workdir, exist_ok=True)
+    config.train.steps = args.steps + 1  # the first step pays one-off runtime warm-up; dropped below
+    config.train.log_every = 1
+    config.train.checkpoint_every = config.train.steps
+    config.eval.caption_accuracy = False
+    print(f"bare step, {args.steps} calls ...", flush=True)
+    bare = bare_step_times(config, args.steps)
+    run_dir = os.path.join(args.workdir, "loop_run")
+    if os.path.exists(os.path.join(run_dir, "checkpoints")):
+        raise SystemExit(f"{run_dir} already holds a run; choose a fresh --workdir.")
+    print(f"mmjax.train, {config.train.steps} steps ...", flush=True)
+    train(config, run_dir)
+    print(f"bare step again, {args.steps} calls ...", flush=True)
+    bare += bare_step_times(config, args.steps)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if "step_time_s" in r][1:]
+    loop_step = statistics.median(r["step_time_s"] for r in records)
+    loop_wall = statistics.median(r["wall_per_step_s"] for r in records)
+    bare_median = statistics.median(bare)
+    rows = [
+        {"measure": "bare jitted step (median)", "seconds": bare_median, "ratio_to_bare": 1.0},
+        {"measure": "mmjax.train step_time_s (median)", "seconds": loop_step,
+         "ratio_to_bare": loop_step / bare_median},
+        {"measure": "mmjax.train wall per step incl. data + host (median)", "seconds": loop_wall,
+         "ratio_to_bare": loop_wall / bare_median},
+    ]
+    print(f"\n{'measure':56s} {'seconds':>9s} {'x bare':>8s}")
+    for row in rows:
+        print(f"{row['measure']:56s} {row['seconds']:9.4f} {row['ratio_to_bare']:8.3f}")
+    ratio = loop_step / bare_median
+    print(f"\nloop overhead: {ratio:.3f} x the bare step (target <= 1.05: {'PASS' if ratio <= 1.05 else 'ABOVE'})")
+    with open(os.path.join(args.workdir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["measure", "seconds", "ratio_to_bare"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(args.workdir, "summary.json"), "w") as f:
+        json.dump({"config": args.config, "steps": args.steps, "devices": jax.device_count(),
+                   "bare_median_s": bare_median, "loop_step_median_s": loop_step,
+                   "loop_wall_per_step_median_s": loop_wall, "overhead_ratio": ratio}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
