@@ -106,13 +106,19 @@ class ExampleBuilder:
                 pixels.append(tiles)
             else:
                 lead = " " if len(ids) > 1 else ""
-                piece, offsets = self.tok.encode_with_offsets(lead + seg["text"])
+                if self.with_attributes:  # character offsets only when attribute masks need them
+                    piece, offsets = self.tok.encode_with_offsets(lead + seg["text"])
+                else:
+                    piece = self.tok.encode(lead + seg["text"])
                 piece = piece[:max(room, 0)]
                 ids += piece
                 slots += [-1] * len(piece)
                 weights += [text_weight] * len(piece)
-                spans = [(a + len(lead), b + len(lead)) for a, b in seg.get("spans", ())]
-                attrs += [float(any(s < b and a < e for a, b in spans)) for s, e in offsets[:len(piece)]]
+                if self.with_attributes:
+                    spans = [(a + len(lead), b + len(lead)) for a, b in seg.get("spans", ())]
+                    attrs += [float(any(s < b and a < e for a, b in spans)) for s, e in offsets[:len(piece)]]
+                else:
+                    attrs += [0.0] * len(piece)
         ids.append(self.tok.eos_id)
         slots.append(-1)
         weights.append(text_weight)

@@ -86,6 +86,17 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split: str 
                         f"config.data.shards / processes = {per_process} shards.")
     packer = Packer(data_cfg.seq_len, data_cfg.max_images, data_cfg.tokens_per_image, data_cfg.image_size,
                     tokenizer.pad_id)
+    if data_cfg.workers > 0 and per_process == 1:
+        # Workers hand over packed sequences with only their used image slots
+        # (a third of a full image buffer is usually empty); the main process
+        # pads them back and forms the batch.
+        _mark_flags_parsed()
+        examples = mixed_examples(data_cfg, tokenizer, split=split, process_index=process_index,
+                                  process_count=shards, streams=streams, with_attributes=with_attributes)
+        sequences = PackIterDataset(examples, packer, window=data_cfg.pack_window if pack else 1).map(_trim_images)
+        sequences = sequences.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data_cfg.workers, per_worker_buffer_size=data_cfg.worker_buffer * batch_size))
+        return sequences.map(_PadImages(data_cfg.max_images)).batch(batch_size, drop_remainder=True)
     parts = []
     for j in range(per_process):
         examples = mixed_examples(data_cfg, tokenizer, split=split, process_index=process_index * per_process + j,
@@ -94,11 +105,32 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split: str 
         parts.append(packed.batch(batch_size // per_process, drop_remainder=True))
     it = parts[0] if per_process == 1 else grain.experimental.ZipIterDataset(parts).map(_concatenate)
     if data_cfg.workers > 0:
-        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (library use, tests)
-            flags.FLAGS.mark_as_parsed()
+        _mark_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers,
                                                          per_worker_buffer_size=data_cfg.worker_buffer))
     return it
+
+
+def _mark_flags_parsed() -> None:
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (library use, tests)
+        flags.FLAGS.mark_as_parsed()
+
+
+def _trim_images(sequence: dict) -> dict:
+    return {**sequence, "images": sequence["images"][:int(sequence["image_mask"].sum())]}
+
+
+class _PadImages:
+    """Restores the `[max_images, T, T, 3]` image buffer of a trimmed sequence."""
+
+    def __init__(self, max_images: int):
+        self.max_images = max_images
+
+    def __call__(self, sequence: dict) -> dict:
+        images = sequence["images"]
+        full = np.zeros((self.max_images, *images.shape[1:]), np.uint8)
+        full[:len(images)] = images
+        return {**sequence, "images": full}
 
 
 def _concatenate(batches: tuple[dict, ...]) -> dict:

@@ -55,7 +55,10 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Text -> ids. Special-token strings in the text (e.g. a literal
         "<image>") are encoded as ordinary text, never as special ids."""
-        return self.encode_with_offsets(text)[0]
+        ids: list[int] = []
+        for _, piece in _split_specials(text):
+            ids += self._tok.encode(piece, add_special_tokens=False).ids
+        return ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids and the `(start, end)` character span of each token."""
