@@ -1,0 +1,236 @@
+"""MM1 pre-training at full scale: ViT-H/14 (CLIP flavour) at 378x378 ->
+C-Abstractor (144 tokens per image) -> dense or MoE decoder.
+
+  python -m mmjax.train --config experiments/mm1.py:3b --workdir gs-mounted/run
+  python -m mmjax.train --config experiments/mm1.py:7b-moe,tpu-v5p-1024 --workdir DIR
+  python -m mmjax.train --config experiments/mm1.py:smoke-3b --workdir /tmp/mm1-smoke
+
+Argument: `SIZE[,HARDWARE]`. SIZE is one of `1b`, `3b`, `7b`, `30b` (dense),
+`3b-moe`, `7b-moe`, or `smoke-3b` / `smoke-3b-moe` (the same family shrunk
+to run on 8 simulated CPU devices in seconds). HARDWARE is a preset from
+`experiments/hardware.py`; without it each size gets `DEFAULT_HARDWARE`.
+
+Recipe (every size): sequences of 4096 tokens with up to 16 images, global
+batch 512, 200k steps; caption : interleaved : text mixed 5:5:1 (45/45/10);
+AdamW with linear warmup over 2k steps then cosine decay to 10% of the peak;
+peak LR from the decoder size (`optimizer.lr_rule="mm1"`:
+exp(-0.4214 ln N - 0.5535), N = decoder parameters without the vocabulary
+tables) and decoupled weight decay 0.1 x peak LR
+(`optimizer.weight_decay_rule="mm1"`); bf16 compute with float32 master
+weights.
+
+Decoders (untied input/output embeddings, vocabulary 100352 = 49 x 2048,
+RMSNorm, RoPE, grouped-query attention, SwiGLU; parameter counts include both
+vocabulary tables):
+
+  size  embed layers heads kv_heads head_dim   mlp   decoder params
+  1b     2048    16    16      8      128     5632    1,166,084,096
+  3b     2560    32    20      4      128     6912    2,715,978,240
+  7b     4096    32    32      8      128    11008    6,493,048,832
+  30b    7168    52    56      8      128    20480   30,447,205,376
+
+MoE decoders replace the MLP of every `moe_every`-th layer with `num_experts`
+SwiGLU experts of the dense MLP's width, top-2 routing (renormalised), capacity
+factor 2.0, load-balance loss 0.01, router z-loss 0.001:
+
+  3b-moe   64 experts on every 2nd layer (16 of 32)   56,227,432,960 total, 3,567,946,240 active
+  7b-moe   32 experts on every 4th layer  (8 of 32)   40,040,140,800 total, 7,576,227,840 active
+
+(decoder parameters; active: each token passes 2 of the experts). The
+encoder side is the same for every size: ViT-H/14 at 378 (729 patches + a
+class token) 631,371,520 parameters, C-Abstractor (hidden 1024, 3 ResBlocks
+per stage) 77.8M-130.2M depending on the decoder width. Dense decoders are scanned
+(`decoder.scan=True`, compile time independent of depth); MoE decoders
+alternate dense and MoE layers and are listed. The ViT is listed so converted
+CLIP weights (`python -m mmjax.tools.convert_hf --kind clip`, e.g. a
+DFN5B-CLIP ViT-H/14-378) load through `config.init_from`.
+
+Data: every stream is `procedural` here. Point a stream at real shards with
+`--config.data.sources.caption='webdataset:/data/caption/{00000..09999}.tar'`
+(formats: webdataset, array_record, parquet, jsonl, tfds; see the README's
+Data section); the procedural caption-accuracy eval is skipped then.
+
+Default hardware and why it fits (bf16 activations, float32 weights + Adam
+moments fully sharded over `fsdp`, whole-layer remat in both stacks): the
+per-device working set is dominated by the float32 attention score matrices
+of the layer being recomputed (`heads x 4096^2 x 4` bytes per sequence, and
+about four such buffers in its backward pass) and the float32 logits over
+100352 tokens (1.6 GB per sequence, about three live buffers), so sequences
+per device is what matters:
+
+  1b, 3b           tpu-v5p-256 (128 chips of 95 GiB): 4 sequences per chip,
+                   about 50 GB (weights + moments about 0.2/0.4 GB per chip)
+  7b, 30b          tpu-v5p-512 (256 chips): 2 sequences per chip; 7b at 4 per
+                   chip would be about 70 GB of 95, too close to call
+  3b-moe, 7b-moe   tpu-v5p-512, mesh fsdp=32 x expert=8: 2 sequences per chip
+                   keeps the capacity dispatch's one-hot [tokens, experts,
+                   capacity] masks (which grow with the square of the tokens
+                   per device) near 1 GB each; 55B/40B parameters with moments
+                   are about 3.5 GB per chip
+
+Other presets may need `--config.train.grad_accum_steps=K` so that
+global_batch / (K x devices) sequences fit per device (e.g. tpu-v5e-256 with
+16 GiB per chip: K=2 for 1b).
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from experiments.hardware import HARDWARE, apply_hardware
+from mmjax.config_base import base_config
+from mmjax.models.vit import variant_config
+
+VOCAB = 100_352  # 49 x 2048: divides evenly for any power-of-two split up to 2048
+
+# name -> decoder dims
+DECODERS = {
+    "1b": dict(embed=2048, layers=16, heads=16, kv_heads=8, head_dim=128, mlp=5632),
+    "3b": dict(embed=2560, layers=32, heads=20, kv_heads=4, head_dim=128, mlp=6912),
+    "7b": dict(embed=4096, layers=32, heads=32, kv_heads=8, head_dim=128, mlp=11008),
+    "30b": dict(embed=7168, layers=52, heads=56, kv_heads=8, head_dim=128, mlp=20480),
+}
+
+# name -> (dense decoder, num_experts, moe_every)
+MOE = {
+    "3b-moe": ("3b", 64, 2),
+    "7b-moe": ("7b", 32, 4),
+}
+
+DEFAULT_HARDWARE = {
+    "1b": "tpu-v5p-256",
+    "3b": "tpu-v5p-256",
+    "7b": "tpu-v5p-512",
+    "30b": "tpu-v5p-512",
+    "3b-moe": "tpu-v5p-512",
+    "7b-moe": "tpu-v5p-512",
+    "smoke-3b": "cpu-8",
+    "smoke-3b-moe": "cpu-8",
+}
+
+SIZES = tuple(DEFAULT_HARDWARE)
+
+
+def set_vit(config, variant: str, flavour: str, image_size: int, **overrides) -> None:
+    """Fills `config.model.vit` from the ViT variant table in place, so the
+    image size stays linked to `config.data.image_size`."""
+    config.data.image_size = image_size  # linked: model.vit.image_size
+    for key, value in variant_config(variant, flavour, image_size, **overrides).items():
+        if key != "image_size":
+            config.model.vit[key] = value
+
+
+def set_decoder(config, dims: dict, num_experts: int = 0, moe_every: int = 2,
+                expert_mlp: int | None = None) -> None:
+    """Decoder dims in place; `num_experts > 0` turns every `moe_every`-th
+    layer's MLP into experts of width `expert_mlp` (default: the dense MLP's)."""
+    dec = config.model.decoder
+    for key, value in dims.items():
+        dec[key] = value
+    moe = dec.moe
+    moe.num_experts = num_experts
+    moe.moe_every = moe_every
+    moe.top_k = 2
+    moe.renormalize = True
+    moe.capacity_factor = 2.0
+    moe.dispatch = "capacity"
+    moe.expert_mlp = expert_mlp or dims["mlp"]
+    moe.load_balance_weight = 0.01
+    moe.router_z_weight = 0.001
+    # A scanned stack needs identical layers; MoE on every n-th layer (n > 1) is not.
+    dec.scan = num_experts == 0 or moe_every == 1
+
+
+def mm1_recipe(config) -> None:
+    """MM1's pre-training data shape, schedule and optimizer, in place."""
+    config.model.dtype = "bfloat16"
+    config.model.connector.kind = "c_abstractor"
+    config.model.connector.hidden = 1024
+    config.model.connector.depth = 3
+    config.data.tokens_per_image = 144  # linked: model.connector.num_tokens (12 x 12)
+    config.data.vocab_size = VOCAB  # linked: model.decoder.vocab_size
+    config.data.seq_len = 4096
+    config.data.max_images = 16
+    config.data.global_batch = 512
+    config.data.mix_weights = (5.0, 5.0, 1.0)  # caption : interleaved : text = 45 : 45 : 10
+    config.data.pack_window = 32
+    # Real data: "webdataset:/path/{00000..09999}.tar", "array_record:/path/*.array_record", ...
+    config.data.sources = dict(caption="procedural", interleaved="procedural", text="procedural")
+    config.optimizer.lr_rule = "mm1"
+    config.optimizer.weight_decay_rule = "mm1"
+    config.optimizer.warmup_steps = 2000
+    config.optimizer.min_lr_ratio = 0.1
+    config.optimizer.grad_clip = 1.0
+    config.train.steps = 200_000
+    config.train.log_every = 50
+    config.train.checkpoint_every = 2000
+    config.train.keep_checkpoints = 3
+    config.train.watchdog_s = 1800.0  # first steps on a large slice include runtime warm-up
+
+
+def add_hardware_fields(config) -> None:
+    """The fields `experiments/hardware.py` records (so `--config.hardware=...` parses)."""
+    with config.unlocked():
+        for key in ("hardware", "topology", "hardware_applied"):
+            if key not in config:
+                config[key] = ""
+
+
+def parse_arg(arg: str | None, default: str, known, file: str) -> tuple[str, str | None]:
+    """`NAME[,HARDWARE]` -> (name, hardware or None), with one-sentence errors."""
+    parts = [p.strip() for p in (arg or default).split(",")]
+    if len(parts) > 2 or not parts[0]:
+        raise ValueError(f"{file} takes NAME[,HARDWARE], got {arg!r}.")
+    name, hardware = parts[0], (parts[1] if len(parts) == 2 and parts[1] else None)
+    if name not in known:
+        raise ValueError(f"{file}: {name!r} is unknown; choose one of {list(known)}.")
+    if hardware is not None and hardware not in HARDWARE:
+        raise ValueError(f"{file}: hardware {hardware!r} is unknown; choose one of {sorted(HARDWARE)}.")
+    return name, hardware
+
+
+def _smoke(config, moe: bool) -> None:
+    """The family at toy scale: CLIP-flavour ViT with 14-pixel patches on
+    56x56 images, C-Abstractor to 2x2 tokens, a 4-layer GQA decoder."""
+    set_vit(config, "tiny/4", "clip", 56, patch_size=14, embed=64, depth=2, heads=4, mlp=256)
+    config.model.connector.hidden = 64
+    config.model.connector.depth = 1
+    config.data.tokens_per_image = 4
+    config.data.vocab_size = 1024
+    set_decoder(config, dict(embed=128, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=384),
+                num_experts=8 if moe else 0, moe_every=2)
+    config.data.seq_len = 256
+    config.data.max_images = 4
+    config.data.global_batch = 8
+    config.data.pack_window = 8
+    config.optimizer.warmup_steps = 2
+    config.train.steps = 20
+    config.train.log_every = 5
+    config.train.checkpoint_every = 10
+    config.train.keep_checkpoints = 2
+    config.train.watchdog_s = 600.0
+    config.eval.num_examples = 16
+
+
+def build(name: str) -> mlc.ConfigDict:
+    """The config of size `name` (before a hardware preset is applied)."""
+    c = base_config()
+    add_hardware_fields(c)
+    mm1_recipe(c)
+    if name.startswith("smoke-"):
+        _smoke(c, moe=name.endswith("-moe"))
+        return c
+    set_vit(c, "H/14", "clip", 378)  # 27 x 27 = 729 patches
+    if name in MOE:
+        dense, experts, every = MOE[name]
+        set_decoder(c, DECODERS[dense], num_experts=experts, moe_every=every)
+    else:
+        set_decoder(c, DECODERS[name])
+    return c
+
+
+def get_config(arg=None):
+    name, hardware = parse_arg(arg, "3b", SIZES, "experiments/mm1.py")
+    c = build(name)
+    apply_hardware(c, hardware or DEFAULT_HARDWARE[name])
+    return c

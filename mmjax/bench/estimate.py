@@ -1,0 +1,148 @@
+"""Step-time ESTIMATE for a TPU slice from ahead-of-time compile artefacts.
+
+This is an estimate from three published per-chip rates, not a measurement;
+nothing here runs on a TPU. Inputs are per device and per step, as
+`mmjax.bench.aot.compile_for_topology` reports them:
+
+  compute_s     = flops / peak bf16 FLOP/s
+  memory_s      = bytes_accessed / HBM bandwidth
+  collective_s  = collective bytes received / ICI bandwidth
+
+  step_s        = max(compute_s, memory_s) + collective_s
+                  (no overlap: every collective is exposed)
+  overlapped_s  = max(compute_s, memory_s, collective_s)
+                  (perfect overlap: a lower bound)
+
+`flops` and `bytes_accessed` come from XLA's `cost_analysis()` of the
+compiled program. Counting compute and HBM traffic as a max (not a sum)
+assumes each fusion is limited by one of the two. Collective bytes use the
+"bytes received per device" convention of `mmjax.bench.aot` (ring
+algorithms: (g-1)/g of the gathered / reduced buffer per device in a group
+of g, twice that for an all-reduce).
+
+Per-chip figures (Cloud TPU system-architecture pages for each generation):
+
+  generation  device_kind    HBM      HBM bandwidth   ICI per chip         bf16 peak
+  v4          TPU v4         32 GiB   1.2e12 B/s      2400 Gbps = 3.0e11   275e12
+  v5e         TPU v5 lite    16 GiB   8.19e11 B/s     1600 Gbps = 2.0e11   197e12
+  v5p         TPU v5         95 GiB   2.765e12 B/s    4800 Gbps = 6.0e11   459e12
+  v6e         TPU v6 lite    32 GiB   1.64e12 B/s     3584 Gbps = 4.48e11  918e12
+
+The ICI figure is the published aggregate of all of a chip's links, counted
+in both directions. Dividing a device's received bytes by it is optimistic:
+a collective over one mesh axis uses only the links along that axis, and
+only the inbound half of each. Treat `collective_s` as a lower bound on the
+exposed communication time. The peak FLOP/s come from
+`mmjax.train.flops.PEAK_FLOPS_PER_DEVICE` (dense bf16), so float32 matmuls
+(which TPUs run as bf16 passes at the default precision) are counted at the
+bf16 rate too.
+
+Multi-slice (DCN) traffic is not modelled: a topology with more than one
+slice gets a note and its collectives are timed as if they were all ICI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from mmjax.train.flops import table_peak
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipSpec:
+    """Published per-chip figures of one TPU generation."""
+
+    generation: str        # "v4", "v5e", "v5p", "v6e"
+    device_kind: str       # what `jax.Device.device_kind` reports
+    hbm_bytes: int         # HBM capacity per chip (one JAX device)
+    hbm_bandwidth: float   # bytes/s
+    ici_bandwidth: float   # bytes/s per chip, all links, both directions
+    peak_flops: float      # dense bf16 FLOP/s
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _chip(generation: str, kind: str, hbm_gib: float, hbm_bw: float, ici_gbps: float) -> ChipSpec:
+    peak = table_peak(kind)
+    return ChipSpec(generation, kind, int(hbm_gib * GIB), hbm_bw, ici_gbps * 1e9 / 8,
+                    peak[1] if peak else math.nan)
+
+
+CHIPS: dict[str, ChipSpec] = {c.generation: c for c in (
+    _chip("v4", "TPU v4", 32, 1.2e12, 2400),
+    _chip("v5e", "TPU v5 lite", 16, 8.19e11, 1600),
+    _chip("v5p", "TPU v5", 95, 2.765e12, 4800),
+    _chip("v6e", "TPU v6 lite", 32, 1.64e12, 3584),
+)}
+
+_KIND_TO_GENERATION = {c.device_kind: c.generation for c in CHIPS.values()}
+
+
+def chip_spec(generation_or_kind: str) -> ChipSpec:
+    """The ChipSpec for a generation ("v5p") or a device kind ("TPU v5")."""
+    key = _KIND_TO_GENERATION.get(generation_or_kind, generation_or_kind)
+    if key not in CHIPS:
+        raise ValueError(f"no chip figures for {generation_or_kind!r}; known generations are "
+                         f"{sorted(CHIPS)} (device kinds {sorted(_KIND_TO_GENERATION)}).")
+    return CHIPS[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEstimate:
+    """An ESTIMATE of one training step's time on a TPU slice (seconds).
+
+    `step_s` (no overlap) is the headline number; `overlapped_s` is the
+    perfect-overlap lower bound. The inputs and the rates used are kept so
+    the arithmetic can be checked."""
+
+    compute_s: float
+    memory_s: float
+    collective_s: float
+    step_s: float
+    overlapped_s: float
+    bound: str                   # "compute", "memory" or "collective": the largest term
+    flops_per_device: float
+    bytes_accessed_per_device: float
+    collective_bytes_per_device: float
+    chip: ChipSpec
+    num_slices: int = 1
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["chip"] = self.chip.to_dict()
+        out["notes"] = list(self.notes)
+        out["label"] = "estimate (not measured)"
+        return out
+
+    def summary(self) -> str:
+        return (f"ESTIMATE {self.step_s * 1e3:.3f} ms/step without overlap "
+                f"({self.overlapped_s * 1e3:.3f} ms with perfect overlap); "
+                f"compute {self.compute_s * 1e3:.3f} ms, HBM {self.memory_s * 1e3:.3f} ms, "
+                f"collectives {self.collective_s * 1e3:.3f} ms; {self.bound}-bound")
+
+
+def estimate_step_time(flops_per_device: float, bytes_accessed_per_device: float,
+                       collective_bytes_per_device: float, chip: ChipSpec | str,
+                       num_slices: int = 1) -> StepEstimate:
+    """Estimated step time (see the module doc for the formula and the rates)."""
+    spec = chip if isinstance(chip, ChipSpec) else chip_spec(chip)
+    compute = flops_per_device / spec.peak_flops
+    memory = bytes_accessed_per_device / spec.hbm_bandwidth
+    collective = collective_bytes_per_device / spec.ici_bandwidth
+    terms = {"compute": compute, "memory": memory, "collective": collective}
+    notes = []
+    if num_slices > 1:
+        notes.append(f"{num_slices} slices: cross-slice (DCN) traffic is not modelled; "
+                     "all collectives are timed at the ICI rate")
+    return StepEstimate(
+        compute_s=compute, memory_s=memory, collective_s=collective,
+        step_s=max(compute, memory) + collective, overlapped_s=max(terms.values()),
+        bound=max(terms, key=terms.get), flops_per_device=float(flops_per_device),
+        bytes_accessed_per_device=float(bytes_accessed_per_device),
+        collective_bytes_per_device=float(collective_bytes_per_device), chip=spec,
+        num_slices=num_slices, notes=tuple(notes))

@@ -1,0 +1,175 @@
+"""Ahead-of-time compilation for a TPU slice on this CPU-only machine
+(libtpu describes the slice): memory and fit, FLOPs against the analytic
+count, collectives against the FSDP minimum, the step-time estimate, the
+one-sentence errors and the command line."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import small_config
+from mmjax.bench import aot
+from mmjax.bench.estimate import CHIPS, chip_spec, estimate_step_time
+from mmjax.train.flops import train_flops
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu (jax[tpu]) is not installed")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def fsdp_config():
+    """Pure FSDP over 4 chips with whole-layer remat (as the TPU presets run),
+    and a decoder whose MLP weights dominate the parameters."""
+    c = small_config()
+    c.mesh = dict(data=1, fsdp=4, expert=1, model=1)
+    c.model.decoder.layers = 2
+    c.model.decoder.mlp = 2048
+    c.model.vit.remat = "full"
+    c.model.decoder.remat = "full"
+    return c
+
+
+@pytest.fixture(scope="module")
+def report():
+    return aot.compile_for_topology(fsdp_config(), "v5p:2x2x1")
+
+
+@needs_libtpu
+def test_tiny_fsdp_step_on_v5p(report, tmp_path):
+    c = fsdp_config()
+    assert report.num_devices == 4 and report.device_kind == "TPU v5" and report.generation == "v5p"
+    assert report.mesh == {"data": 1, "fsdp": 4, "expert": 1, "model": 1}
+    assert report.fits and 0 < report.peak_bytes < 0.1 * report.hbm_bytes
+    assert report.peak_bytes == (report.argument_bytes + report.output_bytes + report.temp_bytes
+                                 - report.alias_bytes)
+    assert report.hbm_bytes == 95 * 2**30
+    # The compiled FLOPs (per device) match the analytic count of what runs.
+    analytic = train_flops(c, 4).hardware_flops_per_device
+    assert report.analytic_flops == pytest.approx(analytic)
+    assert report.flops == pytest.approx(analytic, rel=0.15)
+    # Gathers, gradient reduce-scatters: the FSDP traffic, about its analytic minimum.
+    counts = report.collective_counts
+    assert counts["all-gather"] > 0 and counts["reduce-scatter"] > 0
+    assert report.fsdp_analytic.sharded_param_bytes > 0.9 * report.fsdp_analytic.param_bytes
+    assert report.collective_ratio == pytest.approx(1.0, abs=0.10)
+    assert report.fsdp_analytic == aot.fsdp_collective_breakdown(c, report.mesh)  # config path agrees
+    est = report.estimate
+    assert est.step_s >= est.overlapped_s > 0 and est.chip == CHIPS["v5p"]
+    assert est.step_s == pytest.approx(max(est.compute_s, est.memory_s) + est.collective_s)
+    with open(aot.write_report(report, str(tmp_path))) as f:
+        saved = json.load(f)
+    assert saved["fits"] is True and saved["estimate"]["label"] == "estimate (not measured)"
+    assert saved["collective_ratio"] == pytest.approx(report.collective_ratio)
+    assert "peak" in report.format() and "ESTIMATE" in report.format()
+
+
+def test_topology_strings():
+    accepted = {"v5p:4x4x8": ("v5p", "4x4x8"), "TPU v5:2x2x1": ("v5p", "2x2x1"), "v4:2x2x1": ("v4", "2x2x1"),
+                "v5e:2x2": ("v5e", "2x2"), "v5litepod:4x4": ("v5e", "4x4"), "TPU v5 lite:2x2": ("v5e", "2x2"),
+                "v6e:16x16": ("v6e", "16x16"), "trillium:4x4": ("v6e", "4x4")}
+    for name, parsed in accepted.items():
+        assert aot.parse_topology(name) == parsed
+    for bad in ("v5p-8", "bogus", "v7x:2x2x1", "v5p"):
+        with pytest.raises(aot.TopologyError) as err:
+            aot.parse_topology(bad)
+        message = str(err.value)
+        assert repr(bad) in message and message.endswith(".") and ". " not in message
+
+
+@needs_libtpu
+def test_topology_errors_are_one_sentence():
+    c = small_config()  # data=2 x fsdp=2 x expert=2: 8 devices
+    with pytest.raises(aot.TopologyError, match=r"needs 8 devices but 4 are available on topology 'v5p:2x2x1'\.$"):
+        aot.compile_for_topology(c, "v5p:2x2x1")
+    with pytest.raises(aot.TopologyError, match=r"^topology 'v5p:3x3x3' cannot be built by libtpu \(.*\)\.$"):
+        aot.compile_for_topology(c, "v5p:3x3x3")
+    with pytest.raises(aot.TopologyError, match="not GENERATION:SHAPE"):
+        aot.compile_for_topology(c, "v5p-8")
+
+
+HLO = """HloModule synthetic
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%all-reduce-scatter.1 (input: f32[64,128]) -> f32[16,128] {
+  %input = f32[64,128]{1,0} parameter(0)
+  %all-reduce.1 = f32[64,128]{1,0} all-reduce(%input), replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %slice = f32[16,128]{1,0} dynamic-slice(%all-reduce.1, %c, %c), dynamic_slice_sizes={16,128}
+}
+
+%cond (p: (s32[], bf16[8,256])) -> pred[] {
+  %p = (s32[], bf16[8,256]) parameter(0)
+  %n = s32[] constant(6)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p.1: (s32[], bf16[8,256])) -> (s32[], bf16[8,256]) {
+  %p.1 = (s32[], bf16[8,256]) parameter(0)
+  %w = bf16[8,256]{1,0} get-tuple-element(%p.1), index=1
+  %ag = bf16[32,256]{1,0} all-gather(%w), replica_groups=[1,4]<=[4], dimensions={0}
+  ROOT %t = (s32[], bf16[8,256]) tuple(%i.1, %w)
+}
+
+ENTRY %main (a: f32[64,128], b: bf16[8,256], c: f32[1024]) -> f32[16,128] {
+  %a = f32[64,128]{1,0} parameter(0)
+  %b = bf16[8,256]{1,0} parameter(1)
+  %c = f32[1024]{0} parameter(2)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[8,256]) tuple(%zero, %b)
+  %loop = (s32[], bf16[8,256]) while(%init), condition=%cond, body=%body
+  %ags = ((bf16[8,256]), bf16[32,256]) all-gather-start(%b), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}
+  %agd = bf16[32,256]{1,0} all-gather-done(%ags)
+  %ar = f32[1024]{0} all-reduce(%c), replica_groups={}, to_apply=%add
+  %cp = f32[1024]{0} collective-permute(%c), source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %zeros = f32[4096]{0} broadcast(%zero), dimensions={}
+  %padded = f32[4096]{0} dynamic-update-slice(%zeros, %c, %zero)
+  %gathered = f32[4096]{0} all-reduce(%padded), replica_groups=[2,4]<=[8], to_apply=%add
+  ROOT %rs = f32[16,128]{1,0} fusion(%a), kind=kCustom, calls=%all-reduce-scatter.1
+}
+"""
+
+
+def test_collective_parser_conventions():
+    stats = aot.collective_stats(HLO, num_devices=8)
+    shard = 8 * 256 * 2  # one bf16[8,256] operand
+    assert stats.loops == [("loop", 6)]
+    assert stats.counts == {"all-gather": 6 + 1, "reduce-scatter": 1, "all-reduce": 2, "all-to-all": 0,
+                            "collective-permute": 1}
+    got = stats.bytes_by_kind
+    assert got["all-gather"] == pytest.approx(7 * shard * 3)            # (g - 1) shards each, g = 4
+    assert got["reduce-scatter"] == pytest.approx(64 * 128 * 4 * 3 / 4)  # input x (g - 1) / g
+    # Empty replica groups: all 8 devices; an all-gather run as an all-reduce costs an all-reduce.
+    assert got["all-reduce"] == pytest.approx(2 * 1024 * 4 * 7 / 8 + 2 * 4096 * 4 * 3 / 4)
+    assert stats.gathers_as_all_reduce == 1
+    assert stats.gathers_as_all_reduce_bytes == pytest.approx(2 * 4096 * 4 * 3 / 4)
+    assert got["collective-permute"] == pytest.approx(1024 * 4)
+    assert stats.shape_bytes_by_kind["all-gather"] == pytest.approx(7 * 4 * shard)
+    assert stats.collective_bytes == pytest.approx(sum(got.values()))
+
+
+def test_estimate_arithmetic():
+    chip = chip_spec("TPU v5")
+    assert chip is CHIPS["v5p"] and chip.ici_bandwidth == 6e11 and chip.peak_flops == 459e12
+    est = estimate_step_time(459e12, 2.765e12 / 2, 6e11 / 4, "v5p")
+    assert (est.compute_s, est.memory_s, est.collective_s) == pytest.approx((1.0, 0.5, 0.25))
+    assert est.step_s == pytest.approx(1.25) and est.overlapped_s == pytest.approx(1.0)
+    assert est.bound == "compute" and not est.notes
+    assert estimate_step_time(1, 1, 1, "v6e", num_slices=2).notes
+    assert math.isclose(CHIPS["v5e"].hbm_bytes, 16 * 2**30)
+
+
+def test_cli_help_exits_zero():
+    out = subprocess.run([sys.executable, "-m", "mmjax.bench.aot", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--topology" in out.stdout and "peak_bytes = argument + output + temp - alias" in out.stdout
