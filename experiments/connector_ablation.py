@@ -17,7 +17,7 @@ Fixed for every run: a CLIP-flavour ViT-L/14 (303M parameters at 336), the
 parameters), MM1's data shape and recipe (sequences of 4096 with up to 16
 images, batch 512, mix 5:5:1, bf16, `lr_rule="mm1"`) and 50k steps
 (a budget choice for an ablation, not MM1's 200k). Attention pooling uses 16
-heads (64 per head on the 1024-wide ViT). Default hardware: tpu-v5p-256 (4
+heads (64 per head on the 1024-wide ViT). Default hardware: tpu-v5p-128 (8
 sequences per chip, as `experiments/mm1.py:1b`).
 """
 
@@ -32,7 +32,7 @@ KINDS = ("avg_pool", "attention_pool", "c_abstractor")
 TOKENS = (64, 144)
 IMAGE_SIZES = (224, 336)
 DEFAULT = "c_abstractor-144-336"
-DEFAULT_HARDWARE = "tpu-v5p-256"
+DEFAULT_HARDWARE = "tpu-v5p-128"
 NAMES = tuple(f"{k}-{t}-{s}" for k, t, s in itertools.product(KINDS, TOKENS, IMAGE_SIZES))
 
 

@@ -50,27 +50,34 @@ Data: every stream is `procedural` here. Point a stream at real shards with
 (formats: webdataset, array_record, parquet, jsonl, tfds; see the README's
 Data section); the procedural caption-accuracy eval is skipped then.
 
-Default hardware and why it fits (bf16 activations, float32 weights + Adam
-moments fully sharded over `fsdp`, whole-layer remat in both stacks): the
-per-device working set is dominated by the float32 attention score matrices
-of the layer being recomputed (`heads x 4096^2 x 4` bytes per sequence, and
-about four such buffers in its backward pass) and the float32 logits over
-100352 tokens (1.6 GB per sequence, about three live buffers), so sequences
-per device is what matters:
+Default hardware and why it fits. Per-device memory of the compiled train
+step (arguments + outputs + temporaries, from `compiled.memory_analysis()` of
+an ahead-of-time compile against the preset's TPU topology with jax 0.10.2 /
+libtpu 0.0.42.1; the ViT was scanned for compile speed), 95 GiB per v5p chip:
 
-  1b, 3b           tpu-v5p-256 (128 chips of 95 GiB): 4 sequences per chip,
-                   about 50 GB (weights + moments about 0.2/0.4 GB per chip)
-  7b, 30b          tpu-v5p-512 (256 chips): 2 sequences per chip; 7b at 4 per
-                   chip would be about 70 GB of 95, too close to call
-  3b-moe, 7b-moe   tpu-v5p-512, mesh fsdp=32 x expert=8: 2 sequences per chip
-                   keeps the capacity dispatch's one-hot [tokens, experts,
-                   capacity] masks (which grow with the square of the tokens
-                   per device) near 1 GB each; 55B/40B parameters with moments
-                   are about 3.5 GB per chip
+  size     preset        sequences/chip  GiB per chip
+  1b       tpu-v5p-128         8             42.8
+  3b       tpu-v5p-128         8             52.1   (27.2 on tpu-v5p-256)
+  7b       tpu-v5p-256         4             37.7
+  30b      tpu-v5p-512         2             40.1   (71.8 on tpu-v5p-256: too close)
+  3b-moe   tpu-v5p-512         2             64.1   (fsdp=32 x expert=8)
+  7b-moe   tpu-v5p-512         2             see below
 
-Other presets may need `--config.train.grad_accum_steps=K` so that
-global_batch / (K x devices) sequences fit per device (e.g. tpu-v5e-256 with
-16 GiB per chip: K=2 for 1b).
+Weights and Adam moments are a few GiB per chip at most (fully sharded over
+fsdp, experts over fsdp x expert); the rest is activations, which grow with
+the sequences per chip: whole-layer remat keeps one bf16 residual per layer,
+and the layer being recomputed holds float32 attention scores
+(`heads x 4096^2` per sequence) and, at the end, float32 logits over 100352
+tokens (1.6 GB per sequence). About 5.4 (1b), 6.2 (3b), 9.4 (7b) and 16 (30b)
+GiB per extra sequence per chip. The MoE configs also hold the capacity
+dispatch's one-hot `[tokens, experts, capacity]` masks, which grow with the
+square of the tokens per chip; `--config.model.decoder.moe.dispatch=dropless`
+avoids them.
+
+Other presets: pick `--config.train.grad_accum_steps=K` so that
+global_batch / (K x devices) sequences per device fit the per-sequence costs
+above (e.g. tpu-v5e-256, 16 GiB per chip and 2 sequences per chip without
+accumulation: 3b needs K=2).
 """
 
 from __future__ import annotations
@@ -98,9 +105,9 @@ MOE = {
 }
 
 DEFAULT_HARDWARE = {
-    "1b": "tpu-v5p-256",
-    "3b": "tpu-v5p-256",
-    "7b": "tpu-v5p-512",
+    "1b": "tpu-v5p-128",
+    "3b": "tpu-v5p-128",
+    "7b": "tpu-v5p-256",
     "30b": "tpu-v5p-512",
     "3b-moe": "tpu-v5p-512",
     "7b-moe": "tpu-v5p-512",

@@ -82,7 +82,9 @@ def test_topology_strings():
 
 
 @needs_libtpu
-def test_topology_errors_are_one_sentence():
+def test_topology_devices_and_one_sentence_errors():
+    assert [(g, len(d), d[0].device_kind) for g, d in map(aot.topology_devices, ("v4:2x2x1", "v5e:1x1"))] == [
+        ("v4", 4, "TPU v4"), ("v5e", 1, "TPU v5 lite")]  # v4: one device per chip (megacore)
     c = small_config()  # data=2 x fsdp=2 x expert=2: 8 devices
     with pytest.raises(aot.TopologyError, match=r"needs 8 devices but 4 are available on topology 'v5p:2x2x1'\.$"):
         aot.compile_for_topology(c, "v5p:2x2x1")

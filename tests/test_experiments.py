@@ -136,7 +136,7 @@ def test_mm1_recipe():
     assert tuple(c.data.mix_weights) == (5.0, 5.0, 1.0)
     assert (c.model.connector.kind, c.data.tokens_per_image) == ("c_abstractor", 144)
     assert set(c.data.sources.values()) == {"procedural"}
-    assert c.hardware == "tpu-v5p-256" and mm1.get_config("3b,tpu-v5p-512").hardware == "tpu-v5p-512"
+    assert c.hardware == "tpu-v5p-128" and mm1.get_config("3b,tpu-v5p-512").hardware == "tpu-v5p-512"
     with pytest.raises(ValueError, match="unknown"):
         mm1.get_config("4b")
     with pytest.raises(ValueError, match="hardware"):

@@ -33,10 +33,12 @@ Topology strings (GENERATION:SHAPE; SHAPE counts chips; v4 and v5p use the
   "TPU v5 lite:2x2"
   v6e:2x2  v6e:16x16  trillium:4x4  "TPU v6 lite:2x2"  v6e  product of SHAPE
 
-Not accepted: Cloud TPU accelerator-type names that count TensorCores or
-chips without a shape ("v5p-8", "v5litepod-16", "v6e-8"), shapes libtpu
-rejects (every dimension must be a multiple of the 2x2x1 chips of one host:
-"v5p:1x1x1", "v5e:1x1", "v5p:3x3x3"), and other generations.
+Shapes smaller than one 2x2x1 host ("v5e:1x1", "v6e:1x1", "v5p:1x1x1",
+"v5e:2x1") are sub-host slices. Not accepted: Cloud TPU accelerator-type
+names that count TensorCores or chips without a shape ("v5p-8",
+"v5litepod-16", "v6e-8"), shapes libtpu rejects (larger shapes must be
+multiples of the 2x2x1 chips of one host: "v5p:3x3x3", "v5e:3x4"), and other
+generations (v2, v3, v7x).
 
 Memory (per device, from `compiled.memory_analysis()`):
 
@@ -54,7 +56,12 @@ not have.
 
 FLOPs and HBM traffic: `compiled.cost_analysis()` "flops" and "bytes
 accessed", per device, compared with the analytic
-`train_flops(config, num_devices).hardware_flops_per_device`.
+`train_flops(config, num_devices).hardware_flops_per_device` (within a few
+percent for unscanned stacks). The cost analysis counts a `while` body once,
+so with a scanned layer stack (`scan=True`) the compiled figures fall short
+by about the trip count; the report keeps them as compiled, and the
+step-time estimate (`mmjax.bench.estimate`) then uses the analytic FLOPs and
+scales bytes accessed by the same factor (noted in the report).
 
 Collectives: parsed from the compiled HLO text. Every all-gather,
 reduce-scatter, all-reduce, all-to-all and collective-permute is counted
@@ -173,21 +180,29 @@ def parse_topology(topology: str) -> tuple[str, str]:
     return gen, match.group("shape")
 
 
-def _allow_compile_only_libtpu() -> None:
-    """Without TPU chips on this host, lets libtpu start although another
+def _prepare_compile_only_libtpu() -> None:
+    """On a host without TPU chips: lets libtpu start although another
     process holds its lock file (a concurrent JAX process that probed for a
-    TPU); compile-only use needs no chip. Left alone on TPU hosts."""
-    if not (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")):
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    TPU), and stops it querying the cloud metadata server for TPU workers
+    that do not exist (which only prints alarming errors). Compile-only use
+    needs none of that. Nothing is changed on TPU hosts."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    for name, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                        ("TPU_WORKER_HOSTNAMES", "localhost")):
+        os.environ.setdefault(name, value)
 
 
 def topology_devices(topology: str) -> tuple[str, list]:
     """(generation, compile-only devices of the slice) for a topology string."""
     gen, shape = parse_topology(topology)
-    _allow_compile_only_libtpu()
+    _prepare_compile_only_libtpu()
     from jax.experimental import topologies
 
     kwargs = {"chip_config_name": "megacore"} if gen in _MEGACORE else {}
+    dims = [int(d) for d in shape.split("x")] + [1] * (3 - len(shape.split("x")))
+    if dims != [2, 2, 1] and all(d <= bound for d, bound in zip(dims, (2, 2, 1))):
+        kwargs["chips_per_host_bounds"] = tuple(dims)  # smaller than one 2x2x1 host: a sub-host slice
     try:
         desc = topologies.get_topology_desc(f"{gen}:{shape}", "tpu", **kwargs)
     except Exception as err:  # noqa: BLE001 (libtpu missing, or a runtime error for a rejected shape)
@@ -784,7 +799,7 @@ class AotReport:
             lines.append(f"  {kind:19s} {self.collective_counts.get(kind, 0):6d} ops "
                          f"{self.collective_bytes_by_kind.get(kind, 0.0) / 2**20:10.3f} MiB{ref}")
         if self.gathers_as_all_reduce:
-            lines.append(f"  (all-reduce includes {self.gathers_as_all_reduce} all-gathers that XLA runs as "
+            lines.append(f"  (all-reduce includes {self.gathers_as_all_reduce} all-gather(s) that XLA runs as "
                          f"all-reduces of a zero-padded buffer: {self.gathers_as_all_reduce_bytes / 2**20:.3f} MiB, "
                          "twice what all-gathers would receive)")
         lines += [

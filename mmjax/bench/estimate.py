@@ -20,7 +20,8 @@ assumes each fusion is limited by one of the two. Collective bytes use the
 algorithms: (g-1)/g of the gathered / reduced buffer per device in a group
 of g, twice that for an all-reduce).
 
-Per-chip figures (Cloud TPU system-architecture pages for each generation):
+Per-chip figures (Cloud TPU system-architecture pages of each generation;
+v4: six ICI links of 400 Gbps):
 
   generation  device_kind    HBM      HBM bandwidth   ICI per chip         bf16 peak
   v4          TPU v4         32 GiB   1.2e12 B/s      2400 Gbps = 3.0e11   275e12
@@ -28,14 +29,15 @@ Per-chip figures (Cloud TPU system-architecture pages for each generation):
   v5p         TPU v5         95 GiB   2.765e12 B/s    4800 Gbps = 6.0e11   459e12
   v6e         TPU v6 lite    32 GiB   1.64e12 B/s     3584 Gbps = 4.48e11  918e12
 
-The ICI figure is the published aggregate of all of a chip's links, counted
-in both directions. Dividing a device's received bytes by it is optimistic:
-a collective over one mesh axis uses only the links along that axis, and
-only the inbound half of each. Treat `collective_s` as a lower bound on the
-exposed communication time. The peak FLOP/s come from
-`mmjax.train.flops.PEAK_FLOPS_PER_DEVICE` (dense bf16), so float32 matmuls
-(which TPUs run as bf16 passes at the default precision) are counted at the
-bf16 rate too.
+The ICI figure is the chip's aggregate over all its links in one direction
+(the Cloud TPU pages now also quote the bidirectional figure, twice as large
+for v5e and v5p: 400 and 1200 GB/s), which is the rate at which a device can
+receive, matching the bytes-received convention. It is still optimistic: a
+collective over one mesh axis uses only the links along that axis, so treat
+`collective_s` as a lower bound on the exposed communication time. The peak
+FLOP/s come from `mmjax.train.flops.PEAK_FLOPS_PER_DEVICE` (dense bf16), so
+float32 matmuls (which TPUs run as bf16 passes at the default precision) are
+counted at the bf16 rate too.
 
 Multi-slice (DCN) traffic is not modelled: a topology with more than one
 slice gets a note and its collectives are timed as if they were all ICI.
@@ -59,7 +61,7 @@ class ChipSpec:
     device_kind: str       # what `jax.Device.device_kind` reports
     hbm_bytes: int         # HBM capacity per chip (one JAX device)
     hbm_bandwidth: float   # bytes/s
-    ici_bandwidth: float   # bytes/s per chip, all links, both directions
+    ici_bandwidth: float   # bytes/s per chip, all links, one direction (what a chip can receive)
     peak_flops: float      # dense bf16 FLOP/s
 
     def to_dict(self) -> dict:
