@@ -2,7 +2,7 @@
 C-Abstractor (144 tokens per image) -> dense or MoE decoder.
 
   python -m mmjax.train --config experiments/mm1.py:3b --workdir gs-mounted/run
-  python -m mmjax.train --config experiments/mm1.py:7b-moe,tpu-v5p-1024 --workdir DIR
+  python -m mmjax.train --config experiments/mm1.py:30b,tpu-v5p-1024 --workdir DIR
   python -m mmjax.train --config experiments/mm1.py:smoke-3b --workdir /tmp/mm1-smoke
 
 Argument: `SIZE[,HARDWARE]`. SIZE is one of `1b`, `3b`, `7b`, `30b` (dense),
@@ -39,9 +39,9 @@ factor 2.0, load-balance loss 0.01, router z-loss 0.001:
 (decoder parameters; active: each token passes 2 of the experts). The
 encoder side is the same for every size: ViT-H/14 at 378 (729 patches + a
 class token) 631,371,520 parameters, C-Abstractor (hidden 1024, 3 ResBlocks
-per stage) 77.8M-130.2M depending on the decoder width. Dense decoders are scanned
-(`decoder.scan=True`, compile time independent of depth); MoE decoders
-alternate dense and MoE layers and are listed. The ViT is listed so converted
+per stage) 77.8M-130.2M depending on the decoder width. Dense decoders are
+scanned (`decoder.scan=True`, compile time independent of depth); MoE
+decoders alternate dense and MoE layers and are listed. The ViT is listed so converted
 CLIP weights (`python -m mmjax.tools.convert_hf --kind clip`, e.g. a
 DFN5B-CLIP ViT-H/14-378) load through `config.init_from`.
 
@@ -57,27 +57,28 @@ libtpu 0.0.42.1; the ViT was scanned for compile speed), 95 GiB per v5p chip:
 
   size     preset        sequences/chip  GiB per chip
   1b       tpu-v5p-128         8             42.8
-  3b       tpu-v5p-128         8             52.1   (27.2 on tpu-v5p-256)
+  3b       tpu-v5p-128         8             52.1   (45.1 with the ViT listed, as configured;
+                                                        27.2 on tpu-v5p-256)
   7b       tpu-v5p-256         4             37.7
   30b      tpu-v5p-512         2             40.1   (71.8 on tpu-v5p-256: too close)
-  3b-moe   tpu-v5p-512         2             64.1   (fsdp=32 x expert=8)
-  7b-moe   tpu-v5p-512         2             see below
+  3b-moe   tpu-v5p-512         2             64.1   (fsdp=32 x expert=8; 95.1 on tpu-v5p-256)
+  7b-moe   tpu-v5p-1024        1             40.3   (fsdp=64 x expert=8; 80.6 on tpu-v5p-512)
 
 Weights and Adam moments are a few GiB per chip at most (fully sharded over
 fsdp, experts over fsdp x expert); the rest is activations, which grow with
 the sequences per chip: whole-layer remat keeps one bf16 residual per layer,
 and the layer being recomputed holds float32 attention scores
 (`heads x 4096^2` per sequence) and, at the end, float32 logits over 100352
-tokens (1.6 GB per sequence). About 5.4 (1b), 6.2 (3b), 9.4 (7b) and 16 (30b)
-GiB per extra sequence per chip. The MoE configs also hold the capacity
+tokens (1.6 GB per sequence): roughly 5.4 (1b), 6.2 (3b), 9.4 (7b) and 16
+(30b) GiB per sequence per chip. The MoE configs also hold the capacity
 dispatch's one-hot `[tokens, experts, capacity]` masks, which grow with the
-square of the tokens per chip; `--config.model.decoder.moe.dispatch=dropless`
-avoids them.
+square of the tokens per chip (`dispatch=dropless` is no lighter here: its
+expert-parallel all-gather took 7b-moe on tpu-v5p-512 to 96.0 GiB).
 
 Other presets: pick `--config.train.grad_accum_steps=K` so that
 global_batch / (K x devices) sequences per device fit the per-sequence costs
-above (e.g. tpu-v5e-256, 16 GiB per chip and 2 sequences per chip without
-accumulation: 3b needs K=2).
+above (e.g. tpu-v5e-256 has 16 GiB per chip and 2 sequences per chip without
+accumulation: 3b wants K=2).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ DEFAULT_HARDWARE = {
     "7b": "tpu-v5p-256",
     "30b": "tpu-v5p-512",
     "3b-moe": "tpu-v5p-512",
-    "7b-moe": "tpu-v5p-512",
+    "7b-moe": "tpu-v5p-1024",
     "smoke-3b": "cpu-8",
     "smoke-3b-moe": "cpu-8",
 }

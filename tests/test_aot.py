@@ -11,10 +11,12 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import small_config
-from mmjax.bench import aot
+
+from mmjax.bench import aot, topology
 from mmjax.bench.estimate import CHIPS, chip_spec, estimate_step_time
+from mmjax.bench.fsdp_analytic import fsdp_collective_breakdown
+from mmjax.bench.hlo_collectives import collective_stats
 from mmjax.train.flops import train_flops
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -57,7 +59,7 @@ def test_tiny_fsdp_step_on_v5p(report, tmp_path):
     assert counts["all-gather"] > 0 and counts["reduce-scatter"] > 0
     assert report.fsdp_analytic.sharded_param_bytes > 0.9 * report.fsdp_analytic.param_bytes
     assert report.collective_ratio == pytest.approx(1.0, abs=0.10)
-    assert report.fsdp_analytic == aot.fsdp_collective_breakdown(c, report.mesh)  # config path agrees
+    assert report.fsdp_analytic == fsdp_collective_breakdown(c, report.mesh)  # config path agrees
     est = report.estimate
     assert est.step_s >= est.overlapped_s > 0 and est.chip == CHIPS["v5p"]
     assert est.step_s == pytest.approx(max(est.compute_s, est.memory_s) + est.collective_s)
@@ -68,29 +70,45 @@ def test_tiny_fsdp_step_on_v5p(report, tmp_path):
     assert "peak" in report.format() and "ESTIMATE" in report.format()
 
 
+def test_fsdp_analytic_counts_only_each_devices_expert_slice():
+    from experiments.tiny_moe import get_config
+
+    c = get_config()  # 8 experts of [128, 256] (gate, up) and [256, 128] (down) on 1 of 2 decoder layers
+    expert_elements = 3 * 8 * 128 * 256
+    one = fsdp_collective_breakdown(c, {"fsdp": 2})
+    two = fsdp_collective_breakdown(c, {"fsdp": 2, "expert": 2})
+    # fsdp=2: every device gathers half of each weight twice (bf16), reduce-scatters half (float32);
+    # expert=2 halves what an fsdp pair gathers of the expert weights, and there are 2x the batch
+    # shards, so replicated weights' all-reduce grows.
+    halved = expert_elements / 2  # elements no longer in a device's slice
+    assert one.all_gather_bytes - two.all_gather_bytes == pytest.approx(2 * halved * 2 * (2 - 1) / 2)
+    assert one.reduce_scatter_bytes - two.reduce_scatter_bytes == pytest.approx(halved * 4 * (2 - 1) / 2)
+    assert two.param_bytes == one.param_bytes and two.all_reduce_bytes > one.all_reduce_bytes
+
+
 def test_topology_strings():
     accepted = {"v5p:4x4x8": ("v5p", "4x4x8"), "TPU v5:2x2x1": ("v5p", "2x2x1"), "v4:2x2x1": ("v4", "2x2x1"),
                 "v5e:2x2": ("v5e", "2x2"), "v5litepod:4x4": ("v5e", "4x4"), "TPU v5 lite:2x2": ("v5e", "2x2"),
                 "v6e:16x16": ("v6e", "16x16"), "trillium:4x4": ("v6e", "4x4")}
     for name, parsed in accepted.items():
-        assert aot.parse_topology(name) == parsed
+        assert topology.parse_topology(name) == parsed
     for bad in ("v5p-8", "bogus", "v7x:2x2x1", "v5p"):
-        with pytest.raises(aot.TopologyError) as err:
-            aot.parse_topology(bad)
+        with pytest.raises(topology.TopologyError) as err:
+            topology.parse_topology(bad)
         message = str(err.value)
         assert repr(bad) in message and message.endswith(".") and ". " not in message
 
 
 @needs_libtpu
 def test_topology_devices_and_one_sentence_errors():
-    assert [(g, len(d), d[0].device_kind) for g, d in map(aot.topology_devices, ("v4:2x2x1", "v5e:1x1"))] == [
+    assert [(g, len(d), d[0].device_kind) for g, d in map(topology.topology_devices, ("v4:2x2x1", "v5e:1x1"))] == [
         ("v4", 4, "TPU v4"), ("v5e", 1, "TPU v5 lite")]  # v4: one device per chip (megacore)
     c = small_config()  # data=2 x fsdp=2 x expert=2: 8 devices
-    with pytest.raises(aot.TopologyError, match=r"needs 8 devices but 4 are available on topology 'v5p:2x2x1'\.$"):
+    with pytest.raises(topology.TopologyError, match=r"needs 8 devices but 4 are available on topology 'v5p:2x2x1'\.$"):
         aot.compile_for_topology(c, "v5p:2x2x1")
-    with pytest.raises(aot.TopologyError, match=r"^topology 'v5p:3x3x3' cannot be built by libtpu \(.*\)\.$"):
+    with pytest.raises(topology.TopologyError, match=r"^topology 'v5p:3x3x3' cannot be built by libtpu \(.*\)\.$"):
         aot.compile_for_topology(c, "v5p:3x3x3")
-    with pytest.raises(aot.TopologyError, match="not GENERATION:SHAPE"):
+    with pytest.raises(topology.TopologyError, match="not GENERATION:SHAPE"):
         aot.compile_for_topology(c, "v5p-8")
 
 
@@ -142,7 +160,7 @@ ENTRY %main (a: f32[64,128], b: bf16[8,256], c: f32[1024]) -> f32[16,128] {
 
 
 def test_collective_parser_conventions():
-    stats = aot.collective_stats(HLO, num_devices=8)
+    stats = collective_stats(HLO, num_devices=8)
     shard = 8 * 256 * 2  # one bf16[8,256] operand
     assert stats.loops == [("loop", 6)]
     assert stats.counts == {"all-gather": 6 + 1, "reduce-scatter": 1, "all-reduce": 2, "all-to-all": 0,

@@ -99,7 +99,8 @@ class Candidate:
         """Builds and compiles; on failure records the reason and returns False."""
         import jax
 
-        from mmjax.bench.aot import analyse_compiled, analytic_fsdp_collective_bytes
+        from mmjax.bench.fsdp_analytic import analytic_fsdp_collective_bytes
+        from mmjax.bench.hlo_collectives import analyse_compiled
         from mmjax.data.pipeline import to_global_arrays
         from mmjax.parallel import get_layout, make_mesh
         from mmjax.train.config_checks import check_config
