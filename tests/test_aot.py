@@ -86,6 +86,29 @@ def test_fsdp_analytic_counts_only_each_devices_expert_slice():
     assert two.param_bytes == one.param_bytes and two.all_reduce_bytes > one.all_reduce_bytes
 
 
+@needs_libtpu
+def test_capacity_dispatch_exchanges_tokens_with_all_to_alls():
+    """Expert parallelism over 2 of 4 v5p chips: the capacity dispatch moves
+    tokens between group- and expert-sharded buffers with all-to-alls; the
+    dispatch and combine einsums themselves need no collective (GSPMD would
+    otherwise all-gather and all-reduce whole expert buffers there)."""
+    from experiments.tiny_moe import get_config
+
+    c = get_config()
+    c.mesh = dict(data=1, fsdp=2, expert=2, model=1)
+    r = aot.compile_for_topology(c, "v5p:2x2x1")
+    sources = collective_stats(r.hlo_text, 4, top=None).largest
+    exchange = [s for s in sources if "gsec," in s["op_name"]]
+    assert exchange == [], exchange
+    # 4 groups of 512 tokens, capacity 2 * 512 * 2.0 / 8 = 256: a device holds
+    # [8, 1, 256, 128] of the [E, G, C, M] buffer and receives half of it per
+    # exchange, in bf16 (XLA moves the default-precision matmuls' bf16
+    # conversion ahead of the exchange). Forward: into and out of the experts;
+    # backward: their transposes. Nothing else crosses devices for the dispatch.
+    assert r.collective_counts["all-to-all"] == 4
+    assert r.collective_bytes_by_kind["all-to-all"] == pytest.approx(4 * 8 * 256 * 128 * 2 / 2)
+
+
 def test_topology_strings():
     accepted = {"v5p:4x4x8": ("v5p", "4x4x8"), "TPU v5:2x2x1": ("v5p", "2x2x1"), "v4:2x2x1": ("v4", "2x2x1"),
                 "v5e:2x2": ("v5e", "2x2"), "v5litepod:4x4": ("v5e", "4x4"), "TPU v5 lite:2x2": ("v5e", "2x2"),

@@ -275,9 +275,10 @@ def _is_padded_shard(name: str, comp: str, comps: dict, by_name: dict, depth: in
     return False
 
 
-def collective_stats(hlo_text: str, num_devices: int) -> CollectiveStats:
+def collective_stats(hlo_text: str, num_devices: int, top: int | None = TOP_SOURCES) -> CollectiveStats:
     """Counts and bytes of the collectives in a compiled module's HLO text
-    (conventions in the module doc)."""
+    (conventions in the module doc); `largest` keeps the `top` sources by
+    bytes (None: all of them)."""
     entry, comps = parse_hlo_module(hlo_text)
     counts = dict.fromkeys(COLLECTIVE_KINDS, 0)
     received = dict.fromkeys(COLLECTIVE_KINDS, 0.0)
@@ -344,9 +345,9 @@ def collective_stats(hlo_text: str, num_devices: int) -> CollectiveStats:
                 visit(target, times * trips, depth + 1)
 
     visit(entry, 1)
-    top = sorted(sources.items(), key=lambda item: -item[1][1])[:TOP_SOURCES]
+    ranked = sorted(sources.items(), key=lambda item: -item[1][1])[:top]
     largest = [{"kind": k[0], "group": k[1], "shape": k[2], "op_name": k[3], "executions": v[0],
-                "bytes": v[1]} for k, v in top]
+                "bytes": v[1]} for k, v in ranked]
     return CollectiveStats(counts, received, shapes, notes, loops, gathers[0], gathers[1], largest)
 
 

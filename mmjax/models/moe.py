@@ -10,7 +10,9 @@ shared_expert, load_balance_weight, router_z_weight.
   `partitioning.num_shards("batch")`), each expert takes at most
   C = ceil(top_k * group_size * capacity_factor / num_experts) tokens per
   group, the rest are dropped (their MoE output is 0; the residual carries
-  them). GSPMD inserts the all-to-all between group- and expert-sharded layouts.
+  them). The `[E, G, C, M]` buffers are constrained group-sharded next to the
+  dispatch/combine einsums and expert-sharded around the experts, so the
+  exchange between the two layouts is an all-to-all (forward and backward).
 - dropless: tokens sorted by expert and multiplied with `jax.lax.ragged_dot`
   (grouped matmul), then un-sorted; nothing is dropped. On a mesh with an
   `expert` axis this runs inside `jax.shard_map`: each expert shard all-gathers
@@ -35,6 +37,10 @@ from mmjax.models.layers import SwiGLU, fan_in_init, make_param
 from mmjax.models.partitioning import constrain, current_resolver, num_shards
 
 DISPATCHES = ("capacity", "dropless")
+# Logical layouts of the capacity buffers `[E, G, C, M]`: split by group (as the
+# tokens are) or by expert (as the expert weights are).
+_BY_GROUP = (None, "batch", None, "act_embed")
+_BY_EXPERT = ("expert", "batch", None, "act_embed")
 
 
 def route(logits: jax.Array, top_k: int, renormalize: bool):
@@ -141,9 +147,16 @@ class MoEFeedForward(nnx.Module):
         xg = constrain(x.reshape(groups, size, m), ("batch", None, "act_embed"))
         dispatch, combine, kept = capacity_dispatch_masks(
             weights.reshape(groups, size, -1), experts.reshape(groups, size, -1), self.cfg.num_experts, cap)
+        # Dispatch and combine are local to each group's shard; the two
+        # re-layouts between group-sharded and expert-sharded buffers are the
+        # all-to-alls (and their transposes in the backward pass). Without the
+        # group-sharded constraints GSPMD partitions the einsums over the
+        # expert-sharded operand: all-gathers and all-reduces of whole buffers.
         expert_in = jnp.einsum("gsec,gsm->egcm", dispatch.astype(x.dtype), xg)
-        expert_in = constrain(expert_in, ("expert", "batch", None, "act_embed"))
-        expert_out = constrain(self._experts_einsum(expert_in), ("expert", "batch", None, "act_embed"))
+        expert_in = constrain(expert_in, _BY_GROUP)
+        expert_in = constrain(expert_in, _BY_EXPERT)
+        expert_out = constrain(self._experts_einsum(expert_in), _BY_EXPERT)
+        expert_out = constrain(expert_out, _BY_GROUP)
         y = jnp.einsum("gsec,egcm->gsm", combine.astype(x.dtype), expert_out)
         y = constrain(y, ("batch", None, "act_embed"))
         return y.reshape(b, s, m), 1.0 - kept.mean()
