@@ -18,14 +18,10 @@ import argparse
 import csv
 import json
 import os
-import runpy
 import statistics
 import time
 
-
-def _load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    return runpy.run_path(path)["get_config"](arg or None)
+from mmjax.bench.harness import load_config
 
 
 def bare_step_times(config, steps: int) -> list[float]:
@@ -62,7 +58,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True, help="where the run, results.csv and summary.json go")
     parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
     args = parser.parse_args(argv)
-    config = _load_config(args.config)
+    config = load_config(args.config)
     import jax
 
     if config.runtime.cpu_devices:

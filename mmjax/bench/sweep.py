@@ -25,27 +25,14 @@ import argparse
 import csv
 import itertools
 import os
-import runpy
-import statistics
-import time
 
-import numpy as np
+from mmjax.bench.harness import AXES, TimedConfig, first_batch, load_config, mesh_name, time_round_robin
 
-AXES = ("data", "fsdp", "expert", "model")
 COLUMNS = ("rank", "mesh", "layout", "status", "reason", "step_time_s", "step_time_p90_s",
            "compile_s", "peak_bytes_per_device", "argument_bytes", "temp_bytes", "collective_bytes",
            "all_gather_bytes", "reduce_scatter_bytes", "all_reduce_bytes", "all_to_all_bytes",
            "fsdp_analytic_bytes", "collective_ratio", "tpu_topology", "tpu_fits", "tpu_peak_bytes",
            "tpu_collective_bytes", "tpu_collective_ratio", "tpu_estimate_s")
-
-
-def _load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    return runpy.run_path(path)["get_config"](arg or None)
-
-
-def mesh_name(mesh: dict) -> str:
-    return "x".join(str(mesh[a]) for a in AXES)
 
 
 def parse_grid(text: str) -> list[dict]:
@@ -85,87 +72,11 @@ def candidates(meshes: list[dict], layouts: list[str]) -> list[tuple[dict, str]]
     return out
 
 
-class Candidate:
-    """One mesh × layout: set up, compiled and timed on this machine."""
-
-    def __init__(self, config, mesh: dict, layout: str):
-        self.config = config.copy_and_resolve_references()
-        self.config.mesh.update(mesh)
-        self.config.rules = layout
-        self.row = {"mesh": mesh_name(mesh), "layout": layout, "status": "ok", "reason": ""}
-        self.times: list[float] = []
-
-    def prepare(self, local_batch) -> bool:
-        """Builds and compiles; on failure records the reason and returns False."""
-        import jax
-
-        from mmjax.bench.fsdp_analytic import analytic_fsdp_collective_bytes
-        from mmjax.bench.hlo_collectives import analyse_compiled
-        from mmjax.data.pipeline import to_global_arrays
-        from mmjax.parallel import get_layout, make_mesh
-        from mmjax.train.config_checks import check_config
-        from mmjax.train.loop import build_step
-        from mmjax.train.state import MODEL_INPUTS, init_train_state
-
-        try:
-            check_config(self.config, jax.device_count(), jax.process_count())
-            mesh = make_mesh(dict(self.config.mesh))
-            setup, step = build_step(self.config, mesh, get_layout(self.config.rules))
-        except ValueError as err:  # ConfigError, MeshConfigError, LayoutError: one sentence each
-            self.row.update(status="skipped", reason=str(err))
-            return False
-        self.batch = to_global_arrays({k: local_batch[k] for k in MODEL_INPUTS}, setup.batch_shardings)
-        self.state = init_train_state(self.config, setup)
-        t0 = time.perf_counter()
-        self.step = step.lower(self.state, self.batch).compile()
-        self.row["compile_s"] = time.perf_counter() - t0
-        stats = analyse_compiled(self.step)
-        self.row.update(peak_bytes_per_device=stats.peak_bytes, argument_bytes=stats.argument_bytes,
-                        temp_bytes=stats.temp_bytes, collective_bytes=stats.collective_bytes,
-                        **{f"{kind.replace('-', '_')}_bytes": stats.bytes_by_kind.get(kind, 0)
-                           for kind in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")})
-        analytic = analytic_fsdp_collective_bytes(setup)
-        self.row["fsdp_analytic_bytes"] = analytic
-        self.row["collective_ratio"] = stats.collective_bytes / analytic if analytic else ""
-        self.state, metrics = self.step(self.state, self.batch)  # one-off runtime warm-up
-        jax.block_until_ready(metrics)
-        return True
-
-    def time_step(self) -> None:
-        import jax
-
-        t0 = time.perf_counter()
-        self.state, metrics = self.step(self.state, self.batch)
-        jax.block_until_ready((self.state, metrics))
-        self.times.append(time.perf_counter() - t0)
-
-    def release(self) -> None:
-        self.state = self.batch = self.step = None
-
-    def add_topology(self, topology: str) -> None:
-        from mmjax.bench.aot import compile_for_topology
-
-        try:
-            report = compile_for_topology(self.config, topology)
-        except ValueError as err:
-            self.row.update(tpu_topology=topology, tpu_fits=f"error: {err}")
-            return
-        self.row.update(tpu_topology=topology, tpu_fits=report.fits, tpu_peak_bytes=report.peak_bytes,
-                        tpu_collective_bytes=report.collective_bytes,
-                        tpu_collective_ratio=report.collective_ratio, tpu_estimate_s=report.estimate.step_s)
-
-
 def run_sweep(config, candidates_: list[tuple[dict, str]], steps: int, topology: str | None = None,
               log=print) -> list[dict]:
     """Prepares, times (round-robin) and ranks the candidates; returns result rows."""
-    import jax
-
-    from mmjax.data.pipeline import default_tokenizer, make_dataset
-
-    local = next(iter(make_dataset(config.data, default_tokenizer(config.data),
-                                   batch_size=config.data.global_batch // jax.process_count(),
-                                   process_index=jax.process_index(), process_count=jax.process_count())))
-    runs = [Candidate(config, mesh, layout) for mesh, layout in candidates_]
+    local = first_batch(config)
+    runs = [TimedConfig(config, mesh, layout) for mesh, layout in candidates_]
     ready = []
     for i, run in enumerate(runs, 1):
         ok = run.prepare(local)
@@ -175,13 +86,7 @@ def run_sweep(config, candidates_: list[tuple[dict, str]], steps: int, topology:
             ready.append(run)
         if topology and ok:
             run.add_topology(topology)
-    for _ in range(steps):  # round-robin: machine noise hits every candidate alike
-        for run in ready:
-            run.time_step()
-    for run in ready:
-        run.row["step_time_s"] = statistics.median(run.times)
-        run.row["step_time_p90_s"] = float(np.percentile(run.times, 90))
-        run.release()
+    time_round_robin(ready, steps)
     ranked = sorted(ready, key=lambda r: r.row["step_time_s"])
     for rank, run in enumerate(ranked, 1):
         run.row["rank"] = rank
@@ -248,7 +153,7 @@ def main(argv=None) -> int:
     parser.add_argument("--topology", default=None, help="also compile each candidate for this TPU "
                         "topology ahead of time, e.g. v5p:2x2x1 (needs the `tpu` extra)")
     args = parser.parse_args(argv)
-    config = _load_config(args.config)
+    config = load_config(args.config)
     import jax
 
     if config.runtime.cpu_devices:

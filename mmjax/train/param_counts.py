@@ -1,0 +1,61 @@
+"""Total and active (per token) parameter counts, for MoE-vs-dense pairs.
+
+`param_counts(config)` reads the abstract model (nothing allocated);
+`decoder_param_counts(config.model.decoder)` gives the decoder's counts from
+its dims alone. Expert weights count `top_k / num_experts` of their size
+toward `active`: the parameters one token passes through.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from flax import nnx
+
+
+def _is_expert_weight(variable) -> bool:
+    return "expert" in (variable.get_metadata().get("logical_axes") or ())
+
+
+def param_counts(config, component: str | None = None) -> dict[str, int]:
+    """{"total", "active"} parameters of the model in `config` (or of one
+    top-level component: "vit", "connector", "decoder"), from abstract
+    params. Expert weights count `top_k / num_experts` of their size toward
+    `active`: the parameters one token passes through."""
+    from mmjax.train.state import abstract_model
+
+    _, params = abstract_model(config.model)
+    if component is not None:
+        params = params[component]
+    moe = config.model.decoder.moe
+    total = active = 0
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        size = math.prod(leaf.shape)
+        total += size
+        active += size * moe.top_k // moe.num_experts if _is_expert_weight(leaf) else size
+    return {"total": total, "active": active}
+
+
+def decoder_param_counts(dec) -> dict[str, int]:
+    """{"total", "active"} decoder parameters from `config.model.decoder`'s
+    dims (the same numbers `param_counts(config, "decoder")` gives)."""
+    from mmjax.models.decoder import is_moe_layer
+
+    m, hd = dec.embed, dec.head_dim
+    attention = m * hd * (2 * dec.heads + 2 * dec.kv_heads)
+    if dec.get("qk_norm"):
+        attention += 2 * hd
+    total = active = (1 if dec.tie_embeddings else 2) * dec.vocab_size * m + m  # tables, final norm
+    for i in range(dec.layers):
+        layer = attention + 2 * m  # + two RMSNorms
+        if is_moe_layer(dec, i):
+            moe = dec.moe
+            expert = 3 * m * moe.expert_mlp
+            shared = expert if moe.shared_expert else 0
+            total += layer + m * moe.num_experts + moe.num_experts * expert + shared
+            active += layer + m * moe.num_experts + moe.top_k * expert + shared
+        else:
+            total += layer + 3 * m * dec.mlp
+            active += layer + 3 * m * dec.mlp
+    return {"total": total, "active": active}
