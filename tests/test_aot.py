@@ -93,6 +93,7 @@ def test_capacity_dispatch_exchanges_tokens_with_all_to_alls():
     dispatch and combine einsums themselves need no collective (GSPMD would
     otherwise all-gather and all-reduce whole expert buffers there)."""
     from experiments.tiny_moe import get_config
+    from mmjax.models.moe import capacity, dispatch_groups
 
     c = get_config()
     c.mesh = dict(data=1, fsdp=2, expert=2, model=1)
@@ -100,13 +101,16 @@ def test_capacity_dispatch_exchanges_tokens_with_all_to_alls():
     sources = collective_stats(r.hlo_text, 4, top=None).largest
     exchange = [s for s in sources if "gsec," in s["op_name"]]
     assert exchange == [], exchange
-    # 4 groups of 512 tokens, capacity 2 * 512 * 2.0 / 8 = 256: a device holds
-    # [8, 1, 256, 128] of the [E, G, C, M] buffer and receives half of it per
-    # exchange, in bf16 (XLA moves the default-precision matmuls' bf16
-    # conversion ahead of the exchange). Forward: into and out of the experts;
-    # backward: their transposes. Nothing else crosses devices for the dispatch.
+    # 2048 tokens in groups (dispatch_groups) of `group_size` over 4 batch shards,
+    # capacity C per group: a device holds [8, G / 4, C, 128] of the [E, G, C, M]
+    # buffer and receives half of it per exchange, in bf16 (XLA moves the
+    # default-precision matmuls' bf16 conversion ahead of the exchange).
+    # Forward: into and out of the experts; backward: their transposes.
+    # Nothing else crosses devices for the dispatch.
+    groups = dispatch_groups(2048, 4, c.model.decoder.moe.group_size)
+    cap = capacity(2048 // groups, 2, 8, 2.0)
     assert r.collective_counts["all-to-all"] == 4
-    assert r.collective_bytes_by_kind["all-to-all"] == pytest.approx(4 * 8 * 256 * 128 * 2 / 2)
+    assert r.collective_bytes_by_kind["all-to-all"] == pytest.approx(4 * 8 * (groups // 4) * cap * 128 * 2 / 2)
 
 
 def test_topology_strings():

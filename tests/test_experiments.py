@@ -154,6 +154,7 @@ def test_3b_moe_layout():
     c = mm1.get_config("3b-moe")
     dec = c.model.decoder
     assert (dec.moe.num_experts, dec.moe.moe_every, dec.moe.top_k, dec.moe.capacity_factor) == (64, 2, 2, 2.0)
+    assert dec.moe.group_size == 1024  # 8 dispatch groups per device at 2 sequences of 4096
     assert (dec.moe.load_balance_weight, dec.moe.router_z_weight) == (0.01, 0.001)
     assert [is_moe_layer(dec, i) for i in range(dec.layers)] == [i % 2 == 1 for i in range(dec.layers)]
     assert not dec.scan  # alternating layers are listed

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import small_config
 from mmjax.data.pipeline import default_tokenizer, make_dataset, to_global_arrays
-from mmjax.models.moe import MoEFeedForward, capacity_dispatch_masks
+from mmjax.models.moe import MoEFeedForward, capacity_dispatch_masks, dispatch_groups
 from mmjax.parallel import get_layout, make_mesh
 from mmjax.train.loss import cross_entropy_loss
 from mmjax.train.optimizer import make_optimizer
@@ -68,6 +68,32 @@ def test_skewed_routing_with_capacity_factor_one_drops_and_reports():
     assert float(aux["expert_fraction"][0]) > 0.4
     _, metrics = moe_losses(jax.tree.map(lambda v: v[None], aux), 0.01, 0.001)
     assert float(metrics["dropped_fraction"]) == pytest.approx(float(aux["dropped_fraction"]))
+
+
+def test_dispatch_groups():
+    assert dispatch_groups(2048, 8) == 8                 # one group per batch shard
+    assert dispatch_groups(2048, 8, group_size=64) == 32  # 256 tokens per shard -> 4 groups of 64
+    assert dispatch_groups(2048, 8, group_size=512) == 8  # already small enough
+    assert dispatch_groups(8 * 24, 8, group_size=10) == 24  # 24 per shard: 3 groups of 8 (not 10: equal sizes)
+    assert dispatch_groups(30, 4) == 1                    # shards do not divide the tokens
+
+
+def test_group_size_dispatches_each_group_on_its_own():
+    """With `group_size`, each group of tokens competes for its own expert
+    capacity: the layer equals the ungrouped layer run on each group alone,
+    dropping included."""
+    grouped = MoEFeedForward(16, moe_cfg(capacity_factor=1.0, group_size=12), rngs=nnx.Rngs(0))
+    whole = MoEFeedForward(16, moe_cfg(capacity_factor=1.0), rngs=nnx.Rngs(0))
+    for layer in (grouped, whole):
+        layer.router[...] = layer.router[...].at[:, 0].add(3.0)  # skewed: some tokens drop
+    x = jnp.abs(jax.random.normal(jax.random.key(2), (2, 12, 16)))
+    y, aux = grouped(x)
+    parts = [whole(x[i:i + 1]) for i in range(2)]
+    np.testing.assert_allclose(y, jnp.concatenate([p[0] for p in parts]), atol=1e-6)
+    dropped = [float(p[1]["dropped_fraction"]) for p in parts]
+    assert float(aux["dropped_fraction"]) == pytest.approx(sum(dropped) / 2) and max(dropped) > 0
+    y_whole, _ = whole(x)  # one group of 24 shares the capacity differently
+    assert not np.allclose(y, y_whole, atol=1e-6)
 
 
 def _loss_and_grads(c, mesh_cfg, batch_np, lb_weight, z_weight):

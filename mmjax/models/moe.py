@@ -2,12 +2,13 @@
 
 x `[batch, seq, embed]` -> (y `[batch, seq, embed]`, aux dict). Config
 fields (`config.model.decoder.moe`): num_experts, top_k, renormalize,
-capacity_factor, dispatch ("capacity" | "dropless"), expert_mlp,
+capacity_factor, group_size, dispatch ("capacity" | "dropless"), expert_mlp,
 shared_expert, load_balance_weight, router_z_weight.
 
 - capacity: GShard einsum dispatch/combine. Tokens are split into groups
   (one per batch shard of the runtime mesh, via
-  `partitioning.num_shards("batch")`), each expert takes at most
+  `partitioning.num_shards("batch")`, each split further into groups of at
+  most `group_size` tokens when that is set), each expert takes at most
   C = ceil(top_k * group_size * capacity_factor / num_experts) tokens per
   group, the rest are dropped (their MoE output is 0; the residual carries
   them). The `[E, G, C, M]` buffers are constrained group-sharded next to the
@@ -68,6 +69,22 @@ def routing_aux(logits: jax.Array, probs: jax.Array, experts: jax.Array, num_exp
 
 def capacity(group_size: int, top_k: int, num_experts: int, factor: float) -> int:
     return max(1, math.ceil(top_k * group_size * factor / num_experts))
+
+
+def dispatch_groups(tokens: int, batch_shards: int, group_size: int = 0) -> int:
+    """Number of capacity-dispatch groups for `tokens` tokens: one per batch
+    shard (1 when the shards do not divide the tokens), each split further
+    into the fewest equal groups of at most `group_size` tokens (0: no
+    limit). The one-hot dispatch/combine einsums cost O(group size) per
+    token, so smaller groups are cheaper (and drop more under imbalance)."""
+    groups = batch_shards if tokens % batch_shards == 0 else 1
+    per_shard = tokens // groups
+    if group_size and per_shard > group_size:
+        split = math.ceil(per_shard / group_size)
+        while per_shard % split:
+            split += 1
+        groups *= split
+    return groups
 
 
 def capacity_dispatch_masks(weights: jax.Array, experts: jax.Array, num_experts: int, cap: int):
@@ -140,8 +157,7 @@ class MoEFeedForward(nnx.Module):
     def _capacity(self, x, weights, experts):
         b, s, m = x.shape
         tokens = b * s
-        groups = num_shards("batch")
-        groups = groups if tokens % groups == 0 else 1
+        groups = dispatch_groups(tokens, num_shards("batch"), self.cfg.get("group_size", 0))
         size = tokens // groups
         cap = capacity(size, self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
         xg = constrain(x.reshape(groups, size, m), ("batch", None, "act_embed"))

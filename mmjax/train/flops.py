@@ -25,7 +25,8 @@ Two totals:
       (`attention.dot_product_attention`), so all s^2 pairs count;
     * capacity MoE (`dispatch="capacity"`) runs every expert on its whole
       buffer of C slots per token group (C = ceil(top_k * group * factor / E),
-      one group per batch shard of the mesh), and the one-hot dispatch and
+      one group per batch shard of the mesh, split into groups of at most
+      `moe.group_size` tokens when set), and the one-hot dispatch and
       combine einsums are matmuls of their own (2 * T * E * C * embed each);
     * dropless MoE uses `jax.lax.ragged_dot`, executed as a grouped matmul on
       TPU/GPU but, on the CPU backend, as a dense matmul against every
@@ -270,7 +271,7 @@ def _batch_shards(config, sizes: Mapping[str, int]) -> int:
 def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: int,
                  ragged_dot: str) -> list[_Op]:
     from mmjax.models.decoder import is_moe_layer
-    from mmjax.models.moe import capacity
+    from mmjax.models.moe import capacity, dispatch_groups
 
     t = b * s
     m, hd = dec.embed, dec.head_dim
@@ -294,7 +295,7 @@ def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: in
         ops.append(_Op("decoder/moe_router", router, router, stack="decoder"))
         active = 2.0 * t * k * m * h  # one of gate / up / down for the routed tokens
         if moe.dispatch == "capacity":
-            groups = batch_shards if t % batch_shards == 0 else 1
+            groups = dispatch_groups(t, batch_shards, moe.get("group_size", 0))
             slots = groups * e * capacity(t // groups, k, e, moe.capacity_factor)  # all expert buffers
             one_hot = 2.0 * t * (slots // groups) * m  # dispatch or combine einsum: T x (E * C) x M
             hw = 2.0 * slots * m * h
