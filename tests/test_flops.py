@@ -68,7 +68,15 @@ def xla_flops(c) -> float:
     return float(cost["flops"])
 
 
-@pytest.mark.parametrize("make_config", [dense_config, moe_config], ids=["dense_remat", "moe_capacity"])
+def moe_grouped_config():
+    """The capacity MoE with dispatch groups of 64 tokens (several per device)."""
+    c = moe_config()
+    c.model.decoder.moe.group_size = 64
+    return c
+
+
+@pytest.mark.parametrize("make_config", [dense_config, moe_config, moe_grouped_config],
+                         ids=["dense_remat", "moe_capacity", "moe_capacity_groups"])
 def test_hardware_flops_match_xla_cost_analysis(make_config):
     c = make_config()
     analytic = train_flops(c, num_devices=1)
