@@ -2,10 +2,14 @@
 reason, time the rest, write the documented CSV and a plot."""
 
 import csv
+import importlib.util
 import os
 
+import pytest
 from conftest import small_config
-from mmjax.bench.sweep import COLUMNS, candidates, enumerate_meshes, parse_grid, run_sweep, write_outputs
+
+from mmjax.bench.sweep import (COLUMNS, candidates, enumerate_meshes, parse_grid, run_aot_sweep, run_sweep,
+                               write_outputs)
 
 
 def test_enumeration_covers_every_factorisation():
@@ -37,4 +41,30 @@ def test_sweep_times_four_layouts_and_skips_an_invalid_one(tmp_path):
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert tuple(table[0]) == COLUMNS and len(table) == len(rows)
+    assert os.path.getsize(tmp_path / "sweep.png") > 1000
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (jax[tpu]) is not installed")
+def test_aot_only_sweep_ranks_layouts_for_a_tpu_slice(tmp_path):
+    """A slice that is not at hand: every candidate is compiled for it, none
+    runs here; ranked by the estimated step time; a mesh of the wrong size
+    is skipped with the reason."""
+    c = small_config()
+    grid = parse_grid("1x4x1x1,4x1x1x1,8x1x1x1")
+    rows = run_aot_sweep(c, candidates(grid, ["fsdp"]) + [(grid[1], "data_parallel")], "v5p:2x2x1",
+                         log=lambda *_: None)
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert [(r["mesh"], r["layout"]) for r in rows if r["status"] == "skipped"] == [("8x1x1x1", "fsdp")]
+    assert "needs 8 devices but 4 are available" in rows[-1]["reason"]
+    assert len(ok) == 3 and [r["rank"] for r in ok] == [1, 2, 3]
+    assert all(r["tpu_fits"] and r["tpu_peak_bytes"] > 0 and "step_time_s" not in r for r in ok)
+    estimates = [r["tpu_estimate_s"] for r in ok]
+    assert estimates == sorted(estimates) and estimates[0] > 0
+    by_layout = {(r["mesh"], r["layout"]): r for r in ok}
+    # Pure FSDP moves about its analytic minimum; replicated weights move gradients only.
+    assert 0.8 < by_layout[("1x4x1x1", "fsdp")]["tpu_collective_ratio"] < 1.6
+    write_outputs(rows, str(tmp_path))
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["rank"] for t in table] == ["1", "2", "3", ""] and table[0]["step_time_s"] == ""
     assert os.path.getsize(tmp_path / "sweep.png") > 1000

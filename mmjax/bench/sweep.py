@@ -17,6 +17,12 @@ per-device memory and collective bytes from the compiled program; with
 topology (fits, memory, collectives, FSDP collective ratio, step-time
 estimate). Writes `results.csv` (columns in the README), a ranked table on
 stdout and `sweep.png`.
+
+For a pod that is not at hand, `--aot_only --topology v5p:4x8x8` enumerates
+the meshes of the topology's device count instead, compiles every candidate
+ahead of time for it (nothing runs here) and ranks the ones that fit by the
+ESTIMATED step time (`mmjax/bench/estimate.py`); the local columns stay
+empty and `rank` follows the estimate.
 """
 
 from __future__ import annotations
@@ -93,6 +99,36 @@ def run_sweep(config, candidates_: list[tuple[dict, str]], steps: int, topology:
     return [r.row for r in ranked] + [r.row for r in runs if r.row["status"] != "ok"]
 
 
+def run_aot_sweep(config, candidates_: list[tuple[dict, str]], topology: str, log=print) -> list[dict]:
+    """Compiles every candidate ahead of time for `topology` only; ranks the
+    ones that fit by estimated step time, then those that do not fit."""
+    from mmjax.bench.aot import compile_for_topology
+
+    rows = []
+    for i, (mesh, layout) in enumerate(candidates_, 1):
+        cfg = config.copy_and_resolve_references()
+        cfg.mesh.update(mesh)
+        cfg.rules = layout
+        row = {"mesh": mesh_name(mesh), "layout": layout, "status": "ok", "reason": "", "tpu_topology": topology}
+        try:
+            report = compile_for_topology(cfg, topology)
+        except ValueError as err:  # TopologyError, ConfigError, LayoutError: one sentence each
+            row.update(status="skipped", reason=str(err))
+            log(f"[{i}/{len(candidates_)}] mesh {row['mesh']} layout {layout}: skipped: {err}")
+            rows.append(row)
+            continue
+        row.update(compile_s=report.compile_s, tpu_fits=report.fits, tpu_peak_bytes=report.peak_bytes,
+                   tpu_collective_bytes=report.collective_bytes, tpu_collective_ratio=report.collective_ratio,
+                   tpu_estimate_s=report.estimate.step_s)
+        log(f"[{i}/{len(candidates_)}] mesh {row['mesh']} layout {layout}: compiled in {report.compile_s:.1f}s, "
+            f"peak {report.peak_bytes / 2**30:.2f} GiB, fits={report.fits}")
+        rows.append(row)
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: (not r["tpu_fits"], r["tpu_estimate_s"]))
+    for rank, row in enumerate(ok, 1):
+        row["rank"] = rank
+    return ok + [r for r in rows if r["status"] != "ok"]
+
+
 def print_table(rows: list[dict], log=print) -> None:
     log(f"\n{'rank':>4s} {'mesh d×f×e×m':>13s} {'layout':>14s} {'step s':>8s} {'p90 s':>8s} "
         f"{'peak MiB':>9s} {'coll MiB':>9s} {'coll/fsdp':>9s}  notes")
@@ -101,11 +137,18 @@ def print_table(rows: list[dict], log=print) -> None:
             log(f"{'-':>4s} {r['mesh']:>13s} {r['layout']:>14s} {'':>8s} {'':>8s} {'':>9s} {'':>9s} {'':>9s}"
                 f"  skipped: {r['reason']}")
             continue
+        if "step_time_s" not in r:  # compiled for the topology only
+            log(f"{r['rank']:>4d} {r['mesh']:>13s} {r['layout']:>14s} {'':>8s} {'':>8s} "
+                f"{r['tpu_peak_bytes'] / 2**20:9.0f} {r['tpu_collective_bytes'] / 2**20:9.1f} "
+                f"{r['tpu_collective_ratio']:9.2f}  {r['tpu_topology']}: fits={r['tpu_fits']} "
+                f"ESTIMATE {r['tpu_estimate_s']:.4f}s")
+            continue
         ratio = f"{r['collective_ratio']:.2f}" if r.get("collective_ratio") not in ("", None) else "-"
         tpu = ""
         if r.get("tpu_topology"):
-            tpu = (f"  {r['tpu_topology']}: fits={r['tpu_fits']} estimate "
-                   f"{r.get('tpu_estimate_s', float('nan')):.4f}s")
+            tpu_ratio, est = r.get("tpu_collective_ratio"), r.get("tpu_estimate_s")
+            tpu = (f"  {r['tpu_topology']}: fits={r['tpu_fits']}"
+                   + (f" coll/fsdp {tpu_ratio:.2f} ESTIMATE {est:.4f}s" if isinstance(est, float) else ""))
         log(f"{r['rank']:>4d} {r['mesh']:>13s} {r['layout']:>14s} {r['step_time_s']:8.4f} "
             f"{r['step_time_p90_s']:8.4f} {r['peak_bytes_per_device'] / 2**20:9.2f} "
             f"{r['collective_bytes'] / 2**20:9.2f} {ratio:>9s}{tpu}")
@@ -126,11 +169,14 @@ def write_outputs(rows: list[dict], workdir: str) -> None:
         import matplotlib.pyplot as plt
 
         labels = [f"{r['mesh']}\n{r['layout']}" for r in ok]
+        local = all("step_time_s" in r for r in ok)
+        time_key, bytes_key = ("step_time_s", "collective_bytes") if local else ("tpu_estimate_s",
+                                                                               "tpu_collective_bytes")
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 1.2 * len(ok)), 4.5))
-        ax1.bar(labels, [r["step_time_s"] for r in ok], color="tab:blue")
-        ax1.set_ylabel("median step time (s)")
-        ax1.set_title("measured on this machine")
-        ax2.bar(labels, [r["collective_bytes"] / 2**20 for r in ok], color="tab:orange")
+        ax1.bar(labels, [r[time_key] for r in ok], color="tab:blue")
+        ax1.set_ylabel("median step time (s)" if local else "ESTIMATED step time (s)")
+        ax1.set_title("measured on this machine" if local else f"estimate for {ok[0]['tpu_topology']}")
+        ax2.bar(labels, [r[bytes_key] / 2**20 for r in ok], color="tab:orange")
         ax2.set_ylabel("collective MiB per device per step")
         ax2.set_title("from the compiled program")
         for ax in (ax1, ax2):
@@ -152,15 +198,31 @@ def main(argv=None) -> int:
     parser.add_argument("--with_model", action="store_true", help="also enumerate a model (tensor) axis")
     parser.add_argument("--topology", default=None, help="also compile each candidate for this TPU "
                         "topology ahead of time, e.g. v5p:2x2x1 (needs the `tpu` extra)")
+    parser.add_argument("--aot_only", action="store_true", help="only compile for --topology (a pod "
+                        "not at hand): enumerate its device count, rank by the estimated step time")
     args = parser.parse_args(argv)
+    if args.aot_only and not args.topology:
+        parser.error("--aot_only needs --topology (the TPU slice to compile for).")
     config = load_config(args.config)
     import jax
 
     if config.runtime.cpu_devices:
         jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
-    meshes = parse_grid(args.grid) if args.grid else enumerate_meshes(jax.device_count(), args.with_model)
+    if args.aot_only:
+        from mmjax.bench.topology import TopologyError, topology_devices
+
+        try:
+            devices = len(topology_devices(args.topology)[1])
+        except TopologyError as err:
+            parser.error(str(err))
+    else:
+        devices = jax.device_count()
+    meshes = parse_grid(args.grid) if args.grid else enumerate_meshes(devices, args.with_model)
     layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
-    rows = run_sweep(config, candidates(meshes, layouts), args.steps, args.topology)
+    if args.aot_only:
+        rows = run_aot_sweep(config, candidates(meshes, layouts), args.topology)
+    else:
+        rows = run_sweep(config, candidates(meshes, layouts), args.steps, args.topology)
     print_table(rows)
     write_outputs(rows, args.workdir)
     print(f"\nwrote {os.path.join(args.workdir, 'results.csv')} and sweep.png")
