@@ -6,9 +6,10 @@
 
 Generates (`mmjax.bench.data_shards`; once, reused while the generation
 settings match) WebDataset tar shards of the three streams under
-`<workdir>/shards` (or `bench.data_dir`): caption samples (a JPEG of a smooth picture with shapes and mild noise, and a
-15-30 word caption), interleaved documents (2-6 JPEGs with paragraphs between,
-100-400 words) and text documents (300-800 words). Points
+`<workdir>/shards` (or `bench.data_dir`): caption samples (a JPEG of a
+smooth picture with shapes and mild noise, and a 15-30 word caption),
+interleaved documents (2-6 JPEGs with paragraphs between, 100-400 words)
+and text documents (300-800 words). Points
 `config.data.sources.*` at them and then measures, in one run:
 
   bare         a plain loop calling `decode_and_resize(jpeg, image_size)` over
