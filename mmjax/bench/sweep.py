@@ -141,14 +141,14 @@ def print_table(rows: list[dict], log=print) -> None:
             log(f"{r['rank']:>4d} {r['mesh']:>13s} {r['layout']:>14s} {'':>8s} {'':>8s} "
                 f"{r['tpu_peak_bytes'] / 2**20:9.0f} {r['tpu_collective_bytes'] / 2**20:9.1f} "
                 f"{r['tpu_collective_ratio']:9.2f}  {r['tpu_topology']}: fits={r['tpu_fits']} "
-                f"ESTIMATE {r['tpu_estimate_s']:.4f}s")
+                f"ESTIMATE {r['tpu_estimate_s'] * 1e3:.3f} ms")
             continue
         ratio = f"{r['collective_ratio']:.2f}" if r.get("collective_ratio") not in ("", None) else "-"
         tpu = ""
         if r.get("tpu_topology"):
             tpu_ratio, est = r.get("tpu_collective_ratio"), r.get("tpu_estimate_s")
             tpu = (f"  {r['tpu_topology']}: fits={r['tpu_fits']}"
-                   + (f" coll/fsdp {tpu_ratio:.2f} ESTIMATE {est:.4f}s" if isinstance(est, float) else ""))
+                   + (f" coll/fsdp {tpu_ratio:.2f} ESTIMATE {est * 1e3:.3f} ms" if isinstance(est, float) else ""))
         log(f"{r['rank']:>4d} {r['mesh']:>13s} {r['layout']:>14s} {r['step_time_s']:8.4f} "
             f"{r['step_time_p90_s']:8.4f} {r['peak_bytes_per_device'] / 2**20:9.2f} "
             f"{r['collective_bytes'] / 2**20:9.2f} {ratio:>9s}{tpu}")
