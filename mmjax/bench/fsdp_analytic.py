@@ -42,10 +42,13 @@ ratio well above 1 points at traffic beyond the weights: activation
 resharding, MoE token exchange, or weights gathered more often than needed.
 `largest_collectives` (and the report's "largest sources") names the
 biggest contributors by the JAX operation they come from; e.g. MM1 3B-MoE on
-v5p:4x8x8 (fsdp=32 x expert=8, capacity dispatch) measures about 6x the
-FSDP minimum, most of it all-gathers of the expert outputs
-(bf16[256,8192,2560]) in the combine einsum `gsec,egcm->gsm` and its
-gradient.
+v5p:4x8x8 (fsdp=32 x expert=8, capacity dispatch, whole-layer remat)
+measures 1.35x the FSDP minimum: inside the expert einsums XLA moves the
+weight gathers (forward and recomputation) and the gradient reductions as
+collective-permute loops (51.6 GiB), and the token exchange adds 13.1 GiB of
+all-to-alls. Before the capacity buffers were constrained
+group-sharded beside the dispatch/combine einsums it was about 6x, mostly
+all-gathers of whole expert outputs.
 """
 
 from __future__ import annotations
