@@ -61,8 +61,11 @@ libtpu 0.0.42.1; the ViT was scanned for compile speed), 95 GiB per v5p chip:
                                                         27.2 on tpu-v5p-256)
   7b       tpu-v5p-256         4             37.7
   30b      tpu-v5p-512         2             40.1   (71.8 on tpu-v5p-256: too close)
-  3b-moe   tpu-v5p-512         2             64.1   (fsdp=32 x expert=8; 95.1 on tpu-v5p-256)
-  7b-moe   tpu-v5p-1024        1             40.3   (fsdp=64 x expert=8; 80.6 on tpu-v5p-512)
+  3b-moe   tpu-v5p-512         2             50.7   (fsdp=32 x expert=8, ViT listed, dispatch
+                                                        groups of 1024; 64.1 with one group per chip
+                                                        and GSPMD's gathers of whole expert buffers)
+  7b-moe   tpu-v5p-1024        1             40.3   (fsdp=64 x expert=8; 80.6 on tpu-v5p-512; both
+                                                        measured before the all-to-all dispatch)
 
 Weights and Adam moments are a few GiB per chip at most (fully sharded over
 fsdp, experts over fsdp x expert); the rest is activations, which grow with
@@ -71,9 +74,11 @@ and the layer being recomputed holds float32 attention scores
 (`heads x 4096^2` per sequence) and, at the end, float32 logits over 100352
 tokens (1.6 GB per sequence): roughly 5.4 (1b), 6.2 (3b), 9.4 (7b) and 16
 (30b) GiB per sequence per chip. The MoE configs also hold the capacity
-dispatch's one-hot `[tokens, experts, capacity]` masks, which grow with the
-square of the tokens per chip (`dispatch=dropless` is no lighter here: its
-expert-parallel all-gather took 7b-moe on tpu-v5p-512 to 96.0 GiB).
+dispatch's one-hot `[groups, group_size, experts, capacity]` masks, which grow
+with the tokens per chip times the group size (`moe.group_size` = 1024 here;
+one group per chip would make them grow with the square of the tokens per
+chip). `dispatch=dropless` is no lighter: its expert-parallel all-gather of
+tokens took 7b-moe on tpu-v5p-512 to 96.0 GiB.
 
 Other presets: pick `--config.train.grad_accum_steps=K` so that
 global_batch / (K x devices) sequences per device fit the per-sequence costs
