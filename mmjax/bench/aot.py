@@ -191,8 +191,8 @@ def abstract_batch(config, setup) -> dict:
 
 def compile_for_topology(config, topology: str) -> AotReport:
     """Compiles the train step of `config` for a TPU topology string
-    ("v5p:4x4x8", "v4:2x2x1", "v5e:2x2", "v6e:2x2"; see the module doc) and
-    reports memory, fit, FLOPs, collectives and a step-time estimate.
+    ("v5p:4x4x8", "v4:2x2x1", "v5e:2x2", "v6e:2x2"; see `mmjax.bench.topology`)
+    and reports memory, fit, FLOPs, collectives and a step-time estimate.
 
     Raises TopologyError for an unknown topology or a mesh that does not
     match its device count, ConfigError/LayoutError for other config problems

@@ -366,7 +366,8 @@ class CompiledStats:
 
     @property
     def peak_bytes(self) -> int:
-        """argument + output + temp - alias (see the module doc)."""
+        """argument + output + temp - alias: all live at once, less the outputs
+        that reuse a donated argument's buffer."""
         return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
 
     @property
