@@ -120,9 +120,14 @@ class TimedConfig:
         except ValueError as err:
             self.row.update(tpu_topology=topology, tpu_fits=f"error: {err}")
             return
-        self.row.update(tpu_topology=topology, tpu_fits=report.fits, tpu_peak_bytes=report.peak_bytes,
-                        tpu_collective_bytes=report.collective_bytes,
-                        tpu_collective_ratio=report.collective_ratio, tpu_estimate_s=report.estimate.step_s)
+        self.row.update(tpu_columns(report))
+
+
+def tpu_columns(report) -> dict:
+    """The `tpu_*` result columns of an `mmjax.bench.aot.AotReport`."""
+    return dict(tpu_topology=report.topology, tpu_fits=report.fits, tpu_peak_bytes=report.peak_bytes,
+                tpu_collective_bytes=report.collective_bytes, tpu_collective_ratio=report.collective_ratio,
+                tpu_estimate_s=report.estimate.step_s)
 
 
 def time_round_robin(runs: list[TimedConfig], steps: int) -> None:

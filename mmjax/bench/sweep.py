@@ -32,7 +32,8 @@ import csv
 import itertools
 import os
 
-from mmjax.bench.harness import AXES, TimedConfig, first_batch, load_config, mesh_name, time_round_robin
+from mmjax.bench.harness import (AXES, TimedConfig, first_batch, load_config, mesh_name, time_round_robin,
+                                 tpu_columns)
 
 COLUMNS = ("rank", "mesh", "layout", "status", "reason", "step_time_s", "step_time_p90_s",
            "compile_s", "peak_bytes_per_device", "argument_bytes", "temp_bytes", "collective_bytes",
@@ -117,9 +118,7 @@ def run_aot_sweep(config, candidates_: list[tuple[dict, str]], topology: str, lo
             log(f"[{i}/{len(candidates_)}] mesh {row['mesh']} layout {layout}: skipped: {err}")
             rows.append(row)
             continue
-        row.update(compile_s=report.compile_s, tpu_fits=report.fits, tpu_peak_bytes=report.peak_bytes,
-                   tpu_collective_bytes=report.collective_bytes, tpu_collective_ratio=report.collective_ratio,
-                   tpu_estimate_s=report.estimate.step_s)
+        row.update(compile_s=report.compile_s, **tpu_columns(report))
         log(f"[{i}/{len(candidates_)}] mesh {row['mesh']} layout {layout}: compiled in {report.compile_s:.1f}s, "
             f"peak {report.peak_bytes / 2**30:.2f} GiB, fits={report.fits}")
         rows.append(row)
