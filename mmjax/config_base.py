@@ -77,3 +77,14 @@ def base_config() -> mlc.ConfigDict:
     c.train.on_nonfinite = "stop"  # NaN/Inf loss: "stop" (naming the last good checkpoint) or "skip" the update
     c.train.profile_steps = (0, 0)  # (first, last) step of a profiler trace under WORKDIR/profile
     return c
+
+
+def apply_hardware_flag(config) -> None:
+    """Honours `--config.hardware=NAME`: ml_collections applies command-line
+    overrides after `get_config` has run, so a changed preset name is applied
+    here (`experiments.hardware.resolve_hardware`; explicit overrides of its
+    fields are kept). Call before JAX starts its backend."""
+    if config.get("hardware") and config.get("hardware") != config.get("hardware_applied"):
+        from experiments.hardware import resolve_hardware
+
+        resolve_hardware(config)

@@ -261,6 +261,21 @@ def test_topologies_parse():
         assert described[name] == [hw.devices, hw.device_kind], name
 
 
+def test_hardware_flag_applies_the_preset():
+    """`--config.hardware=NAME` reaches the entry points as a changed string;
+    `apply_hardware_flag` (called by `mmjax.train` and `mmjax.bench.aot`)
+    applies that preset."""
+    from mmjax.config_base import apply_hardware_flag
+
+    c = mm1.get_config("smoke-3b")
+    apply_hardware_flag(c)  # nothing changed: nothing to do
+    assert c.runtime.cpu_devices == 8 and c.hardware_applied == "cpu-8"
+    c.hardware = "cpu-4"
+    apply_hardware_flag(c)
+    assert c.runtime.cpu_devices == 4 and c.hardware_applied == "cpu-4"
+    assert dict(c.mesh) == dict(data=2, fsdp=2, expert=1, model=1)
+
+
 def test_apply_and_resolve_hardware():
     c = mm1.get_config("smoke-3b")
     assert c.runtime.cpu_devices == 8 and c.model.decoder.remat == ""

@@ -62,6 +62,7 @@ from mmjax.bench.estimate import CHIPS, ChipSpec, StepEstimate, estimate_step_ti
 from mmjax.bench.fsdp_analytic import FsdpAnalytic, fsdp_collective_breakdown
 from mmjax.bench.hlo_collectives import COLLECTIVE_KINDS, analyse_compiled
 from mmjax.bench.topology import topology_devices, topology_mesh
+from mmjax.config_base import apply_hardware_flag
 
 FIT_FRACTION = 0.95
 
@@ -275,10 +276,7 @@ def _main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    if config.get("hardware") and config.get("hardware") != config.get("hardware_applied"):
-        from experiments.hardware import resolve_hardware  # --config.hardware=NAME: apply that preset
-
-        resolve_hardware(config)
+    apply_hardware_flag(config)
     topology = _TOPOLOGY.value or config.get("topology", "")
     if not topology:
         raise app.UsageError("--topology is required (the config names none in config.topology).")

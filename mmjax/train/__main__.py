@@ -25,6 +25,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mmjax.config_base import apply_hardware_flag
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None,
     "Experiment config file (experiments/*.py exposing get_config); 'FILE:ARG' passes ARG "
@@ -73,6 +75,7 @@ def main(argv):
     import jax
 
     config = _CONFIG.value
+    apply_hardware_flag(config)  # --config.hardware=NAME picks that preset's mesh, remat, devices
     if _PROFILE_STEPS.value:
         with config.unlocked():
             config.train.profile_steps = _profile_window(_PROFILE_STEPS.value)
