@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from experiments import mm1
 from experiments.hardware import apply_hardware
-from mmjax.train.param_counts import decoder_param_counts, param_counts  # noqa: F401 (re-exported)
 
 # pair -> (dense config builder arg, MoE num_experts, moe_every, hardware)
 _PAIRS = {

@@ -23,6 +23,7 @@ from mmjax.models.vit import ViT, param_count
 from mmjax.parallel.mesh import resolve_mesh_shape
 from mmjax.parallel.rules import get_layout, logical_to_spec
 from mmjax.train.config_checks import check_config
+from mmjax.train.param_counts import decoder_param_counts, param_counts
 
 ALL_CONFIGS = ([(mm1, a) for a in mm1.SIZES] + [(mm1_5, a) for a in mm1_5.SIZES]
                + [(connector_ablation, a) for a in connector_ablation.NAMES]
@@ -106,8 +107,8 @@ def test_mm1_sizes_on_every_preset():
 def test_analytic_counts_match_abstract_params():
     for module, arg in [(mm1, "smoke-3b"), (mm1, "smoke-3b-moe"), (moe_pairs, "tiny-moe"), (mm1, "3b")]:
         config = module.get_config(arg)
-        assert moe_pairs.param_counts(config, "decoder") == moe_pairs.decoder_param_counts(config.model.decoder)
-    assert moe_pairs.param_counts(mm1.get_config("3b"), "vit")["total"] == param_count(mm1.get_config("3b").model.vit)
+        assert param_counts(config, "decoder") == decoder_param_counts(config.model.decoder)
+    assert param_counts(mm1.get_config("3b"), "vit")["total"] == param_count(mm1.get_config("3b").model.vit)
 
 
 # documented decoder sizes (total parameters incl. both vocabulary tables)
@@ -118,13 +119,13 @@ DOCUMENTED = {"1b": 1_166_084_096, "3b": 2_715_978_240, "7b": 6_493_048_832, "30
 
 def test_decoder_sizes():
     for size, (lo, hi) in DECODER_RANGES.items():
-        counts = moe_pairs.decoder_param_counts(mm1.get_config(size).model.decoder)
+        counts = decoder_param_counts(mm1.get_config(size).model.decoder)
         assert lo <= counts["total"] <= hi and counts["total"] == counts["active"], size
     for size, total in DOCUMENTED.items():
-        assert moe_pairs.decoder_param_counts(mm1.get_config(size).model.decoder)["total"] == total, size
+        assert decoder_param_counts(mm1.get_config(size).model.decoder)["total"] == total, size
     for size in ("3b-moe", "7b-moe"):  # a token passes 2 experts: more active than the dense model
         dense = DOCUMENTED[size.split("-")[0]]
-        active = moe_pairs.decoder_param_counts(mm1.get_config(size).model.decoder)["active"]
+        active = decoder_param_counts(mm1.get_config(size).model.decoder)["active"]
         assert dense < active < 1.5 * dense, size
 
 
@@ -207,13 +208,13 @@ def test_moe_pairs_match_active_params():
         dense, moe = moe_pairs.get_config(dense_arg), moe_pairs.get_config(moe_arg)
         assert dense.hardware == moe.hardware
         assert dense.model.vit.to_json() == moe.model.vit.to_json()
-        d = moe_pairs.decoder_param_counts(dense.model.decoder)
-        m = moe_pairs.decoder_param_counts(moe.model.decoder)
+        d = decoder_param_counts(dense.model.decoder)
+        m = decoder_param_counts(moe.model.decoder)
         assert moe.model.decoder.moe.num_experts > 0 and dense.model.decoder.moe.num_experts == 0
         assert m["total"] > 1.5 * d["total"]
         assert abs(m["active"] / d["active"] - 1) < 0.1, (dense_arg, moe_arg)
-    tiny = moe_pairs.param_counts(moe_pairs.get_config("tiny-moe"))
-    tiny_dense = moe_pairs.param_counts(moe_pairs.get_config("tiny-dense"))
+    tiny = param_counts(moe_pairs.get_config("tiny-moe"))
+    tiny_dense = param_counts(moe_pairs.get_config("tiny-dense"))
     assert abs(tiny["active"] / tiny_dense["active"] - 1) < 0.1
 
 
