@@ -6,7 +6,9 @@ A preset names one machine shape (`"cpu-8"`, `"tpu-v5p-256"`, `"gpu-h100-8"`,
   devices         JAX devices of the whole slice/cluster (TPU: chips; one
                   v4/v5p chip is one device, so `tpu-v5p-256`, named by its
                   256 TensorCores as Cloud TPU does, has 128 devices; v5e and
-                  v6e names count chips)
+                  v6e names count chips; a TPU7x chip is two devices, so
+                  `tpu-7x-256`, named by its 256 TensorCores, has 256
+                  devices on 128 chips)
   topology        the string `jax.experimental.topologies.get_topology_desc(
                   topology, "tpu")` accepts for ahead-of-time compilation
                   without the hardware ("v5p:4x4x8"); "" for CPU and GPU
@@ -124,6 +126,10 @@ _PRESETS = [
          mesh=dict(data=2, fsdp=-1, expert=1, model=1)),
     # TPU v6e (Trillium): 32 GiB per chip.
     _tpu("tpu-v6e-256", 256, "v6e:16x16", "TPU v6 lite", 32.0, workers=4),
+    # TPU7x (Ironwood): 192 GB per chip, two TensorCores per chip that are
+    # two devices of 96 GB each; named by TensorCores as Cloud TPU does
+    # (tpu7x-256 = 4x4x8 = 128 chips = 256 devices).
+    _tpu("tpu-7x-256", 256, "tpu7x:4x4x8", "TPU7x", 96e9 / 2 ** 30, workers=4),
     _gpu("gpu-h100-8", 8, "NVIDIA H100 80GB HBM3", 80.0),
     _gpu("gpu-h100-64", 64, "NVIDIA H100 80GB HBM3", 80.0),
     _gpu("gpu-h200-8", 8, "NVIDIA H200", 141.0),

@@ -7,7 +7,7 @@
 #            --config.mesh.data=-1 --config.mesh.fsdp=4 --config.mesh.expert=1
 #
 # Copies this checkout (without .git, .venv and caches) to ~/mmjax on every
-# worker, installs it into ~/mmjax/.venv with the `tpu` extra (Python 3.11; installed
+# worker, installs it into ~/mmjax/.venv with the `tpu` extra (Python 3.12; installed
 # with apt when missing) and runs `python -m mmjax.train` on all workers at once.
 # The workers find each other from the TPU VM metadata (mmjax/train/distributed.py).
 #
@@ -20,7 +20,7 @@
 # Environment:
 #   MMJAX_SETUP=0            skip the copy and install (reuse what is on the workers)
 #   MMJAX_REMOTE_DIR=mmjax   checkout directory on the workers (relative to home)
-#   MMJAX_REMOTE_PYTHON=python3.11
+#   MMJAX_REMOTE_PYTHON=python3.12
 #   GCLOUD_SSH_FLAGS         extra flags for `gcloud compute tpus tpu-vm ssh/scp`,
 #                            e.g. "--project=P --internal-ip" or "--tunnel-through-iap"
 set -euo pipefail
@@ -42,7 +42,7 @@ command -v gcloud >/dev/null || { echo "$0: gcloud is not installed" >&2; exit 2
 
 setup=${MMJAX_SETUP:-1}
 remote_dir=${MMJAX_REMOTE_DIR:-mmjax}
-remote_python=${MMJAX_REMOTE_PYTHON:-python3.11}
+remote_python=${MMJAX_REMOTE_PYTHON:-python3.12}
 read -r -a ssh_flags <<< "${GCLOUD_SSH_FLAGS:-}"
 repo=$(cd "$(dirname "$0")/.." && pwd)
 

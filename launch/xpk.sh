@@ -6,7 +6,7 @@
 # Example: launch/xpk.sh my-cluster v5litepod-16 2 experiments/tiny.py /mnt/shared/runs/tiny \
 #            --config.mesh.data=-1 --config.mesh.fsdp=4 --config.mesh.expert=1
 #
-# xpk builds an image from this checkout (--script-dir) on top of a Python 3.11
+# xpk builds an image from this checkout (--script-dir) on top of a Python 3.12
 # base image, and every TPU host of every slice runs, inside it,
 #   pip install -e '.[tpu]' && python -m mmjax.train --config CONFIG --workdir WORKDIR ...
 # The hosts find each other from the TPU_WORKER_* / MEGASCALE_* variables that
@@ -19,7 +19,7 @@
 #
 # Environment:
 #   XPK_WORKLOAD       workload name (default mmjax-MMDD-HHMMSS; lowercase, at most 40 characters)
-#   XPK_BASE_IMAGE     base image for the layered build (default python:3.11-slim); a base
+#   XPK_BASE_IMAGE     base image for the layered build (default python:3.12-slim); a base
 #                      image with the dependencies preinstalled makes the pip step instant
 #   XPK_DOCKER_IMAGE   use this ready image instead (it must hold the checkout in its
 #                      working directory, dependencies installed); no layering, no pip step
@@ -59,7 +59,7 @@ args=(workload create --cluster "$cluster" --workload "$workload" --tpu-type "$t
 if [ -n "${XPK_DOCKER_IMAGE:-}" ]; then
   args+=(--docker-image "$XPK_DOCKER_IMAGE" --command "$train_cmd")
 else
-  args+=(--base-docker-image "${XPK_BASE_IMAGE:-python:3.11-slim}" --script-dir "$repo"
+  args+=(--base-docker-image "${XPK_BASE_IMAGE:-python:3.12-slim}" --script-dir "$repo"
          --command "pip install -q -e '.[tpu]' && $train_cmd")
 fi
 if [ -n "${XPK_PROJECT:-}" ]; then args+=(--project "$XPK_PROJECT"); fi

@@ -70,6 +70,23 @@ def test_tiny_fsdp_step_on_v5p(report, tmp_path):
     assert "peak" in report.format() and "ESTIMATE" in report.format()
 
 
+@needs_libtpu
+def test_small_config_compiles_for_tpu7x():
+    """The newest generation libtpu knows: a TPU7x chip is two devices, so the
+    data=2 x fsdp=2 x expert=2 mesh fills a 2x2x1 slice of 4 chips; its
+    figures come from the TPU7x rows of the chip and peak tables."""
+    c = small_config()
+    c.model.dtype = "bfloat16"
+    r = aot.compile_for_topology(c, "v7x:2x2x1")
+    assert r.num_devices == 8 and r.device_kind == "TPU7x" and r.generation == "tpu7x"
+    assert r.mesh == {"data": 2, "fsdp": 2, "expert": 2, "model": 1}
+    assert r.fits and r.hbm_bytes == CHIPS["tpu7x"].hbm_bytes == 96 * 10**9
+    assert r.estimate.chip.peak_flops == 1153.5e12 and r.estimate.step_s > 0
+    assert r.flops == pytest.approx(r.analytic_flops, rel=0.15)
+    assert sum(r.precision["dot_flops"].values()) > 0
+    assert "matmul FLOPs by operand dtypes: bf16,bf16->bf16" in r.format()
+
+
 def test_fsdp_analytic_counts_only_each_devices_expert_slice():
     from experiments.tiny_moe import get_config
 
@@ -116,10 +133,12 @@ def test_capacity_dispatch_exchanges_tokens_with_all_to_alls():
 def test_topology_strings():
     accepted = {"v5p:4x4x8": ("v5p", "4x4x8"), "TPU v5:2x2x1": ("v5p", "2x2x1"), "v4:2x2x1": ("v4", "2x2x1"),
                 "v5e:2x2": ("v5e", "2x2"), "v5litepod:4x4": ("v5e", "4x4"), "TPU v5 lite:2x2": ("v5e", "2x2"),
-                "v6e:16x16": ("v6e", "16x16"), "trillium:4x4": ("v6e", "4x4")}
+                "v6e:16x16": ("v6e", "16x16"), "trillium:4x4": ("v6e", "4x4"),
+                "tpu7x:2x2x1": ("tpu7x", "2x2x1"), "v7x:4x4x4": ("tpu7x", "4x4x4"),
+                "TPU7x:2x2x2": ("tpu7x", "2x2x2"), "ironwood:2x2x1": ("tpu7x", "2x2x1")}
     for name, parsed in accepted.items():
         assert topology.parse_topology(name) == parsed
-    for bad in ("v5p-8", "bogus", "v7x:2x2x1", "v5p"):
+    for bad in ("v5p-8", "bogus", "v3:2x2", "tpu7x-8", "v5p"):
         with pytest.raises(topology.TopologyError) as err:
             topology.parse_topology(bad)
         message = str(err.value)

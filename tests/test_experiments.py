@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from experiments import connector_ablation, hardware, mm1, mm1_5, moe_pairs
+from mmjax.bench.topology import devices_per_chip, parse_topology
 from mmjax.models.connectors import make_connector
 from mmjax.models.decoder import Decoder, is_moe_layer
 from mmjax.models.vit import ViT, param_count
@@ -220,7 +221,7 @@ def test_moe_pairs_match_active_params():
 
 def test_hardware_presets():
     expected = {"cpu-8", "tpu-v4-32", "tpu-v5e-256", "tpu-v5p-128", "tpu-v5p-256", "tpu-v5p-512",
-                "tpu-v6e-256", "gpu-h100-8"}
+                "tpu-v6e-256", "tpu-7x-256", "gpu-h100-8"}
     assert expected <= set(hardware.HARDWARE)
     for name, hw in hardware.HARDWARE.items():
         sizes = resolve_mesh_shape(hw.mesh, hw.devices)
@@ -228,8 +229,9 @@ def test_hardware_presets():
         get_layout(hw.rules)
         assert (hw.cpu_devices > 0) == (hw.platform == "cpu")
         assert bool(hw.topology) == (hw.platform == "tpu"), name
-        if hw.topology:  # "v5p:4x4x8" -> chips along each axis
-            assert math.prod(int(x) for x in hw.topology.split(":")[1].split("x")) == hw.devices, name
+        if hw.topology:  # "v5p:4x4x8" -> chips along each axis (a TPU7x chip is two devices)
+            gen, shape = parse_topology(hw.topology)
+            assert math.prod(int(x) for x in shape.split("x")) * devices_per_chip(gen) == hw.devices, name
 
 
 _TOPOLOGIES = """

@@ -61,6 +61,7 @@ import time
 from mmjax.bench.estimate import CHIPS, ChipSpec, StepEstimate, estimate_step_time
 from mmjax.bench.fsdp_analytic import FsdpAnalytic, fsdp_collective_breakdown
 from mmjax.bench.hlo_collectives import COLLECTIVE_KINDS, analyse_compiled
+from mmjax.bench.hlo_precision import analyse_precision
 from mmjax.bench.topology import topology_devices, topology_mesh
 from mmjax.config_base import apply_hardware_flag
 
@@ -103,6 +104,8 @@ class AotReport:
     fsdp_analytic: FsdpAnalytic
     estimate: StepEstimate
     notes: list[str] = dataclasses.field(default_factory=list)
+    # Matmul FLOPs by operand dtypes and converts (mmjax.bench.hlo_precision).
+    precision: dict = dataclasses.field(default_factory=dict)
     hlo_text: str = dataclasses.field(default="", repr=False)  # the compiled module (not in to_dict)
 
     @property
@@ -147,8 +150,13 @@ class AotReport:
             f" = {self.fit_limit_bytes / gib:.2f} GiB)",
             f"compute per device: {self.flops:.4e} FLOPs compiled, {self.analytic_flops:.4e} analytic "
             f"(ratio {self.flops_ratio:.3f}); {self.bytes_accessed / gib:.3f} GiB HBM accessed",
-            "collectives per device per step (bytes received; analytic: the FSDP minimum):",
         ]
+        if self.precision.get("dot_flops"):
+            flops = self.precision["dot_flops"]
+            total = sum(flops.values()) or 1.0
+            shares = ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(flops.items(), key=lambda kv: -kv[1]))
+            lines.append(f"matmul FLOPs by operand dtypes: {shares}")
+        lines.append("collectives per device per step (bytes received; analytic: the FSDP minimum):")
         a = self.fsdp_analytic
         analytic = {"all-gather": a.all_gather_bytes, "reduce-scatter": a.reduce_scatter_bytes,
                     "all-reduce": a.all_reduce_bytes}
@@ -249,7 +257,7 @@ def compile_for_topology(config, topology: str) -> AotReport:
         gathers_as_all_reduce_bytes=stats.collectives.gathers_as_all_reduce_bytes,
         largest_collectives=stats.collectives.largest,
         fsdp_analytic=fsdp_collective_breakdown(setup),
-        estimate=estimate, notes=notes, hlo_text=hlo_text)
+        estimate=estimate, notes=notes, precision=analyse_precision(hlo_text).to_dict(), hlo_text=hlo_text)
 
 
 def write_report(report: AotReport, workdir: str) -> str:
@@ -300,8 +308,8 @@ def _define_flags():
         lock_config=True)
     topology = flags.DEFINE_string(
         "topology", None,
-        "TPU slice to compile for, GENERATION:SHAPE in chips: v5p:4x4x8, v4:2x2x1, v5e:2x2, v6e:4x4 "
-        "(also 'TPU v5 lite:2x2', v5litepod:4x4, trillium:4x4). Default: config.topology, which "
+        "TPU slice to compile for, GENERATION:SHAPE in chips: v5p:4x4x8, v4:2x2x1, v5e:2x2, v6e:4x4, "
+        "tpu7x:2x2x1 (also 'TPU v5 lite:2x2', v5litepod:4x4, trillium:4x4, v7x:2x2x1, ironwood:4x4x4). Default: config.topology, which "
         "the hardware presets of experiments/hardware.py set. Needs libtpu, not a TPU.")
     workdir = flags.DEFINE_string("workdir", None, "If set, write aot_report.json here.")
     flags.mark_flags_as_required(["config"])

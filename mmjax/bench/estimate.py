@@ -28,6 +28,11 @@ v4: six ICI links of 400 Gbps):
   v5e         TPU v5 lite    16 GiB   8.19e11 B/s     1600 Gbps = 2.0e11   197e12
   v5p         TPU v5         95 GiB   2.765e12 B/s    4800 Gbps = 6.0e11   459e12
   v6e         TPU v6 lite    32 GiB   1.64e12 B/s     3584 Gbps = 4.48e11  918e12
+  tpu7x       TPU7x          96 GB    3.69e12 B/s     4800 Gbps = 6.0e11   1153.5e12  (per device)
+
+TPU7x (Ironwood) presents each chip as two JAX devices (one per TensorCore);
+its row is per device: half of the chip's 192 GB HBM, 7.37e12 B/s and
+2307e12 bf16 FLOP/s, and half of its 1.2 TB/s bidirectional ICI, one way.
 
 The ICI figure is the chip's aggregate over all its links in one direction
 (the Cloud TPU pages now also quote the bidirectional figure, twice as large
@@ -57,7 +62,7 @@ GIB = 2 ** 30
 class ChipSpec:
     """Published per-chip figures of one TPU generation."""
 
-    generation: str        # "v4", "v5e", "v5p", "v6e"
+    generation: str        # "v4", "v5e", "v5p", "v6e", "tpu7x"
     device_kind: str       # what `jax.Device.device_kind` reports
     hbm_bytes: int         # HBM capacity per chip (one JAX device)
     hbm_bandwidth: float   # bytes/s
@@ -79,6 +84,7 @@ CHIPS: dict[str, ChipSpec] = {c.generation: c for c in (
     _chip("v5e", "TPU v5 lite", 16, 8.19e11, 1600),
     _chip("v5p", "TPU v5", 95, 2.765e12, 4800),
     _chip("v6e", "TPU v6 lite", 32, 1.64e12, 3584),
+    _chip("tpu7x", "TPU7x", 96e9 / GIB, 3.685e12, 4800),
 )}
 
 _KIND_TO_GENERATION = {c.device_kind: c.generation for c in CHIPS.values()}

@@ -11,13 +11,17 @@ Topology strings (GENERATION:SHAPE; SHAPE counts chips; v4 and v5p use the
   v5e:2x2  v5e:16x16  v5litepod:4x4  v5lite:2x2  v5e       product of SHAPE
   "TPU v5 lite:2x2"
   v6e:2x2  v6e:16x16  trillium:4x4  "TPU v6 lite:2x2"  v6e  product of SHAPE
+  tpu7x:2x2x1  v7x:4x4x4  ironwood:2x2x1  "TPU7x:2x2x2"  tpu7x  2 x product of SHAPE
+
+TPU7x (Ironwood) chips hold two TensorCores that are two JAX devices each
+with its own half of the chip's HBM, so a 2x2x1 slice has 8 devices.
 
 Shapes smaller than one 2x2x1 host ("v5e:1x1", "v6e:1x1", "v5p:1x1x1",
 "v5e:2x1") are sub-host slices. Not accepted: Cloud TPU accelerator-type
 names that count TensorCores or chips without a shape ("v5p-8",
 "v5litepod-16", "v6e-8"), shapes libtpu rejects (larger shapes must be
 multiples of the 2x2x1 chips of one host: "v5p:3x3x3", "v5e:3x4"), and other
-generations (v2, v3, v7x).
+generations (v2, v3).
 """
 
 from __future__ import annotations
@@ -43,8 +47,15 @@ _GENERATION_NAMES = {
     "v5p": "v5p", "v5": "v5p",
     "v5e": "v5e", "v5lite": "v5e", "v5litepod": "v5e",
     "v6e": "v6e", "v6lite": "v6e", "trillium": "v6e",
+    "tpu7x": "tpu7x", "7x": "tpu7x", "v7x": "tpu7x", "v7": "tpu7x", "ironwood": "tpu7x",
 }
 _MEGACORE = ("v4", "v5p")  # two TensorCores per chip presented as one device
+DEVICES_PER_CHIP = {"tpu7x": 2}  # TensorCores that are separate JAX devices (default 1)
+
+
+def devices_per_chip(generation: str) -> int:
+    """JAX devices per chip of a canonical generation ("tpu7x": 2, else 1)."""
+    return DEVICES_PER_CHIP.get(generation, 1)
 _TOPOLOGY_RE = re.compile(r"^\s*(?P<gen>[A-Za-z0-9 _\-]+?)\s*:\s*(?P<shape>\d+(?:x\d+){1,2})\s*$")
 
 
@@ -54,11 +65,12 @@ def parse_topology(topology: str) -> tuple[str, str]:
     gen = None
     if match:
         key = re.sub(r"[\s_\-]", "", match.group("gen").lower())
-        gen = _GENERATION_NAMES.get(key.removeprefix("tpu"))
+        gen = _GENERATION_NAMES.get(key) or _GENERATION_NAMES.get(key.removeprefix("tpu"))
     if gen is None:
         raise TopologyError(
-            f"topology {topology!r} is not GENERATION:SHAPE with GENERATION one of v4, v5p, v5e, v6e "
-            f"and SHAPE chips per dimension, such as 'v5p:4x4x8', 'v4:2x2x1', 'v5e:2x2' or 'v6e:4x4'.")
+            f"topology {topology!r} is not GENERATION:SHAPE with GENERATION one of v4, v5p, v5e, v6e, "
+            f"tpu7x and SHAPE chips per dimension, such as 'v5p:4x4x8', 'v4:2x2x1', 'v5e:2x2', 'v6e:4x4' "
+            f"or 'tpu7x:2x2x1'.")
     return gen, match.group("shape")
 
 

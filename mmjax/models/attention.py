@@ -6,6 +6,7 @@ Shapes: queries `[batch, q_len, heads, head_dim]`, keys and values
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -32,23 +33,51 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
     return rotated.astype(x.dtype)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32_accumulate(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`einsum(spec, a, b)` accumulated and returned in float32, whose
+    backward pass casts the cotangent to the operands' dtype, so both
+    transposed matmuls also take low-precision operands (as attention
+    kernels do). Without it the float32 cotangent turns the two backward
+    matmuls of a bfloat16 forward into float32 x float32 matmuls."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec, a, b):
+    return einsum_f32_accumulate(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec, residuals, cotangent):
+    a, b = residuals
+    ct = cotangent.astype(jnp.result_type(a, b))
+    (da,) = jax.linear_transpose(lambda x: jnp.einsum(spec, x, b), a)(ct)
+    (db,) = jax.linear_transpose(lambda y: jnp.einsum(spec, a, y), b)(ct)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+einsum_f32_accumulate.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None) -> jax.Array:
-    """Softmax attention in float32.
+    """Softmax attention in the inputs' dtype, statistics in float32.
 
     q `[b, t, h, d]`, k/v `[b, s, kv, d]`, mask `[b, t, s]` bool (True = attend)
-    or None. Returns `[b, t, h, d]`. Rows with nothing to attend give a
-    uniform average instead of NaN.
+    or None. Returns `[b, t, h, d]` in q's dtype. Both matmuls take their
+    operands in the compute dtype (bfloat16 in a mixed-precision run) and
+    accumulate in float32 (`einsum_f32_accumulate`, as attention kernels
+    do; so do their backward matmuls); the scores, the mask and the softmax are float32; the
+    probabilities are cast to v's dtype for the second matmul. Rows with
+    nothing to attend give a uniform average instead of NaN.
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
-    scores = scores / math.sqrt(d)
+    q = (q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).reshape(b, t, kv, h // kv, d)
+    scores = einsum_f32_accumulate("btkgd,bskd->bkgts", q, k)
     if mask is not None:
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = einsum_f32_accumulate("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 

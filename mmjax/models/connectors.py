@@ -37,9 +37,10 @@ def adaptive_avg_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 def adaptive_avg_pool2d(x: jax.Array, out_size: int) -> jax.Array:
-    """x `[b, h, w, c]` -> `[b, out_size, out_size, c]` adaptive average pool."""
-    ph = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], out_size))
-    pw = jnp.asarray(adaptive_avg_pool_matrix(x.shape[2], out_size))
+    """x `[b, h, w, c]` -> `[b, out_size, out_size, c]` adaptive average pool
+    (in x's dtype)."""
+    ph = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], out_size), x.dtype)
+    pw = jnp.asarray(adaptive_avg_pool_matrix(x.shape[2], out_size), x.dtype)
     return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x)
 
 

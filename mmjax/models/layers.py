@@ -46,7 +46,11 @@ class Dense(nnx.Module):
 
     x: `[..., *in_features]` -> y: `[..., *out_features]`; the kernel is
     `[*in_features, *out_features]` with `logical_axes` naming each dimension.
+    Computes in `dtype` (kernel and bias cast at use unless
+    `mmjax.models.precision.cast_weights_once` cast them already).
     """
+
+    cast_at_use = ("kernel", "bias")
 
     def __init__(
         self,
@@ -139,6 +143,8 @@ class LayerNorm(nnx.Module):
 
 class Conv2D(nnx.Module):
     """2-D convolution, NHWC, SAME padding. x `[b, h, w, c_in]` -> `[b, h, w, c_out]`."""
+
+    cast_at_use = ("kernel", "bias")
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
                  rngs: nnx.Rngs, use_bias: bool = True, param_dtype=jnp.float32, dtype=jnp.float32):

@@ -129,7 +129,10 @@ def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, params
 
 
 class MoEFeedForward(nnx.Module):
-    """Routed SwiGLU experts (+ optional always-on shared expert)."""
+    """Routed SwiGLU experts (+ optional always-on shared expert). The router
+    stays float32; the experts compute in `dtype`."""
+
+    cast_at_use = ("wi_gate", "wi_up", "wo")
 
     def __init__(self, embed: int, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
         e, h = cfg.num_experts, cfg.expert_mlp

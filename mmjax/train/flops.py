@@ -388,6 +388,7 @@ PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
     "TPU v5": 459e12,        # v5p reports itself as "TPU v5"
     "TPU v6 lite": 918e12,   # v6e (Trillium)
     "TPU v6e": 918e12,
+    "TPU7x": 1153.5e12,      # Ironwood: 2307e12 per chip, two TensorCores = two devices
     "NVIDIA H100 80GB HBM3": 989e12,  # SXM
     "NVIDIA H100 PCIe": 756e12,
     "NVIDIA H100 NVL": 835e12,
@@ -399,6 +400,7 @@ PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
 # Normalised substrings (lowercase, letters and digits only) tried in order,
 # most specific first, for kinds that are not spelled exactly as a table key.
 _KIND_PATTERNS: tuple[tuple[str, str], ...] = (
+    ("tpu7x", "TPU7x"), ("tpuv7x", "TPU7x"), ("ironwood", "TPU7x"),
     ("tpuv6lite", "TPU v6 lite"), ("tpuv6e", "TPU v6e"), ("trillium", "TPU v6 lite"),
     ("tpuv5lite", "TPU v5 lite"), ("tpuv5e", "TPU v5e"), ("tpuv5p", "TPU v5p"), ("tpuv5", "TPU v5"),
     ("tpuv4", "TPU v4"),

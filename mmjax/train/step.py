@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax.models.partitioning import activation_sharding
+from mmjax.models.precision import cast_weights_once
 from mmjax.train.loss import cross_entropy_loss
 from mmjax.train.state import TrainSetup
 
@@ -25,8 +26,11 @@ from mmjax.train.state import TrainSetup
 def model_forward(graphdef, params: nnx.State, batch: dict, resolver=None) -> tuple[jax.Array, dict]:
     """Rebuilds the model from its params; returns (logits `[b, s, vocab]`,
     MoE aux stacked over MoE layers). `resolver` (see
-    `mmjax.parallel.activation_resolver`) shards activations."""
+    `mmjax.parallel.activation_resolver`) shards activations. Weights that
+    modules compute with in another dtype are cast once here
+    (`mmjax.models.precision`)."""
     model = nnx.merge(graphdef, params)
+    cast_weights_once(model)
     with activation_sharding(resolver):
         return model.forward(batch["tokens"], batch["image_slots"], batch["images"],
                              batch["segment_ids"], batch["positions"])
