@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 
 from experiments import mm1
-from experiments.hardware import apply_hardware
+from mmjax.hardware import apply_hardware
 
 KINDS = ("avg_pool", "attention_pool", "c_abstractor")
 TOKENS = (64, 144)

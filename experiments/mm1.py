@@ -8,7 +8,7 @@ C-Abstractor (144 tokens per image) -> dense or MoE decoder.
 Argument: `SIZE[,HARDWARE]`. SIZE is one of `1b`, `3b`, `7b`, `30b` (dense),
 `3b-moe`, `7b-moe`, or `smoke-3b` / `smoke-3b-moe` (the same family shrunk
 to run on 8 simulated CPU devices in seconds). HARDWARE is a preset from
-`experiments/hardware.py`; without it each size gets `DEFAULT_HARDWARE`.
+`mmjax/hardware.py`; without it each size gets `DEFAULT_HARDWARE`.
 
 Recipe (every size): sequences of 4096 tokens with up to 16 images, global
 batch 512, 200k steps; caption : interleaved : text mixed 5:5:1 (45/45/10);
@@ -90,7 +90,7 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-from experiments.hardware import HARDWARE, apply_hardware
+from mmjax.hardware import HARDWARE, apply_hardware
 from mmjax.config_base import base_config
 from mmjax.models.vit import variant_config
 
@@ -186,7 +186,7 @@ def mm1_recipe(config) -> None:
 
 
 def add_hardware_fields(config) -> None:
-    """The fields `experiments/hardware.py` records (so `--config.hardware=...` parses)."""
+    """The fields `mmjax/hardware.py` records (so `--config.hardware=...` parses)."""
     with config.unlocked():
         for key in ("hardware", "topology", "hardware_applied"):
             if key not in config:
@@ -226,7 +226,7 @@ def _smoke(config, moe: bool) -> None:
     config.train.checkpoint_every = 10
     config.train.keep_checkpoints = 2
     config.train.watchdog_s = 600.0
-    config.eval.num_examples = 16
+    config.evaluators.caption_accuracy.num_examples = 16
 
 
 def build(name: str) -> mlc.ConfigDict:

@@ -28,7 +28,7 @@ little: 3b on tpu-v5p-128 compiles to 56.7 GiB per chip (MM1: 52.1).
 from __future__ import annotations
 
 from experiments import mm1
-from experiments.hardware import apply_hardware
+from mmjax.hardware import apply_hardware
 
 MIN_TILES, MAX_TILES = 4, 9
 SLOTS_PER_IMAGE = MAX_TILES + 1  # tiles + the overview image

@@ -25,7 +25,7 @@ dims) come from `mmjax.train.param_counts`.
 from __future__ import annotations
 
 from experiments import mm1
-from experiments.hardware import apply_hardware
+from mmjax.hardware import apply_hardware
 
 # pair -> (dense config builder arg, MoE num_experts, moe_every, hardware)
 _PAIRS = {

@@ -19,7 +19,7 @@ def get_config(arg=None):
         c.train.steps = 40
         c.train.log_every = 5
         c.train.checkpoint_every = 20
-        c.eval.num_examples = 32
+        c.evaluators.caption_accuracy.num_examples = 32
     elif arg not in (None, ""):
         raise ValueError(f"experiments/tiny.py takes no argument or 'smoke', got {arg!r}.")
     return c

@@ -28,6 +28,7 @@ def base_config() -> mlc.ConfigDict:
     c.init_from = ()
 
     c.model = mlc.ConfigDict()
+    c.model.name = "mm1"  # a registered model (mmjax/models/registry.py): mm1 | text_lm
     c.model.dtype = "float32"
     c.model.vit = dict(flavour="siglip", image_size=image_size, patch_size=4, embed=64, depth=2, heads=4,
                        mlp=256, layer_norm_eps=1e-5, feature_layer=-1, map_head=False, scan=False,
@@ -72,7 +73,11 @@ def base_config() -> mlc.ConfigDict:
     c.loss = dict(z_loss=1e-4)
     c.train = dict(steps=300, log_every=10, checkpoint_every=100, keep_checkpoints=2, seed=0,
                    async_checkpoint=True, grad_accum_steps=1)  # micro-batches per step (gradient accumulation)
-    c.eval = dict(num_examples=128, caption_accuracy=True)
+    # Evaluators (mmjax/train/evaluators.py): eval.<name>=True switches one on; its settings are
+    # evaluators.<name>; they run at the start of a fresh run, every train.eval_every steps and at the end.
+    c.eval = dict(caption_accuracy=True)
+    c.evaluators = dict(caption_accuracy=dict(num_examples=128))
+    c.train.eval_every = 0  # 0: only at the start and the end
     c.train.watchdog_s = 600.0  # report a step that takes longer than this (0: off)
     c.train.on_nonfinite = "stop"  # NaN/Inf loss: "stop" (naming the last good checkpoint) or "skip" the update
     c.train.profile_steps = (0, 0)  # (first, last) step of a profiler trace under WORKDIR/profile
@@ -82,9 +87,9 @@ def base_config() -> mlc.ConfigDict:
 def apply_hardware_flag(config) -> None:
     """Honours `--config.hardware=NAME`: ml_collections applies command-line
     overrides after `get_config` has run, so a changed preset name is applied
-    here (`experiments.hardware.resolve_hardware`; explicit overrides of its
+    here (`mmjax.hardware.resolve_hardware`; explicit overrides of its
     fields are kept). Call before JAX starts its backend."""
     if config.get("hardware") and config.get("hardware") != config.get("hardware_applied"):
-        from experiments.hardware import resolve_hardware
+        from mmjax.hardware import resolve_hardware
 
         resolve_hardware(config)

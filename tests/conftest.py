@@ -29,7 +29,7 @@ def small_config(steps: int = 10):
     c.train.steps = steps
     c.train.log_every = 1
     c.train.checkpoint_every = steps
-    c.eval.num_examples = 16
+    c.evaluators.caption_accuracy.num_examples = 16
     return c
 
 

@@ -16,7 +16,8 @@ import jax
 import pytest
 from flax import nnx
 
-from experiments import connector_ablation, hardware, mm1, mm1_5, moe_pairs
+from experiments import connector_ablation, mm1, mm1_5, moe_pairs
+from mmjax import hardware
 from mmjax.bench.topology import devices_per_chip, parse_topology
 from mmjax.models.connectors import make_connector
 from mmjax.models.decoder import Decoder, is_moe_layer
@@ -237,7 +238,7 @@ def test_hardware_presets():
 _TOPOLOGIES = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from experiments import hardware
+from mmjax import hardware
 out = {}
 for name, hw in hardware.HARDWARE.items():
     if hw.topology:

@@ -4,10 +4,10 @@ peak FLOP/s table, CPU calibration and MFU."""
 import math
 
 import jax
-import jax.numpy as jnp
 import pytest
 from conftest import small_config
 
+from mmjax.bench.aot import abstract_batch
 from mmjax.parallel import get_layout, make_mesh
 from mmjax.train.flops import (
     PEAK_FLOPS_PER_DEVICE,
@@ -18,7 +18,7 @@ from mmjax.train.flops import (
     train_flops,
 )
 from mmjax.train.optimizer import learning_rate_schedule, make_optimizer
-from mmjax.train.state import MODEL_INPUTS, abstract_train_state, build_train_setup
+from mmjax.train.state import abstract_train_state, build_train_setup
 from mmjax.train.step import make_train_step
 
 # LLVM optimisation level only: the optimised HLO, and so its cost analysis,
@@ -57,13 +57,7 @@ def xla_flops(c) -> float:
     setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
     step = make_train_step(setup, learning_rate_schedule(c.optimizer, 10), c.loss.z_loss,
                            c.model.decoder.moe.load_balance_weight, c.model.decoder.moe.router_z_weight)
-    b, s, n, size = c.data.global_batch, c.data.seq_len, c.data.max_images, c.data.image_size
-    shapes = {k: ((b, s), jnp.int32) for k in MODEL_INPUTS}
-    shapes["loss_mask"] = ((b, s), jnp.float32)
-    shapes["images"] = ((b, n, size, size, 3), jnp.uint8)
-    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=setup.batch_shardings[k])
-             for k, (shape, dtype) in shapes.items()}
-    cost = step.lower(abstract_train_state(setup), batch).compile(COMPILE_OPTIONS).cost_analysis()
+    cost = step.lower(abstract_train_state(setup), abstract_batch(c, setup)).compile(COMPILE_OPTIONS).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a dict in current JAX
     return float(cost["flops"])
 

@@ -15,7 +15,7 @@ from mmjax.models.moe import MoEFeedForward, capacity_dispatch_masks, dispatch_g
 from mmjax.parallel import get_layout, make_mesh
 from mmjax.train.loss import cross_entropy_loss
 from mmjax.train.optimizer import make_optimizer
-from mmjax.train.state import MODEL_INPUTS, build_train_setup, init_train_state
+from mmjax.train.state import build_train_setup, init_train_state
 from mmjax.train.step import model_forward, moe_losses
 
 
@@ -100,7 +100,7 @@ def _loss_and_grads(c, mesh_cfg, batch_np, lb_weight, z_weight):
     mesh = make_mesh(mesh_cfg)
     setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
     state = init_train_state(c, setup)
-    batch = to_global_arrays({k: batch_np[k] for k in MODEL_INPUTS}, setup.batch_shardings)
+    batch = to_global_arrays({k: batch_np[k] for k in setup.batch_shardings}, setup.batch_shardings)
 
     def loss_fn(params):
         logits, aux = model_forward(setup.graphdef, params, batch, setup.resolver)

@@ -21,7 +21,7 @@ from mmjax.models.precision import cast_weights_once
 from mmjax.models.vit import ViT
 from mmjax.parallel import get_layout, make_mesh
 from mmjax.train.loop import build_step
-from mmjax.train.state import MODEL_INPUTS, init_train_state
+from mmjax.train.state import init_train_state
 
 
 def _config(dtype: str, steps: int = 12):
@@ -38,7 +38,7 @@ def _config(dtype: str, steps: int = 12):
 def _lowered_step(c):
     setup, step = build_step(c, make_mesh(dict(c.mesh)), get_layout(c.rules))
     local = first_batch(c)
-    batch = to_global_arrays({k: local[k] for k in MODEL_INPUTS}, setup.batch_shardings)
+    batch = to_global_arrays({k: local[k] for k in setup.batch_shardings}, setup.batch_shardings)
     state = init_train_state(c, setup)
     return setup, step.lower(state, batch), state
 
@@ -88,7 +88,7 @@ def test_bf16_and_float32_training_follow_the_same_loss_curve(lowered):
         curve = []
         for _ in range(c.train.steps):
             local = next(data)
-            batch = to_global_arrays({k: local[k] for k in MODEL_INPUTS}, setup.batch_shardings)
+            batch = to_global_arrays({k: local[k] for k in setup.batch_shardings}, setup.batch_shardings)
             state, metrics = step(state, batch)
             curve.append(float(metrics["loss"]))
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))

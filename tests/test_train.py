@@ -26,6 +26,7 @@ def test_small_run_learns_and_writes_its_outputs(tmp_path):
     c = small_config(steps=120)
     c.train.log_every = 1
     c.train.checkpoint_every = 60
+    c.train.eval_every = 60
     summary = train(c, str(tmp_path))
     recs = [r for r in _records(tmp_path) if "loss" in r]
     assert [r["step"] for r in recs] == list(range(1, 121))
@@ -46,9 +47,14 @@ def test_small_run_learns_and_writes_its_outputs(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["mesh"]["fsdp"] == 2
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["120", "60"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    untrained, trained = summary["untrained"], summary["trained"]
-    assert untrained["attribute_accuracy"] < 0.1
-    assert trained["attribute_accuracy"] > untrained["attribute_accuracy"] + 0.2
+    # The caption check runs as a registered evaluator at the start and the end.
+    untrained, trained = summary["eval"]["initial"], summary["eval"]["final"]
+    assert untrained["caption_accuracy/attribute_accuracy"] < 0.1
+    assert trained["caption_accuracy/attribute_accuracy"] > untrained["caption_accuracy/attribute_accuracy"] + 0.2
+    assert "caption_accuracy/blank_images/attribute_accuracy" in trained
+    evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if "eval/caption_accuracy/attribute_accuracy" in r]
+    assert [r["step"] for r in evals] == [60, 120]  # train.eval_every and the end
 
 
 SMALL_OVERRIDES = ("--config.model.vit.depth=1", "--config.model.decoder.layers=1", "--config.model.decoder.mlp=256",
@@ -153,3 +159,17 @@ def test_bad_data_source_and_profile_window_are_one_clear_error(tmp_path):
     assert "data error: config.data.sources.text: no file matches '/nonexistent/text-*.jsonl'." in out.stderr
     out = _run_cli("--config", "experiments/tiny.py", "--workdir", str(tmp_path), "--profile_steps=5:2")
     assert out.returncode != 0 and "--profile_steps='5:2' must be FIRST:LAST" in out.stderr
+
+
+def test_an_experiment_file_loads_from_any_working_directory(tmp_path):
+    """`--config /abs/path/experiments/X.py` from `/`: experiment files import
+    only installed packages (mmjax, and their siblings as `experiments.*`);
+    the hardware presets live in `mmjax.hardware`. moe_pairs.py imports
+    experiments.mm1 and experiments.tiny."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    config = os.path.abspath(os.path.join(ROOT, "experiments", "moe_pairs.py")) + ":tiny-dense"
+    run = subprocess.run([sys.executable, "-m", "mmjax.train", "--config", config, "--workdir", str(tmp_path),
+                          *SMALL_OVERRIDES, "--config.train.steps=2", "--config.train.checkpoint_every=2"],
+                         cwd="/", env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 2]

@@ -7,7 +7,7 @@ step-time ESTIMATE.
   python -m mmjax.bench.aot --config experiments/mm1.py:7b,tpu-v5p-512
 
 Without --topology the config's own `topology` field is used (the hardware
-presets of experiments/hardware.py set it; `--config.hardware=NAME` applies
+presets of mmjax/hardware.py set it; `--config.hardware=NAME` applies
 another preset first). Prints a report; with --workdir also writes
 `aot_report.json` (every field below) and `compiled_hlo.txt`.
 
@@ -63,7 +63,6 @@ from mmjax.bench.fsdp_analytic import FsdpAnalytic, fsdp_collective_breakdown
 from mmjax.bench.hlo_collectives import COLLECTIVE_KINDS, analyse_compiled
 from mmjax.bench.hlo_precision import analyse_precision
 from mmjax.bench.topology import topology_devices, topology_mesh
-from mmjax.config_base import apply_hardware_flag
 
 FIT_FRACTION = 0.95
 
@@ -187,15 +186,12 @@ def abstract_batch(config, setup) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mmjax.train.state import MODEL_INPUTS
+    from mmjax.train.state import batch_row_shapes
 
-    b, s, d = config.data.global_batch, config.data.seq_len, config.data
     dtypes = {"loss_mask": jnp.float32, "images": jnp.uint8}
-    out = {}
-    for name in MODEL_INPUTS:
-        shape = (b, d.max_images, d.image_size, d.image_size, 3) if name == "images" else (b, s)
-        out[name] = jax.ShapeDtypeStruct(shape, dtypes.get(name, jnp.int32), sharding=setup.batch_shardings[name])
-    return out
+    return {name: jax.ShapeDtypeStruct((config.data.global_batch,) + row, dtypes.get(name, jnp.int32),
+                                       sharding=setup.batch_shardings[name])
+            for name, row in batch_row_shapes(config).items()}
 
 
 def compile_for_topology(config, topology: str) -> AotReport:
@@ -281,10 +277,12 @@ def write_report(report: AotReport, workdir: str) -> str:
 def _main(argv) -> None:
     from absl import app
 
+    from mmjax.frontend import prepare_runtime
+
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
-    apply_hardware_flag(config)
+    prepare_runtime(config)  # --config.hardware=NAME; the compile targets the topology's devices
     topology = _TOPOLOGY.value or config.get("topology", "")
     if not topology:
         raise app.UsageError("--topology is required (the config names none in config.topology).")
@@ -299,18 +297,15 @@ def _main(argv) -> None:
 
 def _define_flags():
     from absl import flags
-    from ml_collections import config_flags
 
-    config = config_flags.DEFINE_config_file(
-        "config", None,
-        "Experiment config file (experiments/*.py exposing get_config); 'FILE:ARG' passes ARG to "
-        "get_config. Override fields with --config.<path>=<value>, e.g. --config.mesh.fsdp=-1.",
-        lock_config=True)
+    from mmjax.frontend import define_config_flag
+
+    config = define_config_flag()
     topology = flags.DEFINE_string(
         "topology", None,
         "TPU slice to compile for, GENERATION:SHAPE in chips: v5p:4x4x8, v4:2x2x1, v5e:2x2, v6e:4x4, "
         "tpu7x:2x2x1 (also 'TPU v5 lite:2x2', v5litepod:4x4, trillium:4x4, v7x:2x2x1, ironwood:4x4x4). Default: config.topology, which "
-        "the hardware presets of experiments/hardware.py set. Needs libtpu, not a TPU.")
+        "the hardware presets of mmjax/hardware.py set. Needs libtpu, not a TPU.")
     workdir = flags.DEFINE_string("workdir", None, "If set, write aot_report.json here.")
     flags.mark_flags_as_required(["config"])
     return config, topology, workdir

@@ -12,19 +12,12 @@ is never timed.
 
 from __future__ import annotations
 
-import runpy
 import statistics
 import time
 
 import numpy as np
 
 AXES = ("data", "fsdp", "expert", "model")
-
-
-def load_config(spec: str):
-    """`FILE[:ARG]` -> `get_config(ARG)` of that Python file."""
-    path, _, arg = spec.partition(":")
-    return runpy.run_path(path)["get_config"](arg or None)
 
 
 def mesh_name(mesh: dict) -> str:
@@ -70,7 +63,7 @@ class TimedConfig:
         from mmjax.parallel import get_layout, make_mesh
         from mmjax.train.config_checks import check_config
         from mmjax.train.loop import build_step
-        from mmjax.train.state import MODEL_INPUTS, init_train_state
+        from mmjax.train.state import init_train_state
 
         try:
             check_config(self.config, jax.device_count(), jax.process_count())
@@ -79,7 +72,8 @@ class TimedConfig:
         except ValueError as err:  # ConfigError, MeshConfigError, LayoutError: one sentence each
             self.row.update(status="skipped", reason=str(err))
             return False
-        self.batch = to_global_arrays({k: local_batch[k] for k in MODEL_INPUTS}, self.setup.batch_shardings)
+        shardings = self.setup.batch_shardings
+        self.batch = to_global_arrays({k: local_batch[k] for k in shardings}, shardings)
         self.state = init_train_state(self.config, self.setup)
         t0 = time.perf_counter()
         self.step = step.lower(self.state, self.batch).compile()

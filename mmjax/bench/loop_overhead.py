@@ -1,6 +1,7 @@
 """The training loop's overhead, measured side by side with the bare step.
 
   python -m mmjax.bench.loop_overhead --config experiments/tiny.py --workdir DIR [--steps 60]
+      [--config.FIELD=VALUE ...]
 
 In one process: (1) the bare jitted train step (the very step `mmjax.train`
 builds) called in a plain Python loop on one device-resident batch, each call
@@ -14,14 +15,12 @@ under --workdir.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
 import statistics
 import time
 
-from mmjax.bench.harness import load_config
 
 
 def bare_step_times(config, steps: int) -> list[float]:
@@ -31,12 +30,12 @@ def bare_step_times(config, steps: int) -> list[float]:
     from mmjax.data.pipeline import default_tokenizer, make_dataset, to_global_arrays
     from mmjax.parallel import get_layout, make_mesh
     from mmjax.train.loop import build_step
-    from mmjax.train.state import MODEL_INPUTS, init_train_state
+    from mmjax.train.state import init_train_state
 
     setup, train_step = build_step(config, make_mesh(dict(config.mesh)), get_layout(config.rules))
     local = next(iter(make_dataset(config.data, default_tokenizer(config.data),
                                    batch_size=config.data.global_batch)))
-    batch = to_global_arrays({k: local[k] for k in MODEL_INPUTS}, setup.batch_shardings)
+    batch = to_global_arrays({k: local[k] for k in setup.batch_shardings}, setup.batch_shardings)
     state = init_train_state(config, setup)
     step = train_step.lower(state, batch).compile()
     for _ in range(3):
@@ -51,18 +50,32 @@ def bare_step_times(config, steps: int) -> list[float]:
     return times
 
 
+def parse_args(argv: list[str]):
+    """The command line (module doc); `--config.FIELD=VALUE` overrides apply."""
+    from absl import flags
+
+    from mmjax.frontend import parse_flags
+
+    def define(fv):
+        flags.DEFINE_string("workdir", None, "where the run, results.csv and summary.json go", flag_values=fv)
+        flags.DEFINE_integer("steps", 60, "timed steps of each kind", flag_values=fv)
+
+    args = parse_flags(argv, "python -m mmjax.bench.loop_overhead", __doc__, define, "experiments/tiny.py")
+    if not args.workdir:
+        raise SystemExit("error: --workdir is required (the run, results.csv and summary.json go there).")
+    return args
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmjax.bench.loop_overhead", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="experiments/tiny.py", help="experiment config FILE[:ARG]")
-    parser.add_argument("--workdir", required=True, help="where the run, results.csv and summary.json go")
-    parser.add_argument("--steps", type=int, default=60, help="timed steps of each kind")
-    args = parser.parse_args(argv)
-    config = load_config(args.config)
+    import sys
+
+    from mmjax.frontend import prepare_runtime
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    config = args.config.copy_and_resolve_references()
+    prepare_runtime(config)
     import jax
 
-    if config.runtime.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
     from mmjax.train.loop import train
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -101,7 +114,7 @@ def main(argv=None) -> int:
         writer.writeheader()
         writer.writerows(rows)
     with open(os.path.join(args.workdir, "summary.json"), "w") as f:
-        json.dump({"config": args.config, "steps": args.steps, "devices": jax.device_count(),
+        json.dump({"config": config.to_dict(), "steps": args.steps, "devices": jax.device_count(),
                    "bare_median_s": bare_median, "loop_step_median_s": loop_step,
                    "loop_wall_per_step_median_s": loop_wall, "overhead_ratio": ratio}, f, indent=2)
     return 0

@@ -3,6 +3,7 @@
   python -m mmjax.bench.moe_vs_dense --config experiments/moe_pairs.py:tiny --workdir DIR \
       [--steps 20] [--topology v5p:2x2x2]
   python -m mmjax.bench.moe_vs_dense --dense experiments/tiny.py --moe experiments/tiny_moe.py
+      [--config.FIELD=VALUE ...]   (applied to both configurations)
 
 Builds the dense config and the MoE config with each dispatch path
 (`capacity`: GShard einsum with all-to-alls; `dropless`: sort + ragged_dot,
@@ -25,11 +26,10 @@ tpu_estimate_s, tpu_ratio_to_dense.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 
-from mmjax.bench.harness import TimedConfig, first_batch, load_config, time_round_robin
+from mmjax.bench.harness import TimedConfig, first_batch, time_round_robin
 
 DISPATCHES = ("capacity", "dropless")
 
@@ -139,31 +139,63 @@ def write_outputs(rows: list[dict], workdir: str) -> None:
     _plot(rows, os.path.join(workdir, "moe_vs_dense.png"))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmjax.bench.moe_vs_dense", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None,
-                        help="a pair file FILE:PAIR, e.g. experiments/moe_pairs.py:tiny, read as "
-                             "get_config('PAIR-dense') and get_config('PAIR-moe'); overrides --dense/--moe")
-    parser.add_argument("--dense", default="experiments/tiny.py", help="dense experiment config FILE[:ARG]")
-    parser.add_argument("--moe", default="experiments/tiny_moe.py", help="MoE experiment config FILE[:ARG]")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
-    parser.add_argument("--workdir", default=None, help="where to write results.csv and moe_vs_dense.png")
-    parser.add_argument("--topology", default=None,
-                        help="also compile each configuration ahead of time for this TPU topology "
-                             "(e.g. v5p:2x2x2 for the 8-device tiny pair; needs the `tpu` extra) and "
-                             "report its ESTIMATED step time")
-    args = parser.parse_args(argv)
-    if args.config:
-        path, _, pair = args.config.partition(":")
-        if not pair:
-            parser.error(f"--config={args.config!r} must name a pair: FILE:PAIR")
-        args.dense, args.moe = f"{path}:{pair}-dense", f"{path}:{pair}-moe"
-    dense, moe = load_config(args.dense), load_config(args.moe)
-    import jax
+def _config_spec(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the value of `--config` or None, argv without it; `--config.FIELD=...` stay)."""
+    rest, spec, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and i + 1 < len(argv):
+            spec, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return spec, rest
 
-    if dense.runtime.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", dense.runtime.cpu_devices)
+
+def parse_args(argv: list[str]):
+    """(flags of the dense run, flags of the MoE run): the same command line
+    with `--config` set to each member; `--config.FIELD=VALUE` overrides
+    apply to both."""
+    from absl import flags
+
+    from mmjax.frontend import parse_flags
+
+    def define(fv):
+        flags.DEFINE_string("dense", "experiments/tiny.py", "dense experiment config FILE[:ARG]", flag_values=fv)
+        flags.DEFINE_string("moe", "experiments/tiny_moe.py", "MoE experiment config FILE[:ARG]", flag_values=fv)
+        flags.DEFINE_integer("steps", 20, "timed steps per configuration", flag_values=fv)
+        flags.DEFINE_string("workdir", None, "where to write results.csv and moe_vs_dense.png", flag_values=fv)
+        flags.DEFINE_string("topology", None, "also compile each configuration ahead of time for this TPU "
+                            "topology (e.g. v5p:2x2x2 for the 8-device tiny pair; needs the `tpu` extra) and "
+                            "report its ESTIMATED step time", flag_values=fv)
+
+    prog = "python -m mmjax.bench.moe_vs_dense"
+    doc = __doc__ + ("\n--config FILE:PAIR names a pair, read as get_config('PAIR-dense') and "
+                     "get_config('PAIR-moe'); without it --dense and --moe name the two configs.")
+    spec, rest = _config_spec(argv)
+    if spec is not None:
+        path, _, pair = spec.partition(":")
+        if not pair:
+            raise SystemExit(f"error: --config={spec!r} must name a pair: FILE:PAIR.")
+        dense_spec, moe_spec = f"{path}:{pair}-dense", f"{path}:{pair}-moe"
+    else:
+        names = parse_flags(["--config", "experiments/tiny.py", *rest], prog, doc, define)
+        dense_spec, moe_spec = names.dense, names.moe
+    return (parse_flags(["--config", dense_spec, *rest], prog, doc, define),
+            parse_flags(["--config", moe_spec, *rest], prog, doc, define))
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from mmjax.frontend import prepare_runtime
+
+    args, moe_args = parse_args(sys.argv[1:] if argv is None else argv)
+    dense, moe = args.config, moe_args.config
+    prepare_runtime(dense)
     try:
         rows = compare(dense, moe, args.steps, args.topology)
     except ValueError as err:

@@ -3,7 +3,7 @@ set is fastest / fits.
 
   python -m mmjax.bench.sweep --config experiments/tiny.py --workdir DIR [--steps 10]
       [--grid 2x2x2x1,8x1x1x1,...] [--layouts fsdp,data_parallel] [--with_model]
-      [--topology v5p:2x2x1]
+      [--topology v5p:2x2x1] [--config.FIELD=VALUE ...]
 
 Candidates are every factorisation of the device count into data × fsdp ×
 expert (× model with --with_model) crossed with the named layouts, or the
@@ -27,12 +27,11 @@ empty and `rank` follows the estimate.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import itertools
 import os
 
-from mmjax.bench.harness import (AXES, TimedConfig, first_batch, load_config, mesh_name, time_round_robin,
+from mmjax.bench.harness import (AXES, TimedConfig, first_batch, mesh_name, time_round_robin,
                                  tpu_columns)
 
 COLUMNS = ("rank", "mesh", "layout", "status", "reason", "step_time_s", "step_time_p90_s",
@@ -185,35 +184,49 @@ def write_outputs(rows: list[dict], workdir: str) -> None:
         plt.close(fig)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmjax.bench.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="experiments/tiny.py", help="experiment config FILE[:ARG]")
-    parser.add_argument("--workdir", required=True, help="where results.csv and sweep.png go")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per candidate")
-    parser.add_argument("--grid", default="", help="explicit meshes DATAxFSDPxEXPERT[xMODEL],... "
-                        "(default: every factorisation of the device count)")
-    parser.add_argument("--layouts", default="fsdp,data_parallel", help="comma-separated layout names")
-    parser.add_argument("--with_model", action="store_true", help="also enumerate a model (tensor) axis")
-    parser.add_argument("--topology", default=None, help="also compile each candidate for this TPU "
-                        "topology ahead of time, e.g. v5p:2x2x1 (needs the `tpu` extra)")
-    parser.add_argument("--aot_only", action="store_true", help="only compile for --topology (a pod "
-                        "not at hand): enumerate its device count, rank by the estimated step time")
-    args = parser.parse_args(argv)
+def parse_args(argv: list[str]):
+    """The command line (module doc); `--config.FIELD=VALUE` overrides apply."""
+    from absl import flags
+
+    from mmjax.frontend import parse_flags
+
+    def define(fv):
+        flags.DEFINE_string("workdir", None, "where results.csv and sweep.png go", flag_values=fv)
+        flags.DEFINE_integer("steps", 10, "timed steps per candidate", flag_values=fv)
+        flags.DEFINE_string("grid", "", "explicit meshes DATAxFSDPxEXPERT[xMODEL],... (default: every "
+                            "factorisation of the device count)", flag_values=fv)
+        flags.DEFINE_string("layouts", "fsdp,data_parallel", "comma-separated layout names", flag_values=fv)
+        flags.DEFINE_bool("with_model", False, "also enumerate a model (tensor) axis", flag_values=fv)
+        flags.DEFINE_string("topology", None, "also compile each candidate for this TPU topology ahead of "
+                            "time, e.g. v5p:2x2x1 (needs the `tpu` extra)", flag_values=fv)
+        flags.DEFINE_bool("aot_only", False, "only compile for --topology (a pod not at hand): enumerate "
+                          "its device count, rank by the estimated step time", flag_values=fv)
+
+    args = parse_flags(argv, "python -m mmjax.bench.sweep", __doc__, define, "experiments/tiny.py")
+    if not args.workdir:
+        raise SystemExit("error: --workdir is required (results.csv and sweep.png go there).")
     if args.aot_only and not args.topology:
-        parser.error("--aot_only needs --topology (the TPU slice to compile for).")
-    config = load_config(args.config)
+        raise SystemExit("error: --aot_only needs --topology (the TPU slice to compile for).")
+    return args
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from mmjax.frontend import prepare_runtime
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    config = args.config
+    prepare_runtime(config)
     import jax
 
-    if config.runtime.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
     if args.aot_only:
         from mmjax.bench.topology import TopologyError, topology_devices
 
         try:
             devices = len(topology_devices(args.topology)[1])
         except TopologyError as err:
-            parser.error(str(err))
+            raise SystemExit(f"error: {err}") from None
     else:
         devices = jax.device_count()
     meshes = parse_grid(args.grid) if args.grid else enumerate_meshes(devices, args.with_model)

@@ -14,6 +14,8 @@ from mmjax.models.attention import Attention, causal_segment_mask
 from mmjax.models.layers import Dense, Embed, RMSNorm, SwiGLU
 from mmjax.models.partitioning import constrain
 from mmjax.models.moe import MoEFeedForward
+from mmjax.models.precision import compute_dtype
+from mmjax.models.registry import register_model
 from mmjax.models.stack import LayerStack
 
 
@@ -89,8 +91,11 @@ class Decoder(nnx.Module):
 
 
 class LanguageModel(nnx.Module):
-    """A text-only decoder: token ids `[b, s]` -> logits `[b, s, vocab]`
-    (one document per row, positions 0..s-1). Used for imported LLMs."""
+    """A text-only decoder (the MM1 decoder without the vision tower).
+
+    Called on token ids `[b, s]` -> logits `[b, s, vocab]` (one document per
+    row, positions 0..s-1): imported LLMs. Registered as model `text_lm`,
+    which trains on packed text batches through `forward_batch`."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.decoder = Decoder(cfg, rngs=rngs, dtype=dtype)
@@ -99,3 +104,14 @@ class LanguageModel(nnx.Module):
         b, s = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         return self.decoder(self.decoder.embed(tokens), jnp.ones((b, s), jnp.int32), positions)
+
+    def forward_batch(self, batch) -> tuple[jax.Array, dict]:
+        """tokens, segment_ids, positions `[b, s]` -> (logits `[b, s, vocab]`, MoE aux)."""
+        x = constrain(self.decoder.embed(batch["tokens"]), ("batch", "seq", "act_embed"))
+        return self.decoder.forward(x, batch["segment_ids"], batch["positions"])
+
+
+@register_model("text_lm", inputs=("tokens", "segment_ids", "positions"))
+def build_text_lm(cfg, rngs: nnx.Rngs) -> LanguageModel:
+    """Model config fields: decoder, dtype (vit and connector are not used)."""
+    return LanguageModel(cfg.decoder, rngs=rngs, dtype=compute_dtype(cfg.dtype))

@@ -20,9 +20,9 @@ from flax import nnx
 from mmjax.models.connectors import make_connector
 from mmjax.models.decoder import Decoder
 from mmjax.models.partitioning import constrain
+from mmjax.models.precision import compute_dtype
+from mmjax.models.registry import register_model
 from mmjax.models.vit import ViT, normalize_pixels
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def splice_image_embeddings(text_embeddings: jax.Array, image_embeddings: jax.Array,
@@ -42,7 +42,7 @@ class MM1Model(nnx.Module):
     bidirectional_image_attention (tokens of one image see each other)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
-        dtype = _DTYPES[cfg.dtype]
+        dtype = compute_dtype(cfg.dtype)
         self.vit = ViT(cfg.vit, rngs=rngs, dtype=dtype)
         num_patches = (cfg.vit.image_size // cfg.vit.patch_size) ** 2
         self.connector = make_connector(cfg.connector, vit_embed=cfg.vit.embed, num_patches=num_patches,
@@ -78,3 +78,13 @@ class MM1Model(nnx.Module):
         if self.bidirectional_image_attention:
             image_ids = jnp.where(image_slots >= 0, image_slots // self.tokens_per_image, -1)
         return self.decoder.forward(x, segment_ids, positions, image_ids)
+
+    def forward_batch(self, batch) -> tuple[jax.Array, dict]:
+        """`forward` on a batch dict (the fields `mm1` is registered with)."""
+        return self.forward(batch["tokens"], batch["image_slots"], batch["images"],
+                            batch["segment_ids"], batch["positions"])
+
+
+@register_model("mm1", inputs=("tokens", "image_slots", "images", "segment_ids", "positions"))
+def build_mm1(cfg, rngs: nnx.Rngs) -> MM1Model:
+    return MM1Model(cfg, rngs=rngs)

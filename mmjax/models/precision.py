@@ -20,6 +20,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+# config.model.dtype -> compute dtype (parameters are always stored in float32)
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    """The compute dtype `config.model.dtype` names (ValueError naming the field otherwise)."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"config.model.dtype={name!r}; choose one of {sorted(COMPUTE_DTYPES)}.")
+    return COMPUTE_DTYPES[name]
+
 
 def cast_weights_once(model: nnx.Module) -> int:
     """Casts, in place, every parameter a module lists in `cast_at_use` to

@@ -23,15 +23,10 @@ checkpoints are written by all processes together.
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from mmjax.config_base import apply_hardware_flag
+from mmjax.frontend import define_config_flag, prepare_runtime
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None,
-    "Experiment config file (experiments/*.py exposing get_config); 'FILE:ARG' passes ARG "
-    "to get_config. Override fields with --config.<path>=<value>.",
-    lock_config=True)
+_CONFIG = define_config_flag()
 _WORKDIR = flags.DEFINE_string(
     "workdir", None,
     "Directory for all outputs (config.json, metrics.jsonl, tensorboard/, checkpoints/). "
@@ -72,21 +67,12 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # library INFO chatter hides the progress lines
         logging.set_verbosity(logging.WARNING)
-    import jax
-
     config = _CONFIG.value
-    apply_hardware_flag(config)  # --config.hardware=NAME picks that preset's mesh, remat, devices
     if _PROFILE_STEPS.value:
         with config.unlocked():
             config.train.profile_steps = _profile_window(_PROFILE_STEPS.value)
-    if config.runtime.cpu_devices:  # per process; must precede the backend and the distributed set-up
-        jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
-    from mmjax.train.distributed import initialize_from_flags_or_env
-
-    try:
-        initialize_from_flags_or_env(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except ValueError as err:
-        raise SystemExit(f"multi-process set-up: {err}") from None
+    # --config.hardware=NAME preset, simulated CPU devices, multi-process set-up
+    prepare_runtime(config, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, distributed=True)
     from mmjax.data.records import DataError
     from mmjax.train.config_checks import ConfigError
     from mmjax.train.guards import TrainingDiverged

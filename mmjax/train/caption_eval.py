@@ -1,4 +1,6 @@
-"""Held-out caption accuracy, teacher-forced.
+"""Held-out caption accuracy, teacher-forced: evaluator `caption_accuracy`
+(switch `config.eval.caption_accuracy`, settings
+`config.evaluators.caption_accuracy.num_examples`).
 
 On captions of unseen generated images (split "eval"), the model sees the
 image and the true caption prefix and must predict every colour and kind
@@ -7,6 +9,9 @@ text-only prior: what the captions' wording alone predicts). Reports:
   caption_exact_match   fraction of captions whose colour+kind tokens are all
                         predicted correctly (argmax)
   attribute_accuracy    fraction of colour/kind tokens predicted correctly
+  eval_captions         captions evaluated
+and the first two again with the images blanked (`blank_images/...`).
+It needs a model that reads images and the procedural caption stream.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax.data.pipeline import make_dataset, to_global_arrays
+from mmjax.train.evaluators import register_evaluator
 from mmjax.train.state import TrainSetup
 from mmjax.train.step import model_logits
 
@@ -27,7 +33,7 @@ def eval_batches(config, tokenizer, setup: TrainSetup) -> list[dict]:
     """The fixed held-out caption batches (global arrays), built once."""
     pc, pi = jax.process_count(), jax.process_index()
     per_process = config.data.global_batch // pc
-    num_batches = max(1, config.eval.num_examples // config.data.global_batch)
+    num_batches = max(1, config.evaluators.caption_accuracy.num_examples // config.data.global_batch)
     ds = make_dataset(config.data, tokenizer, batch_size=per_process, split="eval",
                       process_index=pi, process_count=pc, streams=("caption",),
                       with_attributes=True, pack=False)
@@ -66,3 +72,22 @@ def make_caption_eval(setup: TrainSetup) -> Callable:
                 "eval_captions": int(total[3])}
 
     return evaluate
+
+
+@register_evaluator("caption_accuracy")
+def make_caption_accuracy(config, setup: TrainSetup, tokenizer):
+    """The registered evaluator: real and blanked images on the same captions."""
+    if "images" not in setup.batch_shardings:
+        return f"model {config.model.get('name', 'mm1')!r} reads no images"
+    if config.data.sources.caption != "procedural":
+        return ("caption accuracy is measured on the procedural captions only, not on "
+                f"config.data.sources.caption={config.data.sources.caption!r}")
+    batches = eval_batches(config, tokenizer, setup)
+    evaluate = make_caption_eval(setup)
+
+    def run(params) -> dict:
+        blank = evaluate(params, batches, blank_images=True)
+        return {**evaluate(params, batches),
+                **{f"blank_images/{k}": v for k, v in blank.items() if k != "eval_captions"}}
+
+    return run

@@ -3,7 +3,9 @@ the mesh (parameters are never materialised unsharded).
 
 `params` is the model's `nnx.State` of Params; each Param's logical axes go
 through the layout rules to a NamedSharding. Optimizer moments inherit the
-sharding of the parameter they belong to.
+sharding of the parameter they belong to. The model is the one
+`config.model.name` names (`mmjax.models.registry`); the batch fields the step
+receives are the ones it reads plus the loss's `LOSS_INPUTS`.
 """
 
 from __future__ import annotations
@@ -17,11 +19,24 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmjax.models import MM1Model
+from mmjax.models import build_model, model_spec
 from mmjax.parallel import activation_resolver, batch_sharding, tree_shardings
 
-# Batch fields the jitted step consumes; anything else stays on the host.
-MODEL_INPUTS = ("tokens", "targets", "loss_mask", "image_slots", "segment_ids", "positions", "images")
+# Batch fields the loss reads besides the model's inputs.
+LOSS_INPUTS = ("targets", "loss_mask")
+
+
+def step_inputs(config) -> tuple[str, ...]:
+    """Batch fields the jitted step consumes (model inputs + loss inputs);
+    anything else stays on the host."""
+    return model_spec(config.model).inputs + LOSS_INPUTS
+
+
+def batch_row_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Per-row shape of each step input: `[seq_len]`, images `[max_images, size, size, 3]`."""
+    d = config.data
+    return {k: (d.max_images, d.image_size, d.image_size, 3) if k == "images" else (d.seq_len,)
+            for k in step_inputs(config)}
 
 
 @dataclasses.dataclass
@@ -39,7 +54,7 @@ class TrainSetup:
 
 def abstract_model(model_cfg, seed: int = 0) -> tuple[Any, nnx.State]:
     """(graphdef, abstract params) without allocating any parameter."""
-    model = nnx.eval_shape(lambda: MM1Model(model_cfg, rngs=nnx.Rngs(seed)))
+    model = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(seed)))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params
 
@@ -83,10 +98,7 @@ def build_train_setup(config, mesh: Mesh, rules: dict,
         "params": param_shardings,
         "opt_state": opt_shardings,
     }
-    seq_len, n_img, size = config.data.seq_len, config.data.max_images, config.data.image_size
-    shapes = {k: (seq_len,) for k in MODEL_INPUTS if k != "images"}
-    shapes["images"] = (n_img, size, size, 3)
-    batch_shardings = {k: batch_sharding(mesh, rules, 1 + len(v)) for k, v in shapes.items()}
+    batch_shardings = {k: batch_sharding(mesh, rules, 1 + len(v)) for k, v in batch_row_shapes(config).items()}
     return TrainSetup(graphdef, abstract_params, optimizer, mesh, state_shardings, batch_shardings,
                       activation_resolver(mesh, rules))
 
@@ -95,7 +107,7 @@ def init_train_state(config, setup: TrainSetup) -> dict:
     """Initial state, created inside jit with the target shardings."""
 
     def init():
-        model = MM1Model(config.model, rngs=nnx.Rngs(config.train.seed))
+        model = build_model(config.model, nnx.Rngs(config.train.seed))
         params = nnx.state(model, nnx.Param)
         return {"step": jnp.zeros((), jnp.int32), "params": params,
                 "opt_state": setup.optimizer.init(params)}

@@ -32,8 +32,7 @@ def model_forward(graphdef, params: nnx.State, batch: dict, resolver=None) -> tu
     model = nnx.merge(graphdef, params)
     cast_weights_once(model)
     with activation_sharding(resolver):
-        return model.forward(batch["tokens"], batch["image_slots"], batch["images"],
-                             batch["segment_ids"], batch["positions"])
+        return model.forward_batch(batch)
 
 
 def model_logits(graphdef, params: nnx.State, batch: dict, resolver=None) -> jax.Array:

@@ -1,0 +1,75 @@
+"""Evaluators by name: what the loop runs on the parameters at
+`train.eval_every` steps, at the start of a fresh run and at the end.
+
+`config.eval.<name> = True` switches evaluator `<name>` on; its settings live
+in `config.evaluators.<name>`. A registered evaluator is a factory
+
+    make(config, setup, tokenizer) -> evaluate(params) -> {metric: float}
+                                      | str (why it cannot run on this config)
+
+that builds its fixed data once; `evaluate` returns flat metrics, which the
+loop writes as `eval/<name>/<metric>` to metrics.jsonl and TensorBoard and
+keeps in `summary.json` under `eval`. The loop knows no evaluator by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Callable
+
+# Modules whose import registers the built-in evaluators.
+_BUILTIN_MODULES = ("mmjax.train.caption_eval",)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluatorSpec:
+    name: str
+    make: Callable  # (config, setup, tokenizer) -> evaluate(params) -> dict | str
+
+
+EVALUATORS: dict[str, EvaluatorSpec] = {}
+
+
+def register_evaluator(name: str):
+    """Decorator registering `make(config, setup, tokenizer)` as evaluator `name`."""
+
+    def register(make):
+        EVALUATORS[name] = EvaluatorSpec(name, make)
+        return make
+
+    return register
+
+
+def _load_builtins() -> None:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def enabled_evaluators(config) -> list[str]:
+    """Names switched on in `config.eval` (ValueError for an unknown name)."""
+    _load_builtins()
+    names = [name for name, on in config.get("eval", {}).items() if on]
+    unknown = [name for name in names if name not in EVALUATORS]
+    if unknown:
+        raise ValueError(f"config.eval.{unknown[0]} names no registered evaluator; known: {sorted(EVALUATORS)}.")
+    return names
+
+
+def make_evaluators(config, setup, tokenizer, log: Callable[[str], None]) -> dict[str, Callable]:
+    """{name: evaluate(params) -> metrics} for the switched-on evaluators that
+    can run on this config; the others are skipped with their reason logged."""
+    out = {}
+    for name in enabled_evaluators(config):
+        made = EVALUATORS[name].make(config, setup, tokenizer)
+        if isinstance(made, str):
+            log(f"evaluator {name!r} skipped: {made}")
+        else:
+            out[name] = made
+    return out
+
+
+def run_evaluators(evaluators: dict[str, Callable], params) -> dict[str, float]:
+    """All evaluators on `params`: {"<name>/<metric>": value}."""
+    return {f"{name}/{key}": value for name, evaluate in evaluators.items()
+            for key, value in evaluate(params).items()}

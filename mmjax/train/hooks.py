@@ -1,0 +1,230 @@
+"""What happens around the train steps, one job per hook.
+
+The loop (`mmjax.train.loop`) fetches a batch, runs and times the step, and
+hands a `StepResult` to each hook in order. A hook may implement
+`before_step(step)`, `after_step(result) -> bool` (True asks the loop to stop
+after this step) and `close()`. Shared pieces a hook needs (checkpointer,
+metrics writer, step timer, summary) come from the `Run` it was built with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from mmjax.data.records import STREAMS
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.evaluators import run_evaluators
+from mmjax.train.flops import mfu
+from mmjax.train.guards import PreemptionFlag, TrainingDiverged, Watchdog
+from mmjax.train.metrics import MetricsWriter, log, progress_line
+from mmjax.train.timing import StepTimer, memory_bytes
+
+
+def to_json(value):
+    """Scalars as floats, arrays (e.g. per-expert fractions) as nested lists."""
+    value = np.asarray(value)
+    return float(value) if value.ndim == 0 else value.tolist()
+
+
+def any_process(values: np.ndarray) -> np.ndarray:
+    """Sum of a small host vector over all processes (itself with one process)."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64))).sum(axis=0)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the hooks of one run share."""
+
+    config: object
+    workdir: str
+    ckpt: Checkpointer
+    writer: MetricsWriter
+    data_iter: object
+    timer: StepTimer
+    summary: dict
+    state: dict = None  # the latest train state (hooks that save or evaluate read it)
+
+
+@dataclasses.dataclass
+class StepResult:
+    step: int                  # steps done, 1-based
+    metrics: dict              # the step's device metrics
+    loss: float
+    stream_counts: np.ndarray  # examples per stream so far (all processes)
+    data_counts: dict          # dropped/skipped images, skipped records so far (all processes)
+
+
+def _timed_pause(run: Run, action: Callable[[], None]) -> float:
+    """Runs `action` (a save, an evaluation) outside the step-time window."""
+    t0 = time.perf_counter()
+    action()
+    seconds = time.perf_counter() - t0
+    run.timer.exclude(seconds)
+    return seconds
+
+
+class Logging:
+    """Every `train.log_every` steps and at the last step: the window's timing,
+    the step metrics, MFU, memory, the realised mix and data counters go to
+    metrics.jsonl / TensorBoard, and one progress line to the console."""
+
+    def __init__(self, run: Run, total_steps: int):
+        c = run.config
+        self.run, self.total, self.every = run, total_steps, c.train.log_every
+        self.tokens_per_step = c.data.global_batch * c.data.seq_len
+
+    def after_step(self, r: StepResult) -> bool:
+        if r.step % self.every and r.step != self.total:
+            return False
+        s = self.run.summary
+        record = {"step": r.step, **{k: to_json(v) for k, v in jax.device_get(r.metrics).items()},
+                  **self.run.timer.summary(self.tokens_per_step), "hbm_or_rss_bytes": memory_bytes(),
+                  **{f"mix_{name}": float(c / max(r.stream_counts.sum(), 1))
+                     for name, c in zip(STREAMS, r.stream_counts)},
+                  **{f"data/{k}": v for k, v in r.data_counts.items()}}
+        record.setdefault("moe_aux_loss", 0.0)
+        n = jax.device_count()
+        record.update(model_tflops_per_device=s["model_flops_per_step"] / n / record["step_time_s"] / 1e12,
+                      mfu=mfu(s["model_flops_per_step"], record["step_time_s"], n, s["peak_flops_per_device"]))
+        log(progress_line(r.step, self.total, record, record["wall_per_step_s"] * (self.total - r.step)))
+        self.run.writer.write(record)
+        self.run.timer.reset()
+        return False
+
+
+class NonFiniteGuard:
+    """A NaN/Inf loss stops the run naming the step and the last good
+    checkpoint, or (`train.on_nonfinite="skip"`, the update already skipped
+    inside the step) is reported and counted."""
+
+    def __init__(self, run: Run):
+        self.run, self.skip = run, run.config.train.on_nonfinite == "skip"
+        run.summary["skipped_steps"] = 0
+
+    def after_step(self, r: StepResult) -> bool:
+        self.run.summary["skipped_steps"] += int(float(r.metrics.get("skipped_step", 0.0)))
+        if math.isfinite(r.loss):
+            return False
+        if self.skip:
+            log(f"step {r.step}: loss is {r.loss}; update skipped "
+                f"({self.run.summary['skipped_steps']} skipped so far)")
+            return False
+        last = self.run.ckpt.latest_step()
+        where = os.path.join(self.run.ckpt.directory, str(last)) if last else "none (no checkpoint yet)"
+        raise TrainingDiverged(f"loss is {r.loss} at step {r.step}; last good checkpoint: {where}.")
+
+
+class Preemption:
+    """SIGTERM on any process: all processes agree at the same step boundary,
+    save a checkpoint and stop (`summary["preempted_at"]`)."""
+
+    def __init__(self, run: Run):
+        self.run, self.flag = run, PreemptionFlag()
+
+    def after_step(self, r: StepResult) -> bool:
+        if not any_process(np.array([int(bool(self.flag))]))[0]:
+            return False
+        seconds = _timed_pause(self.run, lambda: (self.run.ckpt.save(r.step, self.run.state, self.run.data_iter),
+                                                  self.run.ckpt.wait()))
+        log(f"{self.flag.signal_name or 'stop signal on another process'} received: saved step {r.step} in "
+            f"{seconds:.1f}s and stopped; run the same command to resume")
+        self.run.summary["preempted_at"] = r.step
+        return True
+
+    def close(self) -> None:
+        self.flag.close()
+
+
+class Checkpointing:
+    """A checkpoint every `train.checkpoint_every` steps (the last step is
+    saved by the loop); save time is not step time."""
+
+    def __init__(self, run: Run, total_steps: int):
+        self.run, self.every, self.total = run, run.config.train.checkpoint_every, total_steps
+
+    def after_step(self, r: StepResult) -> bool:
+        if r.step % self.every == 0 and r.step != self.total:
+            _timed_pause(self.run, lambda: self.run.ckpt.save(r.step, self.run.state, self.run.data_iter))
+        return False
+
+
+class Evaluation:
+    """The registered evaluators every `train.eval_every` steps (0: never here;
+    the loop also runs them at the start and the end)."""
+
+    def __init__(self, run: Run, evaluators: dict, total_steps: int):
+        self.run, self.evaluators = run, evaluators
+        self.every, self.total = run.config.train.get("eval_every", 0), total_steps
+
+    def after_step(self, r: StepResult) -> bool:
+        if self.evaluators and self.every and r.step % self.every == 0 and r.step != self.total:
+            _timed_pause(self.run, lambda: write_evaluation(self.run, r.step, self.evaluators))
+        return False
+
+
+def write_evaluation(run: Run, step: int, evaluators: dict) -> dict:
+    """Runs the evaluators on the current params; writes `eval/<name>/<metric>`."""
+    results = run_evaluators(evaluators, run.state["params"])
+    if results:
+        run.writer.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
+        log(f"step {step} evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+    return results
+
+
+class Profiler:
+    """A JAX profiler trace of steps `train.profile_steps=(first, last)` under
+    WORKDIR/profile (per process when there are several)."""
+
+    def __init__(self, run: Run):
+        window = tuple(run.config.train.profile_steps) if run.config.train.profile_steps else (0, 0)
+        self.first, self.last = window
+        self.dir = os.path.join(run.workdir, "profile")
+        if jax.process_count() > 1:
+            self.dir = os.path.join(self.dir, f"process_{jax.process_index()}")
+        self.active = False
+
+    def before_step(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(self.dir)
+            self.active = True
+
+    def after_step(self, r: StepResult) -> bool:
+        if self.active and r.step >= self.last:
+            self.close()
+            log(f"profiler trace of steps {self.first}-{self.last} written")
+        return False
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
+class StepWatchdog:
+    """Reports (with every thread's stack) a step running longer than
+    `train.watchdog_s`; time between steps (saves, evaluation) is not watched."""
+
+    def __init__(self, run: Run):
+        self.dog = Watchdog(run.config.train.watchdog_s,
+                            lambda step, s: log(f"watchdog: step {step} has not finished after {s:.0f}s"))
+
+    def before_step(self, step: int) -> None:
+        self.dog.beat(step)
+
+    def after_step(self, r: StepResult) -> bool:
+        self.dog.idle()
+        return False
+
+    def close(self) -> None:
+        self.dog.close()
