@@ -52,13 +52,16 @@ Data section); the procedural caption-accuracy eval is skipped then.
 
 Default hardware and why it fits. Per-device memory of the compiled train
 step (arguments + outputs + temporaries, from `compiled.memory_analysis()` of
-an ahead-of-time compile against the preset's TPU topology with jax 0.10.2 /
-libtpu 0.0.42.1; the ViT was scanned for compile speed), 95 GiB per v5p chip:
+an ahead-of-time compile against the preset's TPU topology), 95 GiB per v5p
+chip. The 3b row was re-measured as configured (ViT listed) with jax
+0.12.0.1 / libtpu 0.0.52 (`python -m mmjax.bench.aot --config
+experiments/mm1.py:3b`); the others are from jax 0.10.2 / libtpu 0.0.42.1,
+with the ViT scanned for compile speed unless noted:
 
   size     preset        sequences/chip  GiB per chip
   1b       tpu-v5p-128         8             42.8
-  3b       tpu-v5p-128         8             52.1   (45.1 with the ViT listed, as configured;
-                                                        27.2 on tpu-v5p-256)
+  3b       tpu-v5p-128         8             39.6   (jax 0.10.2: 52.1 with the ViT scanned, 45.1
+                                                        listed; 27.2 on tpu-v5p-256)
   7b       tpu-v5p-256         4             37.7
   30b      tpu-v5p-512         2             40.1   (71.8 on tpu-v5p-256: too close)
   3b-moe   tpu-v5p-512         2             50.7   (fsdp=32 x expert=8, ViT listed, dispatch

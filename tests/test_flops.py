@@ -77,8 +77,9 @@ def test_hardware_flops_match_xla_cost_analysis(make_config):
     measured = xla_flops(c)
     ratio = analytic.hardware_flops / measured
     print(f"{make_config.__name__}: analytic/XLA = {ratio:.4f}\n{analytic.table()}")
-    # XLA also counts elementwise work (a few percent here), the analytic count only matmuls.
-    assert 0.9 <= ratio <= 1.02, f"analytic/XLA = {ratio:.4f} (XLA {measured:.6g})\n{analytic.table()}"
+    # XLA also counts elementwise work (1-2 % here), the analytic count only matmuls: within
+    # 2 %, as the README says.
+    assert 0.98 <= ratio <= 1.02, f"analytic/XLA = {ratio:.4f} (XLA {measured:.6g})\n{analytic.table()}"
 
 
 def test_model_and_hardware_counts_differ_where_documented():

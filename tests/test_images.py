@@ -11,7 +11,6 @@ from mmjax.data.images import (
     choose_grid,
     decode_and_resize,
     decode_image,
-    normalize,
     resize,
     split_encoded,
     split_image,
@@ -254,26 +253,3 @@ def test_split_encoded_matches_split_image():
     ref_tiles, ref_grid = split_image(decode_image(jpeg), 64, 1, 4)
     assert grid == ref_grid and tiles.shape == ref_tiles.shape
     assert np.abs(tiles.astype(np.int32) - ref_tiles).mean() < 6.0
-
-
-# --------------------------------------------------------------------------- #
-# Normalisation
-# --------------------------------------------------------------------------- #
-
-
-def test_normalize_defaults_map_to_minus_one_one():
-    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
-    out = normalize(x)
-    assert out.dtype == np.float32 and out.shape == x.shape
-    assert out.min() == -1.0 and out.max() == 1.0
-    np.testing.assert_array_equal(out, x.astype(np.float32) / 127.5 - 1.0)
-
-
-def test_normalize_per_channel_mean_std():
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    x = np.array([[[0, 128, 255]], [[255, 255, 255]]], np.uint8)  # [2, 1, 3]
-    out = normalize(x, mean, std)
-    expected = (x / 255.0 - np.array(mean)) / np.array(std)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError):
-        normalize(x, std=(0.5, 0.0, 0.5))

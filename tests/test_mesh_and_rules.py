@@ -1,5 +1,7 @@
 """Mesh construction, config validation and parameter shardings from the rules."""
 
+import os
+
 import jax
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -98,3 +100,23 @@ def test_activation_constraints_follow_the_rules():
     with activation_sharding(resolver):  # a batch of 3 cannot be split 8 ways: left replicated
         z = jax.jit(lambda x: constrain(x, ("batch", "seq")))(jnp.ones((3, 4)))
     assert z.sharding.spec in (P(None, None), P())
+
+
+@pytest.mark.slow
+def test_train_steps_compile_without_involuntary_rematerialization():
+    """XLA's SPMD partitioner warns "Involuntary full rematerialization" when
+    an activation's sharding cannot be reached without replicating it (the
+    C-Abstractor's readout did, before its activations were constrained).
+    Every connector (also with gradient accumulation) and both MoE dispatch
+    paths must compile without it."""
+    import subprocess
+    import sys
+
+    kinds = ["c_abstractor", "avg_pool", "attention_pool", "c_abstractor-accum2", "avg_pool-accum2",
+             "moe-capacity", "moe-dropless"]
+    worker = os.path.join(os.path.dirname(__file__), "compile_warnings_worker.py")
+    out = subprocess.run([sys.executable, worker, *kinds], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [w for k in kinds for w in ("compiled", k)]
+    bad = [line for line in out.stderr.splitlines() if "Involuntary full rematerialization" in line]
+    assert bad == [], bad[:3]

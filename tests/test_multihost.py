@@ -176,3 +176,49 @@ def test_two_processes_train_like_one(tmp_path):
     reference_records = [r for r in _metrics(single) if "loss" in r]
     assert [r["step"] for r in reference_records] == list(range(1, 7))
     np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in reference_records], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path):
+    """Preemption of one host: SIGTERM reaches process 1 only; at the next step
+    boundary both processes agree, save the same checkpoint (each with its own
+    data-iterator state) and exit 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
+    args = [a for a in SMALL if not a.startswith(("--config.train.steps", "--config.train.checkpoint_every"))]
+    procs = []
+    for pid in range(2):
+        cmd = [sys.executable, "-m", "mmjax.train", "--config", "experiments/tiny.py", "--workdir", str(tmp_path),
+               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}",
+               "--config.runtime.cpu_devices=4", "--config.train.steps=500", "--config.train.checkpoint_every=1000",
+               *args]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            assert all(p.poll() is None for p in procs), [p.stdout.read()[-3000:] for p in procs if p.poll()]
+            path = tmp_path / "metrics.jsonl"
+            if path.exists() and any(r.get("step", 0) >= 3 and "loss" in r for r in _metrics(tmp_path)):
+                break
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+    # Process 0 (the only one that reports) never got the signal, yet stopped with process 1.
+    saved = [int(line.split("saved step ")[1].split()[0]) for line in outs[0].splitlines()
+             if "stop signal on another process received: saved step" in line]
+    assert len(saved) == 1 and 3 <= saved[0] < 500, outs[0][-3000:]
+    assert os.listdir(tmp_path / "checkpoints") == [str(saved[0])]  # the same step for both processes
+    step_dir = tmp_path / "checkpoints" / str(saved[0])
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir / "data"))
+    assert json.loads((tmp_path / "summary.json").read_text())["preempted_at"] == saved[0]

@@ -260,6 +260,33 @@ def test_gradient_accumulation_matches_the_full_batch(f32_step_results):
     assert np.abs(g1["vit.patch_embed.kernel"]).max() > 0
 
 
+def test_gradient_accumulation_matches_with_non_unit_loss_weights(f32_step_results):
+    """Streams weighted in the loss (`data.loss_weights`) make `loss_mask`
+    non-binary; micro-batches are weighted by their share of the weighted
+    token count, so k=2 still equals the full batch."""
+    r = f32_step_results
+    c = r["config"]
+    setup = _setup(c, lambda p: optax.sgd(1.0))
+    mask = np.asarray(r["batch"]["loss_mask"])
+    weights = np.where(np.arange(mask.shape[0])[:, None] % 3 == 0, 0.25, 2.0)  # rows of three "streams"
+    batch = dict(r["batch"], loss_mask=jax.device_put((mask * weights).astype(np.float32),
+                                                       setup.batch_shardings["loss_mask"]))
+    out = {}
+    for k in (1, 2):
+        state = {"step": jnp.zeros((), jnp.int32), "params": jax.device_put(r["init"], setup.state_shardings["params"]),
+                 "opt_state": setup.optimizer.init(r["init"])}
+        state, metrics = make_train_step(setup, lambda s: 1.0, c.loss.z_loss, grad_accum_steps=k)(state, batch)
+        out[k] = (_flat(jax.device_get(state["params"])), jax.device_get(metrics))
+    (p1, m1), (p2, m2) = out[1], out[2]
+    assert m1["loss_tokens"] == pytest.approx(float((mask * weights).sum()))
+    for name in ("loss", "lm_loss", "token_accuracy", "grad_norm"):
+        np.testing.assert_allclose(m2[name], m1[name], rtol=2e-5, err_msg=name)
+    unweighted = _flat(r[1][0])  # the same step with the binary mask: the weights changed the update
+    assert max(float(np.abs(p1[n] - unweighted[n]).max()) for n in p1) > 1e-4
+    for n in p1:
+        np.testing.assert_allclose(p2[n], p1[n], rtol=1e-3, atol=2e-6, err_msg=n)
+
+
 def test_bf16_compute_keeps_float32_params_frozen_vit_and_reports_pre_clip_norm(f32_step_results):
     c = f32_step_results["config"].copy_and_resolve_references()
     c.model.dtype = "bfloat16"

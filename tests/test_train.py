@@ -173,3 +173,13 @@ def test_an_experiment_file_loads_from_any_working_directory(tmp_path):
                          cwd="/", env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 2]
+
+
+def test_profile_steps_write_a_trace_of_that_window(tmp_path, capsys):
+    c = small_config(steps=4)
+    c.eval.caption_accuracy = False
+    c.train.profile_steps = (2, 3)
+    train(c, str(tmp_path))
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert "profiler trace of steps 2-3 written" in capsys.readouterr().out

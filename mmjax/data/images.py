@@ -1,4 +1,5 @@
-"""Image decoding, resizing, MM1.5-style dynamic splitting and normalisation.
+"""Image decoding, resizing and MM1.5-style dynamic splitting (pixels are
+normalised on the device, by the model: `mmjax.models.vit.normalize_pixels`).
 
 numpy + Pillow only. Conventions:
   * decoded images are uint8 `[h, w, 3]` RGB, row-major (height first);
@@ -32,7 +33,6 @@ __all__ = [
     "choose_grid",
     "decode_and_resize",
     "decode_image",
-    "normalize",
     "resize",
     "split_encoded",
     "split_image",
@@ -252,28 +252,3 @@ def split_encoded(
     grid = choose_grid(height, width, tile, min_tiles, max_tiles)
     img = _open(data, (grid[1] * tile, grid[0] * tile))
     return _split_pil(img, tile, grid, overview), grid
-
-
-# --------------------------------------------------------------------------- #
-# Normalisation
-# --------------------------------------------------------------------------- #
-
-
-def normalize(
-    images: np.ndarray,
-    mean: tuple[float, ...] | float = (0.5, 0.5, 0.5),
-    std: tuple[float, ...] | float = (0.5, 0.5, 0.5),
-) -> np.ndarray:
-    """uint8 `[..., C]` -> float32 `[..., C]`: `(x / 255 - mean) / std`.
-
-    `mean` / `std` are scalars or per-channel (channels last). With the defaults
-    this is exactly `x / 127.5 - 1`, mapping 0 -> -1 and 255 -> 1.
-    """
-    mean_a = np.asarray(mean, np.float64)
-    std_a = np.asarray(std, np.float64)
-    if np.any(std_a == 0):
-        raise ValueError(f"std must be non-zero, got {std}")
-    out = np.asarray(images).astype(np.float32)
-    out /= (255.0 * std_a).astype(np.float32)
-    out -= (mean_a / std_a).astype(np.float32)
-    return out

@@ -1,7 +1,8 @@
 """Grain pipeline: sources -> examples -> weighted mix -> packing -> batches ->
 global `jax.Array`s.
 
-  per stream:  open_stream (per-process shard, shuffled, endless)
+  per stream:  open_stream (per-process shard, endless; file sources shuffled
+               by seed, procedural streams not: they are random per index)
                -> ExampleBuilder (decode + resize images, tokenize, masks)
   mix:         IterDataset.mix in proportion to `data.mix_weights` (5:5:1
                caption : interleaved : text by default), deterministic by index

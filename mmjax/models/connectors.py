@@ -15,6 +15,7 @@ from flax import nnx
 
 from mmjax.models.attention import Attention
 from mmjax.models.layers import Conv2D, Dense, LayerNorm, make_param
+from mmjax.models.partitioning import constrain
 from mmjax.models.vit import interpolate_pos_embed
 
 
@@ -41,7 +42,10 @@ def adaptive_avg_pool2d(x: jax.Array, out_size: int) -> jax.Array:
     (in x's dtype)."""
     ph = jnp.asarray(adaptive_avg_pool_matrix(x.shape[1], out_size), x.dtype)
     pw = jnp.asarray(adaptive_avg_pool_matrix(x.shape[2], out_size), x.dtype)
-    return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x)
+    # Batch-sharded in and out: left free, GSPMD splits the pooling matmul's
+    # backward pass over the features instead and rematerialises it whole.
+    x = constrain(x, ("batch", None, None, None))
+    return constrain(jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x), ("batch", None, None, None))
 
 
 class ResBlock(nnx.Module):
@@ -110,8 +114,12 @@ class CAbstractor(nnx.Module):
         x = self.stage1(x)
         x = adaptive_avg_pool2d(x, self.side)
         x = self.stage2(x)
-        x = x.reshape(b, self.side * self.side, -1)
-        return self.readout2(jax.nn.silu(self.readout1(x)))
+        # Batch-sharded like the ViT features: without these marks GSPMD shards
+        # the readout on the kernels' fsdp axis and then has to rematerialise
+        # the whole activation to return to the batch layout.
+        x = constrain(x.reshape(b, self.side * self.side, -1), ("batch", None, None))
+        x = constrain(jax.nn.silu(self.readout1(x)), ("batch", None, "act_embed"))
+        return constrain(self.readout2(x), ("batch", None, "act_embed"))
 
 
 class AveragePool(nnx.Module):

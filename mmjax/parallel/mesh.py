@@ -11,9 +11,7 @@ import math
 from typing import Mapping, Sequence
 
 import jax
-import numpy as np
-from jax.experimental import mesh_utils
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "expert", "model")
 
@@ -30,20 +28,14 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[st
     """
     unknown = sorted(set(mesh_cfg) - set(MESH_AXES))
     if unknown:
-        raise MeshConfigError(
-            f"config.mesh has unknown axis {unknown[0]!r}; valid axes are {MESH_AXES}."
-        )
+        raise MeshConfigError(f"config.mesh has unknown axis {unknown[0]!r}; valid axes are {MESH_AXES}.")
     sizes = {axis: int(mesh_cfg.get(axis, 1)) for axis in MESH_AXES}
     fill = [a for a, s in sizes.items() if s == -1]
     bad = [a for a, s in sizes.items() if s == 0 or s < -1]
     if bad:
-        raise MeshConfigError(
-            f"config.mesh.{bad[0]}={sizes[bad[0]]} is invalid; use a positive size or -1."
-        )
+        raise MeshConfigError(f"config.mesh.{bad[0]}={sizes[bad[0]]} is invalid; use a positive size or -1.")
     if len(fill) > 1:
-        raise MeshConfigError(
-            f"config.mesh sets {fill} to -1; at most one axis may be -1."
-        )
+        raise MeshConfigError(f"config.mesh sets {fill} to -1; at most one axis may be -1.")
     fixed = math.prod(s for s in sizes.values() if s != -1)
     if fill:
         if num_devices % fixed:
@@ -54,14 +46,22 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[st
         sizes[fill[0]] = num_devices // fixed
     elif fixed != num_devices:
         shape = " x ".join(f"{a}={s}" for a, s in sizes.items())
-        raise MeshConfigError(
-            f"config.mesh ({shape}) needs {fixed} devices but {num_devices} are available."
-        )
+        raise MeshConfigError(f"config.mesh ({shape}) needs {fixed} devices but {num_devices} are available.")
     return sizes
 
 
+def mesh_axes_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:
+    """Devices along a mesh axis, a tuple of axes (their product), or None (1)."""
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape[name] for name in ((axes,) if isinstance(axes, str) else axes))
+
+
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Creates the device mesh with axis names MESH_AXES (size-1 axes kept).
+    """Creates the device mesh with axis names MESH_AXES (size-1 axes kept)
+    with `jax.make_mesh`, which orders devices along the physical topology;
+    a shape it cannot lay out is a MeshConfigError, never a silent reshape.
+    Axes are `AxisType.Auto` (the compiler propagates shardings).
 
     Args:
       mesh_cfg: mapping like {"data": 2, "fsdp": 2, "expert": 2}.
@@ -71,7 +71,9 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[jax.Device] | None 
     sizes = resolve_mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     try:
-        device_array = mesh_utils.create_device_mesh(shape, devices)
-    except (ValueError, AssertionError, NotImplementedError):
-        device_array = np.asarray(devices).reshape(shape)
-    return Mesh(device_array, MESH_AXES)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    except (ValueError, AssertionError, NotImplementedError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        layout = " x ".join(f"{a}={s}" for a, s in sizes.items())
+        raise MeshConfigError(f"config.mesh ({layout}) cannot be laid out on these {len(devices)} "
+                              f"{devices[0].device_kind} devices ({detail.rstrip('.')}).") from None

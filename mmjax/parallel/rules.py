@@ -13,6 +13,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mmjax.parallel.mesh import mesh_axes_size
+
 MeshAxes = str | tuple[str, ...] | None
 
 # Batch-like axes are split over every data-parallel mesh axis; the expert axis
@@ -54,16 +56,6 @@ def get_layout(name_or_table: str | Mapping[str, MeshAxes]) -> dict[str, MeshAxe
     return dict(name_or_table)
 
 
-def _mesh_size(mesh: Mesh, axes: MeshAxes) -> int:
-    if axes is None:
-        return 1
-    names = (axes,) if isinstance(axes, str) else axes
-    size = 1
-    for name in names:
-        size *= mesh.shape[name]
-    return size
-
-
 def logical_to_spec(
     logical_axes: Sequence[str | None],
     rules: Mapping[str, MeshAxes],
@@ -89,7 +81,7 @@ def logical_to_spec(
         used.update(names)
         entry: MeshAxes = None if not names else (names[0] if len(names) == 1 else names)
         if mesh is not None and shape is not None and entry is not None:
-            size = _mesh_size(mesh, entry)
+            size = mesh_axes_size(mesh, entry)
             if shape[dim] % size:
                 raise LayoutError(
                     f"{where}: dimension {dim} ({name}, size {shape[dim]}) is not divisible "
@@ -107,9 +99,9 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, MeshAxes]) -> Any:
     """
 
     def one(path, variable):
-        value = variable.get_value() if hasattr(variable, "get_value") else variable.value
+        value = variable.get_value()
         axes = variable.get_metadata().get("logical_axes")
-        where = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        where = jax.tree_util.keystr(path, simple=True, separator="/")
         if axes is None:
             axes = (None,) * len(value.shape)
         if len(axes) != len(value.shape):
@@ -126,8 +118,9 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, MeshAxes]) -> Any:
 class ActivationResolver:
     """`(logical_axes, shape) -> NamedSharding` for `mmjax.models.partitioning`.
 
-    Dimensions that do not divide their mesh axes are left unconstrained
-    (replicated) rather than failing: activation shapes vary by batch."""
+    When any dimension does not divide its mesh axes, the whole activation is
+    replicated (all dimensions, not only that one) rather than failing:
+    activation shapes vary by batch."""
 
     def __init__(self, mesh: Mesh, rules: Mapping[str, MeshAxes]):
         self.mesh, self.rules = mesh, dict(rules)
@@ -140,7 +133,7 @@ class ActivationResolver:
         return NamedSharding(self.mesh, spec)
 
     def num_shards(self, logical_axis: str) -> int:
-        return _mesh_size(self.mesh, logical_to_spec((logical_axis,), self.rules, self.mesh)[0])
+        return mesh_axes_size(self.mesh, logical_to_spec((logical_axis,), self.rules, self.mesh)[0])
 
 
 def activation_resolver(mesh: Mesh, rules: Mapping[str, MeshAxes]) -> ActivationResolver:

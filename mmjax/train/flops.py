@@ -141,19 +141,6 @@ class FlopsBreakdown:
     def hardware_flops_per_device(self) -> float:
         return self.hardware_flops / self.num_devices
 
-    @property
-    def model_flops_per_token(self) -> float:
-        return self.model_flops / self.tokens_per_step
-
-    def component_totals(self, prefix: str = "") -> dict[str, float]:
-        """Model FLOPs (3 x forward) summed per top-level part (vit, connector, decoder)."""
-        out: dict[str, float] = {}
-        for name, value in self.forward.items():
-            if name.startswith(prefix):
-                part = name.split("/")[0]
-                out[part] = out.get(part, 0.0) + 3.0 * value
-        return out
-
     def table(self) -> str:
         """A readable per-component table (GFLOPs per step)."""
         lines = [f"{'GFLOPs per step':32s} {'model fwd':>12s} {'hw fwd':>12s} {'hw bwd':>12s} {'remat':>12s}"]

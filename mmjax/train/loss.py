@@ -16,7 +16,8 @@ def cross_entropy_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Arr
     """Returns (total loss, metrics) averaged over counted tokens.
 
     metrics: lm_loss (mean CE), z_loss (mean log(Z)^2 times weight),
-    loss_tokens (number of counted tokens), accuracy (argmax == target).
+    loss_tokens (number of counted tokens), token_accuracy (argmax == target,
+    over counted tokens).
     """
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)

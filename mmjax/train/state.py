@@ -59,30 +59,16 @@ def abstract_model(model_cfg, seed: int = 0) -> tuple[Any, nnx.State]:
     return graphdef, params
 
 
-def _path_key(path) -> tuple:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
-def _inherit_shardings(abstract_tree, param_shardings, params, mesh: Mesh):
-    """Sharding per leaf of `abstract_tree`: a leaf whose path ends with a
-    parameter's path (and has its shape) gets that parameter's sharding;
-    everything else (counters, scalars) is replicated."""
-    by_suffix = {}
-    for (path, sharding), (_, leaf) in zip(
-            jax.tree_util.tree_flatten_with_path(param_shardings)[0],
-            jax.tree_util.tree_flatten_with_path(params)[0]):
-        by_suffix[_path_key(path)] = (sharding, tuple(leaf.shape))
+def _optimizer_state_shardings(optimizer, abstract_opt, param_shardings, mesh: Mesh):
+    """Each optimizer-state leaf that stands for a parameter (a moment) gets
+    that parameter's sharding; counters and scalars are replicated.
+    `optax.tree_utils.tree_map_params` finds the parameter positions; a
+    masked-out parameter (`optax.MaskedNode`, no moment) stays as it is."""
     replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(path, leaf):
-        key = _path_key(path)
-        for start in range(len(key)):
-            hit = by_suffix.get(key[start:])
-            if hit is not None and hit[1] == tuple(leaf.shape):
-                return hit[0]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, abstract_tree)
+    return optax.tree_utils.tree_map_params(
+        optimizer, lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding,
+        abstract_opt, param_shardings, transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)))
 
 
 def build_train_setup(config, mesh: Mesh, rules: dict,
@@ -92,7 +78,7 @@ def build_train_setup(config, mesh: Mesh, rules: dict,
     param_shardings = tree_shardings(abstract_params, mesh, rules)
     optimizer = make_optimizer(abstract_params)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    opt_shardings = _inherit_shardings(abstract_opt, param_shardings, abstract_params, mesh)
+    opt_shardings = _optimizer_state_shardings(optimizer, abstract_opt, param_shardings, mesh)
     state_shardings = {
         "step": NamedSharding(mesh, PartitionSpec()),
         "params": param_shardings,

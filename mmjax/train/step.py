@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax.models.partitioning import activation_sharding
 from mmjax.models.precision import cast_weights_once
+from mmjax.parallel import mesh_axes_size
 from mmjax.train.loss import cross_entropy_loss
 from mmjax.train.state import TrainSetup
 
@@ -57,16 +58,6 @@ def moe_losses(aux: dict, load_balance_weight: float, router_z_weight: float) ->
     return total, metrics
 
 
-def _mesh_axes_size(mesh, axes) -> int:
-    if axes is None:
-        return 1
-    names = (axes,) if isinstance(axes, str) else tuple(axes)
-    size = 1
-    for name in names:
-        size *= mesh.shape[name]
-    return size
-
-
 def split_micro_batches(batch: dict, k: int, setup: TrainSetup) -> dict:
     """`[B, ...]` -> `[k, B/k, ...]` for every field, each micro-batch still
     sharded over the batch axes.
@@ -79,7 +70,7 @@ def split_micro_batches(batch: dict, k: int, setup: TrainSetup) -> dict:
         spec = tuple(setup.batch_shardings[name].spec) if name in setup.batch_shardings else ()
         spec += (None,) * (x.ndim - len(spec))
         lead, rest = spec[0], spec[1:]
-        shards = _mesh_axes_size(setup.mesh, lead)
+        shards = mesh_axes_size(setup.mesh, lead)
         if x.shape[0] % (k * shards):
             raise ValueError(f"batch field {name!r} has {x.shape[0]} rows, not divisible by "
                              f"grad_accum_steps={k} x {shards} batch shards.")
