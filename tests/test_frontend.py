@@ -51,8 +51,10 @@ def test_bad_flags_and_help_end_in_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_aot_and_loop_overhead_commands_run_with_overrides(tmp_path):
-    """The two commands end to end, each changing the config from the command line."""
+def test_aot_loop_overhead_and_data_commands_run_with_overrides(tmp_path):
+    """The commands end to end, each changing the config from the command line
+    (sweep and moe_vs_dense share loop_overhead's parser and are run by their
+    own tests)."""
     aot = subprocess.run([sys.executable, "-m", "mmjax.bench.aot", "--config", "experiments/tiny.py",
                           "--topology", "v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=4",
                           "--config.mesh.expert=1", "--config.model.decoder.layers=1"],
@@ -67,3 +69,9 @@ def test_aot_and_loop_overhead_commands_run_with_overrides(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["model"]["decoder"]["layers"] == 1 and summary["config"]["data"]["seq_len"] == 64
+    data = subprocess.run([sys.executable, "-m", "mmjax.bench.data", "--config", "experiments/data_bench.py:smoke",
+                           "--workdir", str(tmp_path / "data"), "--modes=bare", "--config.bench.rounds=1",
+                           "--config.data.pack_window=4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert data.returncode == 0, data.stderr[-2000:]
+    summary = json.loads((tmp_path / "data" / "summary.json").read_text())
+    assert summary["bench"]["rounds"] == 1 and summary["data"]["pack_window"] == 4

@@ -18,6 +18,7 @@ def _pair():
     return dense, moe
 
 
+@pytest.mark.slow  # an end-to-end benchmark run: several configurations compiled and timed
 def test_compare_times_dense_and_both_dispatch_paths(tmp_path):
     dense, moe = _pair()
     rows = compare(dense, moe, steps=3, log=lambda *_: None)

@@ -21,6 +21,7 @@ def test_enumeration_covers_every_factorisation():
     assert len(both) == 11  # data_parallel replicates every weight: one mesh suffices
 
 
+@pytest.mark.slow  # an end-to-end benchmark run: several configurations compiled and timed
 def test_sweep_times_four_layouts_and_skips_an_invalid_one(tmp_path):
     c = small_config()
     c.data.global_batch = 8

@@ -54,6 +54,9 @@ class Run:
     timer: StepTimer
     summary: dict
     state: dict = None  # the latest train state (hooks that save or evaluate read it)
+    # SIGTERM (preemption) on this process, installed while the loop steps; the loop sums it
+    # over processes with the data counters.
+    stop_signal: PreemptionFlag = None
 
 
 @dataclasses.dataclass
@@ -63,6 +66,7 @@ class StepResult:
     loss: float
     stream_counts: np.ndarray  # examples per stream so far (all processes)
     data_counts: dict          # dropped/skipped images, skipped records so far (all processes)
+    stop_signalled: bool = False  # SIGTERM reached at least one process
 
 
 def _timed_pause(run: Run, action: Callable[[], None]) -> float:
@@ -126,24 +130,23 @@ class NonFiniteGuard:
 
 
 class Preemption:
-    """SIGTERM on any process: all processes agree at the same step boundary,
-    save a checkpoint and stop (`summary["preempted_at"]`)."""
+    """SIGTERM on any process: all processes see it at the same step boundary
+    (`StepResult.stop_signalled`, summed over processes by the loop with the
+    data counters, one host exchange per step), save a checkpoint and stop
+    (`summary["preempted_at"]`)."""
 
     def __init__(self, run: Run):
-        self.run, self.flag = run, PreemptionFlag()
+        self.run = run
 
     def after_step(self, r: StepResult) -> bool:
-        if not any_process(np.array([int(bool(self.flag))]))[0]:
+        if not r.stop_signalled:
             return False
         seconds = _timed_pause(self.run, lambda: (self.run.ckpt.save(r.step, self.run.state, self.run.data_iter),
                                                   self.run.ckpt.wait()))
-        log(f"{self.flag.signal_name or 'stop signal on another process'} received: saved step {r.step} in "
-            f"{seconds:.1f}s and stopped; run the same command to resume")
+        log(f"{self.run.stop_signal.signal_name or 'stop signal on another process'} received: saved step "
+            f"{r.step} in {seconds:.1f}s and stopped; run the same command to resume")
         self.run.summary["preempted_at"] = r.step
         return True
-
-    def close(self) -> None:
-        self.flag.close()
 
 
 class Checkpointing:

@@ -30,6 +30,7 @@ from mmjax.train.config_checks import ConfigError, check_config
 from mmjax.train.init_from import apply_init_from
 from mmjax.train.evaluators import make_evaluators, run_evaluators
 from mmjax.train.flops import peak_flops_per_device, train_flops
+from mmjax.train.guards import PreemptionFlag
 from mmjax.train.metrics import MetricsWriter, format_duration, log
 from mmjax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
 from mmjax.train.state import abstract_train_state, build_train_setup, init_train_state
@@ -126,14 +127,13 @@ def _write_summary(workdir: str, summary: dict) -> None:
             json.dump(summary, f, indent=2)
 
 
-def _next_batch(run, setup, totals: np.ndarray) -> tuple[dict, int]:
-    """The next global batch; adds this batch's stream and data counters,
-    summed over all processes, to `totals`; returns (batch, images)."""
+def _next_batch(run, setup) -> tuple[dict, np.ndarray]:
+    """(the next global batch, this process's counters of it: examples per
+    stream, data counters, images)."""
     local = next(run.data_iter)
-    counts = hooks.any_process(np.concatenate([local["stream_counts"].sum(axis=0),
-                                               [local[k].sum() for k in COUNTS], [local["image_mask"].sum()]]))
-    totals += counts[:-1]
-    return to_global_arrays({k: local[k] for k in setup.batch_shardings}, setup.batch_shardings), int(counts[-1])
+    counts = np.concatenate([local["stream_counts"].sum(axis=0), [local[k].sum() for k in COUNTS],
+                             [local["image_mask"].sum()]])
+    return to_global_arrays({k: local[k] for k in setup.batch_shardings}, setup.batch_shardings), counts
 
 
 def run_steps(run, setup, train_step, start: int, total_steps: int, step_hooks: list) -> None:
@@ -143,10 +143,11 @@ def run_steps(run, setup, train_step, start: int, total_steps: int, step_hooks: 
     totals = np.zeros(len(STREAMS) + len(COUNTS))  # examples per stream, then data counters
     compiled, metrics, losses = None, None, []
     run_start = time.perf_counter()
+    run.stop_signal = PreemptionFlag()
     try:
         for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
-            batch, images = _next_batch(run, setup, totals)
+            batch, local_counts = _next_batch(run, setup)
             wait = time.perf_counter() - t0
             if compiled is None:
                 t_compile = time.perf_counter()
@@ -162,12 +163,17 @@ def run_steps(run, setup, train_step, start: int, total_steps: int, step_hooks: 
             jax.block_until_ready((run.state, metrics))
             t2 = time.perf_counter()
             losses.append(float(metrics["loss"]))
-            run.timer.add(t2 - t1, wait, time.perf_counter() - t2, images)
+            # The one host exchange per step: data counters and the stop signal, summed over processes.
+            synced = hooks.any_process(np.append(local_counts, int(bool(run.stop_signal))))
+            totals += synced[:len(totals)]
+            run.timer.add(t2 - t1, wait, time.perf_counter() - t2, int(synced[-2]))
             result = hooks.StepResult(step, metrics, losses[-1], totals[:len(STREAMS)],
-                                      dict(zip(COUNTS, (int(x) for x in totals[len(STREAMS):]))))
+                                      dict(zip(COUNTS, (int(x) for x in totals[len(STREAMS):]))),
+                                      stop_signalled=bool(synced[-1]))
             if any(hook.after_step(result) for hook in step_hooks):  # a hook that stops the run ends the round
                 break
     finally:
+        run.stop_signal.close()
         for hook in step_hooks:
             getattr(hook, "close", lambda: None)()
     if metrics is not None:
