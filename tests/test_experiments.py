@@ -113,22 +113,45 @@ def test_analytic_counts_match_abstract_params():
     assert param_counts(mm1.get_config("3b"), "vit")["total"] == param_count(mm1.get_config("3b").model.vit)
 
 
-# documented decoder sizes (total parameters incl. both vocabulary tables)
-DECODER_RANGES = {"1b": (1.0e9, 1.4e9), "3b": (2.5e9, 3.5e9), "7b": (6.0e9, 7.0e9), "30b": (28e9, 32e9)}
-DOCUMENTED = {"1b": 1_166_084_096, "3b": 2_715_978_240, "7b": 6_493_048_832, "30b": 30_447_205_376,
-              "3b-moe": 56_227_432_960, "7b-moe": 40_040_140_800}
+def _documented_decoders() -> dict:
+    """The decoder table of experiments/mm1.py's docstring:
+    size -> (embed, layers, heads, kv_heads, head_dim, mlp, params)."""
+    rows = {}
+    for line in mm1.__doc__.splitlines():
+        parts = line.split()
+        if len(parts) == 8 and parts[0] in ("1b", "3b", "7b", "30b"):
+            rows[parts[0]] = tuple(int(p.replace(",", "")) for p in parts[1:])
+    return rows
 
 
-def test_decoder_sizes():
-    for size, (lo, hi) in DECODER_RANGES.items():
-        counts = decoder_param_counts(mm1.get_config(size).model.decoder)
-        assert lo <= counts["total"] <= hi and counts["total"] == counts["active"], size
-    for size, total in DOCUMENTED.items():
-        assert decoder_param_counts(mm1.get_config(size).model.decoder)["total"] == total, size
-    for size in ("3b-moe", "7b-moe"):  # a token passes 2 experts: more active than the dense model
-        dense = DOCUMENTED[size.split("-")[0]]
-        active = decoder_param_counts(mm1.get_config(size).model.decoder)["active"]
-        assert dense < active < 1.5 * dense, size
+def _dense_decoder_params(d) -> int:
+    """Closed form: untied embedding and LM head, per layer GQA projections,
+    SwiGLU and two RMSNorm scales, and the final norm."""
+    attention = d.embed * d.head_dim * (2 * d.heads + 2 * d.kv_heads)
+    return 2 * d.vocab_size * d.embed + d.layers * (attention + 3 * d.embed * d.mlp + 2 * d.embed) + d.embed
+
+
+def test_decoder_sizes_follow_the_formula_and_the_documented_table():
+    documented = _documented_decoders()
+    assert set(documented) == {"1b", "3b", "7b", "30b"}
+    for size, (embed, layers, heads, kv_heads, head_dim, mlp, params) in documented.items():
+        d = mm1.get_config(size).model.decoder
+        assert (d.embed, d.layers, d.heads, d.kv_heads, d.head_dim, d.mlp) == \
+            (embed, layers, heads, kv_heads, head_dim, mlp), size
+        counts = decoder_param_counts(d)
+        assert counts["total"] == counts["active"] == _dense_decoder_params(d) == params, size
+    for size in ("3b-moe", "7b-moe"):
+        d = mm1.get_config(size).model.decoder
+        counts = decoder_param_counts(d)
+        moe_layers = sum(is_moe_layer(d, i) for i in range(d.layers))
+        experts = 3 * d.embed * d.moe.expert_mlp  # one SwiGLU expert
+        dense = _dense_decoder_params(d)  # every layer with a dense MLP of width d.mlp
+        swap = moe_layers * (d.moe.num_experts * experts + d.embed * d.moe.num_experts - 3 * d.embed * d.mlp)
+        assert counts["total"] == dense + swap, size
+        assert counts["active"] == dense + moe_layers * (d.moe.top_k * experts + d.embed * d.moe.num_experts
+                                                         - 3 * d.embed * d.mlp), size
+        documented_line = next(line for line in mm1.__doc__.splitlines() if line.strip().startswith(size))
+        assert f"{counts['total']:,} total, {counts['active']:,} active" in documented_line, size
 
 
 def test_mm1_recipe():
