@@ -28,7 +28,7 @@ from mmjax.train import hooks
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.config_checks import ConfigError, check_config
 from mmjax.train.init_from import apply_init_from
-from mmjax.train.evaluators import make_evaluators, run_evaluators
+from mmjax.train.evaluators import make_evaluators
 from mmjax.train.flops import peak_flops_per_device, train_flops
 from mmjax.train.guards import PreemptionFlag
 from mmjax.train.metrics import MetricsWriter, format_duration, log
@@ -94,8 +94,8 @@ def train(config, workdir: str) -> dict:
     if start:
         run.state = run.ckpt.restore(start, abstract_train_state(setup), data_iter)
         log(f"resumed from {run.ckpt.directory}/{start}")
-    elif evaluators:
-        run.summary["eval"]["initial"] = run_evaluators(evaluators, run.state["params"])
+    elif evaluators:  # the baseline: the initial parameters, logged as step 0
+        run.summary["eval"]["initial"] = hooks.write_evaluation(run, 0, evaluators)
 
     flops = train_flops(config, num_devices=jax.device_count())
     peak, peak_source = peak_flops_per_device()
