@@ -33,7 +33,7 @@ def to_json(value):
     return float(value) if value.ndim == 0 else value.tolist()
 
 
-def any_process(values: np.ndarray) -> np.ndarray:
+def sum_over_processes(values: np.ndarray) -> np.ndarray:
     """Sum of a small host vector over all processes (itself with one process)."""
     if jax.process_count() == 1:
         return values

@@ -164,7 +164,7 @@ def run_steps(run, setup, train_step, start: int, total_steps: int, step_hooks: 
             t2 = time.perf_counter()
             losses.append(float(metrics["loss"]))
             # The one host exchange per step: data counters and the stop signal, summed over processes.
-            synced = hooks.any_process(np.append(local_counts, int(bool(run.stop_signal))))
+            synced = hooks.sum_over_processes(np.append(local_counts, int(bool(run.stop_signal))))
             totals += synced[:len(totals)]
             run.timer.add(t2 - t1, wait, time.perf_counter() - t2, int(synced[-2]))
             result = hooks.StepResult(step, metrics, losses[-1], totals[:len(STREAMS)],
