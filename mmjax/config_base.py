@@ -80,6 +80,9 @@ def base_config() -> mlc.ConfigDict:
     c.train.eval_every = 0  # 0: only at the start and the end
     c.train.watchdog_s = 600.0  # report a step that takes longer than this (0: off)
     c.train.on_nonfinite = "stop"  # NaN/Inf loss: "stop" (naming the last good checkpoint) or "skip" the update
+    # A latest checkpoint that cannot be restored: "previous" resumes from the newest one that can
+    # (the damaged step directory is moved aside), "stop" refuses to start.
+    c.train.on_bad_checkpoint = "previous"
     c.train.profile_steps = (0, 0)  # (first, last) step of a profiler trace under WORKDIR/profile
     return c
 

@@ -7,19 +7,33 @@ applies that preset, see `mmjax.hardware`) and calls `prepare_runtime` before
 JAX starts its backend: simulated CPU devices (`runtime.cpu_devices`) and,
 for multi-process runs, `jax.distributed` initialisation.
 
-Commands whose `main(argv)` is also called in-process (the benchmarks) parse
-their flags on a private `absl.flags.FlagValues` (`parse_flags`), so several
-of them can run in one process without redefining global flags; `mmjax.train`
-and `mmjax.bench.aot` keep absl's global flags (`app.run`) and share the same
-config flag definition (`define_config_flag`).
+Every command's `main(argv)` parses its flags on a private
+`absl.flags.FlagValues` (`parse_flags`), so several of them can run in one
+process without redefining global flags, and runs under `run_command`: bad
+input (a `mmjax.errors.Refusal`: config, data, checkpoint, topology) ends the
+command with one sentence as the last line and exit status 2, without a
+traceback (`--verbose` or `MMJAX_TRACEBACK=1` shows it). The whole config is
+validated (`mmjax.train.config_checks.check_static`) in `prepare_runtime`,
+before anything is built or compiled.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+import sys
+import traceback
 from typing import Callable
 
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
+
+from mmjax.errors import Refusal
+
+TRACEBACK_ENV = "MMJAX_TRACEBACK"
+VERBOSE_HELP = ("Show library INFO logs, and the traceback above a refusal's one-sentence error "
+                f"(also ${TRACEBACK_ENV}=1).")
 
 CONFIG_HELP = ("Experiment config file (experiments/*.py exposing get_config); 'FILE:ARG' passes ARG to "
                "get_config. Override any field with --config.<path>=<value>, e.g. --config.train.steps=50; "
@@ -40,32 +54,114 @@ def parse_flags(argv: list[str], prog: str, doc: str, define: Callable[[flags.Fl
     """Parses `argv` (without the program name) on a private FlagValues with
     the config flag plus what `define(flag_values)` adds. `--help` prints `doc`
     and the flags and exits 0; a bad flag exits with one sentence."""
+    config_file = _config_arg(argv).split(":", 1)[0]
+    if config_file != "(default)" and not os.path.isfile(config_file):
+        raise SystemExit(f"error: --config {_config_arg(argv)}: no such file {config_file!r}.")
     values = flags.FlagValues()
-    define_config_flag(config_default, values, sys_argv=[prog, *argv])
+    try:  # the config flag reads its default file and the overrides when defined
+        define_config_flag(config_default, values, sys_argv=[prog, *argv])
+    except flags.Error as err:
+        raise SystemExit(f"error: {_flag_error(err, argv)}") from None
+    except (AttributeError, KeyError) as err:
+        raise SystemExit(f"error: {_unknown_field(err, argv)}") from None
+    flags.DEFINE_bool("verbose", False, VERBOSE_HELP, flag_values=values)
     define(values)
-    if any(arg in ("-h", "--help", "--helpshort") for arg in argv):
+    if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv):
         print(doc)
         print(values.get_help(include_special_flags=False))
         raise SystemExit(0)
     try:
         values([prog, *argv])
+        config = values.config  # applies the --config.FIELD overrides
     except flags.Error as err:
-        raise SystemExit(f"error: {err}") from None
-    if values.config is None:
+        raise SystemExit(f"error: {_flag_error(err, argv)}") from None
+    except (AttributeError, KeyError) as err:  # a --config.FIELD override naming no field
+        raise SystemExit(f"error: {_unknown_field(err, argv)}") from None
+    if config is None:
         raise SystemExit("error: --config FILE[:ARG] is required.")
+    logging.set_verbosity(logging.INFO if values.verbose else logging.WARNING)
     return values
+
+
+def _flag_error(err: flags.Error, argv: list[str]) -> str:
+    """absl's message in one line; a config file whose `get_config` raised
+    is named with the exception's own sentence, not its traceback."""
+    text = str(err)
+    if "Error whilst parsing config file" in text:
+        causes = [line.strip() for line in text.splitlines() if re.match(r"\s*\w+(Error|Exception): ", line)]
+        cause = causes[-1].split(": ", 1)[1] if causes else text.strip().splitlines()[-1]
+        return f"--config {_config_arg(argv)}: {cause}"
+    text = " ".join(text.split())
+    wrong_type = re.match(r"flag (--\S+?)=(.*?): (invalid literal for int\(\)|could not convert string to float)", text)
+    if wrong_type:
+        kind = "an integer" if "int()" in wrong_type.group(3) else "a number"
+        return f"{wrong_type.group(1)}={wrong_type.group(2)}: {wrong_type.group(2)!r} is not {kind}."
+    return text
+
+
+def _config_arg(argv: list[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "(default)"
+
+
+def _unknown_field(err: Exception, argv: list[str]) -> str:
+    """'--config.train.stepz=5: config.train has no field 'stepz'; did you mean config.train.steps?'"""
+    while err.args and isinstance(err.args[0], BaseException):
+        err = err.args[0]
+    message = str(err.args[0] if err.args else err)
+    key = message.strip("'\" \n").split("'")[0].split("\n")[0]
+    overrides = [a for a in argv if a.startswith("--config.")]
+    arg = next((a for a in overrides if key in a.split("=", 1)[0].split(".")[1:]),
+               overrides[0] if overrides else "--config")
+    parts = arg.split("=", 1)[0][len("--"):].split(".")
+    depth = parts.index(key) if key in parts else len(parts) - 1
+    parent, leaf = ".".join(parts[:depth]), parts[depth]
+    suggestion = re.search(r'Did you mean "([^"]+)"', message)
+    hint = f"; did you mean {parent}.{suggestion.group(1)}?" if suggestion else "."
+    return f"{arg}: {parent} has no field {leaf!r}{hint}"
+
+
+def suggest(name: str, known) -> str:
+    """'; did you mean X?' for the closest of `known`, or ''."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def run_command(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
+    """Runs `main(argv)` (default: `sys.argv[1:]`) and returns the exit
+    status: a `Refusal` is printed as `<label>: <one sentence>`, the last line
+    on stderr, and gives status 2; with `--verbose` or `$MMJAX_TRACEBACK` its
+    traceback comes first. Other exceptions propagate (they are bugs)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(main(argv) or 0)
+    except Refusal as err:
+        if "--verbose" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        sys.stdout.flush()
+        print(f"{err.label}: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        return 2
 
 
 def prepare_runtime(config, coordinator_address: str | None = None, num_processes: int | None = None,
                     process_id: int | None = None, distributed: bool = False) -> None:
-    """Applies `--config.hardware=NAME`, sets the simulated CPU device count and
-    (with `distributed=True`) initialises `jax.distributed` from the arguments,
-    the environment or the cluster. Must run before JAX starts its backend."""
+    """Applies `--config.hardware=NAME`, validates the whole config (a
+    ConfigError names the first bad field), sets the simulated CPU device count
+    and (with `distributed=True`) initialises `jax.distributed` from the
+    arguments, the environment or the cluster. Must run before JAX starts its
+    backend."""
     import jax
 
     from mmjax.config_base import apply_hardware_flag
 
+    from mmjax.train.config_checks import check_static
+
     apply_hardware_flag(config)
+    check_static(config)  # every field, before anything is built or compiled
     if config.runtime.cpu_devices:  # per process; before the backend and the distributed set-up
         jax.config.update("jax_num_cpu_devices", config.runtime.cpu_devices)
     if distributed:

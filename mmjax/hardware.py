@@ -56,6 +56,9 @@ import dataclasses
 import math
 from typing import Any
 
+from mmjax.errors import ConfigError
+
+
 @dataclasses.dataclass(frozen=True)
 class Hardware:
     name: str
@@ -140,7 +143,7 @@ HARDWARE: dict[str, Hardware] = {hw.name: hw for hw in _PRESETS}
 
 def get_hardware(name: str) -> Hardware:
     if name not in HARDWARE:
-        raise ValueError(f"hardware preset {name!r} is unknown; choose one of {sorted(HARDWARE)}.")
+        raise ConfigError(f"config.hardware={name!r} is not a hardware preset; choose one of {sorted(HARDWARE)}.")
     return HARDWARE[name]
 
 

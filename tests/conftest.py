@@ -27,6 +27,7 @@ def small_config(steps: int = 10):
     c.data.global_batch = 8
     c.data.max_images = 2
     c.train.steps = steps
+    c.optimizer.warmup_steps = min(c.optimizer.warmup_steps, steps)  # a warm-up longer than the run is refused
     c.train.log_every = 1
     c.train.checkpoint_every = steps
     c.evaluators.caption_accuracy.num_examples = 16

@@ -322,5 +322,5 @@ def test_apply_and_resolve_hardware():
     # MoE models get an expert axis from the preset
     c = hardware.apply_hardware(mm1.get_config("7b-moe"), "gpu-h100-8")
     assert resolve_mesh_shape(dict(c.mesh), 8) == dict(data=1, fsdp=1, expert=8, model=1)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="'tpu-v9-1' is not a hardware preset"):
         hardware.apply_hardware(c, "tpu-v9-1")

@@ -169,7 +169,8 @@ def test_an_experiment_file_loads_from_any_working_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     config = os.path.abspath(os.path.join(ROOT, "experiments", "moe_pairs.py")) + ":tiny-dense"
     run = subprocess.run([sys.executable, "-m", "mmjax.train", "--config", config, "--workdir", str(tmp_path),
-                          *SMALL_OVERRIDES, "--config.train.steps=2", "--config.train.checkpoint_every=2"],
+                          *SMALL_OVERRIDES, "--config.train.steps=2", "--config.train.checkpoint_every=2",
+                          "--config.optimizer.warmup_steps=2"],
                          cwd="/", env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 2]

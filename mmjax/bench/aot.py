@@ -274,51 +274,37 @@ def write_report(report: AotReport, workdir: str) -> str:
 # Command line
 # ---------------------------------------------------------------------------
 
-def _main(argv) -> None:
-    from absl import app
-
-    from mmjax.frontend import prepare_runtime
-
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    prepare_runtime(config)  # --config.hardware=NAME; the compile targets the topology's devices
-    topology = _TOPOLOGY.value or config.get("topology", "")
-    if not topology:
-        raise app.UsageError("--topology is required (the config names none in config.topology).")
-    try:
-        report = compile_for_topology(config, topology)
-    except ValueError as err:  # TopologyError, ConfigError, LayoutError: one sentence each
-        raise SystemExit(f"error: {err}") from None
-    print(report.format())
-    if _WORKDIR.value:
-        print(f"wrote {write_report(report, _WORKDIR.value)}")
-
-
-def _define_flags():
+def _define(fv) -> None:
     from absl import flags
 
-    from mmjax.frontend import define_config_flag
-
-    config = define_config_flag()
-    topology = flags.DEFINE_string(
+    flags.DEFINE_string(
         "topology", None,
         "TPU slice to compile for, GENERATION:SHAPE in chips: v5p:4x4x8, v4:2x2x1, v5e:2x2, v6e:4x4, "
-        "tpu7x:2x2x1 (also 'TPU v5 lite:2x2', v5litepod:4x4, trillium:4x4, v7x:2x2x1, ironwood:4x4x4). Default: config.topology, which "
-        "the hardware presets of mmjax/hardware.py set. Needs libtpu, not a TPU.")
-    workdir = flags.DEFINE_string("workdir", None, "If set, write aot_report.json here.")
-    flags.mark_flags_as_required(["config"])
-    return config, topology, workdir
+        "tpu7x:2x2x1 (also 'TPU v5 lite:2x2', v5litepod:4x4, trillium:4x4, v7x:2x2x1, ironwood:4x4x4). "
+        "Default: config.topology, which the hardware presets of mmjax/hardware.py set. Needs libtpu, "
+        "not a TPU.", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "If set, write aot_report.json here.", flag_values=fv)
+
+
+def main(argv: list[str]) -> int:
+    from mmjax.frontend import parse_flags, prepare_runtime
+
+    args = parse_flags(argv, "python -m mmjax.bench.aot", __doc__, _define)
+    config = args.config
+    prepare_runtime(config)  # --config.hardware=NAME, the config checked; the compile targets the topology
+    topology = args.topology or config.get("topology", "")
+    if not topology:
+        raise SystemExit("error: --topology is required (the config names none in config.topology).")
+    report = compile_for_topology(config, topology)  # TopologyError/ConfigError: one sentence
+    print(report.format())
+    if args.workdir:
+        print(f"wrote {write_report(report, args.workdir)}")
+    return 0
 
 
 if __name__ == "__main__":
     import sys
 
-    from absl import app, logging
+    from mmjax.frontend import run_command
 
-    _CONFIG, _TOPOLOGY, _WORKDIR = _define_flags()
-    if any(arg in ("-h", "--help", "--helpshort") for arg in sys.argv[1:]):
-        print(__doc__)
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-    logging.set_verbosity(logging.WARNING)
-    app.run(_main)
+    sys.exit(run_command(main))

@@ -80,6 +80,7 @@ def main(argv=None) -> int:
 
     os.makedirs(args.workdir, exist_ok=True)
     config.train.steps = args.steps + 1  # the first step pays one-off runtime warm-up; dropped below
+    config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, config.train.steps)  # LR is not timed
     config.train.log_every = 1
     config.train.checkpoint_every = config.train.steps
     config.eval.caption_accuracy = False
@@ -121,4 +122,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from mmjax.frontend import run_command
+
+    sys.exit(run_command(main))

@@ -196,10 +196,8 @@ def main(argv=None) -> int:
     args, moe_args = parse_args(sys.argv[1:] if argv is None else argv)
     dense, moe = args.config, moe_args.config
     prepare_runtime(dense)
-    try:
-        rows = compare(dense, moe, args.steps, args.topology)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+    prepare_runtime(moe)  # the same runtime; checks the MoE member's config too
+    rows = compare(dense, moe, args.steps, args.topology)  # a Refusal ends in one sentence
     print_table(rows, rows[0]["mesh"], args.steps)
     if args.workdir:
         write_outputs(rows, args.workdir)
@@ -208,4 +206,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from mmjax.frontend import run_command
+
+    sys.exit(run_command(main))

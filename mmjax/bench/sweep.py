@@ -33,6 +33,7 @@ import os
 
 from mmjax.bench.harness import (AXES, TimedConfig, first_batch, mesh_name, time_round_robin,
                                  tpu_columns)
+from mmjax.errors import ConfigError
 
 COLUMNS = ("rank", "mesh", "layout", "status", "reason", "step_time_s", "step_time_p90_s",
            "compile_s", "peak_bytes_per_device", "argument_bytes", "temp_bytes", "collective_bytes",
@@ -45,13 +46,32 @@ def parse_grid(text: str) -> list[dict]:
     """`"2x2x2x1,8x1x1x1"` -> mesh dicts (a missing model size means 1)."""
     meshes = []
     for item in filter(None, (t.strip() for t in text.split(","))):
-        sizes = [int(x) for x in item.split("x")]
+        try:
+            sizes = [int(x) for x in item.split("x")]
+        except ValueError:
+            sizes = []
         if len(sizes) == 3:
             sizes.append(1)
         if len(sizes) != 4 or min(sizes) < 1:
-            raise ValueError(f"--grid entry {item!r} must be DATAxFSDPxEXPERT[xMODEL] with sizes >= 1.")
+            raise ConfigError(f"--grid entry {item!r} must be DATAxFSDPxEXPERT[xMODEL] with integer sizes >= 1, "
+                              "e.g. 2x2x2 or 4x1x1x2.")
         meshes.append(dict(zip(AXES, sizes)))
     return meshes
+
+
+def parse_layouts(text: str) -> list[str]:
+    """`"fsdp,data_parallel"` -> layout names; an unknown or missing name is a ConfigError."""
+    from mmjax.frontend import suggest
+    from mmjax.parallel.rules import LAYOUTS
+
+    layouts = [x.strip() for x in text.split(",") if x.strip()]
+    if not layouts:
+        raise ConfigError(f"--layouts={text!r} names no layout; choose from {', '.join(sorted(LAYOUTS))}.")
+    for name in layouts:
+        if name not in LAYOUTS:
+            raise ConfigError(f"--layouts names {name!r}, which is not a layout{suggest(name, LAYOUTS)} "
+                              f"(known: {', '.join(sorted(LAYOUTS))}).")
+    return layouts
 
 
 def enumerate_meshes(num_devices: int, with_model: bool = False) -> list[dict]:
@@ -217,20 +237,17 @@ def main(argv=None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     config = args.config
+    grid, layouts = parse_grid(args.grid), parse_layouts(args.layouts)  # ConfigError: one sentence
     prepare_runtime(config)
     import jax
 
     if args.aot_only:
-        from mmjax.bench.topology import TopologyError, topology_devices
+        from mmjax.bench.topology import topology_devices
 
-        try:
-            devices = len(topology_devices(args.topology)[1])
-        except TopologyError as err:
-            raise SystemExit(f"error: {err}") from None
+        devices = len(topology_devices(args.topology)[1])  # TopologyError: one sentence
     else:
         devices = jax.device_count()
-    meshes = parse_grid(args.grid) if args.grid else enumerate_meshes(devices, args.with_model)
-    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    meshes = grid or enumerate_meshes(devices, args.with_model)
     if args.aot_only:
         rows = run_aot_sweep(config, candidates(meshes, layouts), args.topology)
     else:
@@ -238,8 +255,16 @@ def main(argv=None) -> int:
     print_table(rows)
     write_outputs(rows, args.workdir)
     print(f"\nwrote {os.path.join(args.workdir, 'results.csv')} and sweep.png")
+    if not any(r["status"] == "ok" for r in rows):
+        print(f"error: none of the {len(rows)} candidates could be used; results.csv gives each reason.",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from mmjax.frontend import run_command
+
+    sys.exit(run_command(main))

@@ -31,8 +31,10 @@ import os
 import re
 from collections.abc import Mapping
 
+from mmjax.errors import Refusal
 
-class TopologyError(ValueError):
+
+class TopologyError(Refusal):
     """The topology string or the mesh cannot be used for ahead-of-time compilation."""
 
 

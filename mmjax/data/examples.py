@@ -76,14 +76,17 @@ class ExampleBuilder:
         ids, slots, weights, attrs = [self.tok.bos_id], [-1], [0.0], [0.0]
         pixels: list[np.ndarray] = []
         dropped = skipped = 0
+        image_number = 0
         for seg in record["segments"]:
             room = limit - len(ids) - 1  # keep one place for <eos>
             if "text" not in seg:
+                image_number += 1
                 try:
                     tiles, separators = self._pixels(seg)
                 except ValueError as err:
                     skipped += 1
-                    warn_bad_input(f"{record.get('origin', '?')} (image)", str(err))
+                    warn_bad_input(f"{record.get('origin') or 'a ' + stream + ' record'}, image {image_number}",
+                                   str(err))
                     if stream == "caption":  # a caption without its image teaches nothing true
                         return self._empty(stream, skipped_records=1, skipped_images=skipped)
                     continue

@@ -38,6 +38,10 @@ class _ProceduralSource:
     def __len__(self) -> int:
         return VIRTUAL_LENGTH
 
+    def origin(self, index: int) -> str:
+        """Where a record comes from, for warnings: `procedural:<stream>/<split>:<index>`."""
+        return f"procedural:{self.stream}/{self.split}:{index}"
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, seed={self.seed}, split={self.split!r})"
 
@@ -54,7 +58,7 @@ class CaptionSource(_ProceduralSource):
         return {"stream": self.stream, "segments": [
             {"image": shapes.render_scene(scene, self.image_size, rng)},
             {"text": text, "spans": shapes.attribute_spans(text, scene)},
-        ]}
+        ], "origin": self.origin(index)}
 
 
 class InterleavedSource(_ProceduralSource):
@@ -70,7 +74,7 @@ class InterleavedSource(_ProceduralSource):
             segments.append({"text": f"picture {number + 1}:"})
             segments.append({"image": shapes.render_scene(scene, self.image_size, rng)})
             segments.append({"text": shapes.question_answers(scene, rng)})
-        return {"stream": self.stream, "segments": segments}
+        return {"stream": self.stream, "segments": segments, "origin": self.origin(index)}
 
 
 class TextSource(_ProceduralSource):
@@ -84,7 +88,8 @@ class TextSource(_ProceduralSource):
 
     def __getitem__(self, index: int) -> dict:
         rng = _rng(self.seed, self.split, self.stream, index)
-        return {"stream": self.stream, "segments": [{"text": self.chunks[rng.integers(len(self.chunks))]}]}
+        return {"stream": self.stream, "segments": [{"text": self.chunks[rng.integers(len(self.chunks))]}],
+                "origin": self.origin(index)}
 
 
 SOURCES = {"caption": CaptionSource, "interleaved": InterleavedSource, "text": TextSource}

@@ -20,12 +20,9 @@ import logging
 import msgpack
 import numpy as np
 
+from mmjax.errors import DataError  # noqa: F401  (re-exported: the data layer's refusal)
+
 STREAMS = ("caption", "interleaved", "text")
-
-
-class DataError(ValueError):
-    """Bad data configuration or unreadable input, named in one sentence."""
-
 
 _log = logging.getLogger("mmjax.data")
 _MAX_WARNINGS = 100

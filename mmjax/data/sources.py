@@ -80,7 +80,20 @@ def parse_spec(spec: str, where: str) -> tuple[str, str]:
 
 def open_stream(spec: str, stream: str, *, split: str, image_size: int, seed: int,
                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """An endless IterDataset of raw records of `stream` for this process."""
+    """An endless IterDataset of raw records of `stream` for this process.
+    Every `DataError` names the stream's config field first."""
+    where = f"config.data.sources.{stream}"
+    try:
+        return _open_stream(spec, stream, split=split, image_size=image_size, seed=seed,
+                            process_index=process_index, process_count=process_count)
+    except DataError as err:
+        if str(err).startswith(where):
+            raise
+        raise DataError(f"{where}={spec!r}: {err}") from None
+
+
+def _open_stream(spec: str, stream: str, *, split: str, image_size: int, seed: int,
+                 process_index: int, process_count: int) -> grain.IterDataset:
     if stream not in STREAMS:
         raise DataError(f"unknown stream {stream!r}; expected one of {STREAMS}.")
     where = f"config.data.sources.{stream}"

@@ -17,6 +17,7 @@ from mmjax.models.attention import Attention
 from mmjax.models.layers import Conv2D, Dense, LayerNorm, make_param
 from mmjax.models.partitioning import constrain
 from mmjax.models.vit import interpolate_pos_embed
+from mmjax.errors import ConfigError
 
 
 def _square(n: int, what: str) -> int:
@@ -93,7 +94,7 @@ class CAbstractor(nnx.Module):
                  rngs: nnx.Rngs, dtype=jnp.float32):
         side = math.isqrt(cfg.num_tokens)
         if side * side != cfg.num_tokens:
-            raise ValueError(f"config.model.connector.num_tokens={cfg.num_tokens} must be a perfect square for c_abstractor.")
+            raise ConfigError(f"config.model.connector.num_tokens={cfg.num_tokens} must be a perfect square for c_abstractor.")
         grid = math.isqrt(num_patches)
         if grid * grid != num_patches:
             raise ValueError(f"c_abstractor needs a square patch grid, got {num_patches} patches.")
@@ -146,7 +147,7 @@ class AttentionPool(nnx.Module):
     def __init__(self, cfg, *, vit_embed: int, num_patches: int, embed: int,
                  rngs: nnx.Rngs, dtype=jnp.float32):
         if vit_embed % cfg.heads:
-            raise ValueError(f"config.model.connector.heads={cfg.heads} does not divide vit embed {vit_embed}.")
+            raise ConfigError(f"config.model.connector.heads={cfg.heads} does not divide vit embed {vit_embed}.")
         self.queries = make_param(rngs, nnx.initializers.normal(0.02), (cfg.num_tokens, vit_embed),
                                   ("image_tokens", "vit_embed"))
         self.pos_embed = make_param(rngs, nnx.initializers.normal(0.02), (num_patches, vit_embed),
@@ -171,6 +172,6 @@ CONNECTORS = {"c_abstractor": CAbstractor, "avg_pool": AveragePool, "attention_p
 def make_connector(cfg, *, vit_embed: int, num_patches: int, embed: int, rngs: nnx.Rngs, dtype=jnp.float32):
     """Builds the connector named by `cfg.kind`."""
     if cfg.kind not in CONNECTORS:
-        raise ValueError(f"config.model.connector.kind={cfg.kind!r} is unknown; choose one of {sorted(CONNECTORS)}.")
+        raise ConfigError(f"config.model.connector.kind={cfg.kind!r} is unknown; choose one of {sorted(CONNECTORS)}.")
     return CONNECTORS[cfg.kind](cfg, vit_embed=vit_embed, num_patches=num_patches,
                                 embed=embed, rngs=rngs, dtype=dtype)

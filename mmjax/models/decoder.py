@@ -17,6 +17,7 @@ from mmjax.models.moe import MoEFeedForward
 from mmjax.models.precision import compute_dtype
 from mmjax.models.registry import register_model
 from mmjax.models.stack import LayerStack
+from mmjax.errors import ConfigError
 
 
 def is_moe_layer(cfg, index: int) -> bool:
@@ -56,7 +57,7 @@ class Decoder(nnx.Module):
         self.embedder = Embed(cfg.vocab_size, cfg.embed, rngs=rngs, dtype=dtype)
         kinds = {is_moe_layer(cfg, i) for i in range(cfg.layers)}
         if len(kinds) > 1 and cfg.scan:
-            raise ValueError("config.model.decoder.scan=True needs identical layers; with MoE on every "
+            raise ConfigError("config.model.decoder.scan=True needs identical layers; with MoE on every "
                              f"{cfg.moe.moe_every}-th layer set scan=False (or moe_every=1).")
         self.layers = LayerStack(lambda r, i=0: DecoderLayer(cfg, rngs=r, dtype=dtype, moe=is_moe_layer(cfg, i)),
                                  cfg.layers, rngs=rngs, scan=cfg.scan, remat=cfg.remat,

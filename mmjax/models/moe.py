@@ -36,6 +36,7 @@ from flax import nnx
 
 from mmjax.models.layers import SwiGLU, fan_in_init, make_param
 from mmjax.models.partitioning import constrain, current_resolver, num_shards
+from mmjax.errors import ConfigError
 
 DISPATCHES = ("capacity", "dropless")
 # Logical layouts of the capacity buffers `[E, G, C, M]`: split by group (as the
@@ -137,9 +138,9 @@ class MoEFeedForward(nnx.Module):
     def __init__(self, embed: int, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
         e, h = cfg.num_experts, cfg.expert_mlp
         if cfg.dispatch not in DISPATCHES:
-            raise ValueError(f"config.model.decoder.moe.dispatch={cfg.dispatch!r}; choose one of {DISPATCHES}.")
+            raise ConfigError(f"config.model.decoder.moe.dispatch={cfg.dispatch!r}; choose one of {DISPATCHES}.")
         if not 1 <= cfg.top_k <= e:
-            raise ValueError(f"config.model.decoder.moe.top_k={cfg.top_k} must be in 1..num_experts={e}.")
+            raise ConfigError(f"config.model.decoder.moe.top_k={cfg.top_k} must be in 1..num_experts={e}.")
         self.cfg, self.dtype = cfg, dtype
         self.router = make_param(rngs, fan_in_init(embed), (embed, e), ("embed", "router_experts"))
         self.wi_gate = make_param(rngs, fan_in_init(embed), (e, embed, h), ("expert", "embed", "mlp"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 from flax import nnx
+from mmjax.errors import ConfigError
 
 # config.model.dtype -> compute dtype (parameters are always stored in float32)
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -27,7 +28,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def compute_dtype(name: str):
     """The compute dtype `config.model.dtype` names (ValueError naming the field otherwise)."""
     if name not in COMPUTE_DTYPES:
-        raise ValueError(f"config.model.dtype={name!r}; choose one of {sorted(COMPUTE_DTYPES)}.")
+        raise ConfigError(f"config.model.dtype={name!r}; choose one of {sorted(COMPUTE_DTYPES)}.")
     return COMPUTE_DTYPES[name]
 
 

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Callable
 
 from flax import nnx
+from mmjax.errors import ConfigError
 
 # Per-row shapes of the batch fields a model may read (see mmjax.data.examples):
 # sequence fields are `[seq_len]`, images `[max_images, size, size, 3]`.
@@ -56,7 +57,7 @@ def model_spec(model_cfg) -> ModelSpec:
     """The registry entry `config.model.name` names (default "mm1")."""
     name = model_cfg.get("name", "mm1")
     if name not in MODELS:
-        raise ValueError(f"config.model.name={name!r} is not a registered model; choose one of {sorted(MODELS)}.")
+        raise ConfigError(f"config.model.name={name!r} is not a registered model; choose one of {sorted(MODELS)}.")
     return MODELS[name]
 
 

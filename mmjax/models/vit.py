@@ -24,6 +24,7 @@ from mmjax.models.attention import Attention
 from mmjax.models.layers import Dense, LayerNorm, make_param
 from mmjax.models.partitioning import constrain
 from mmjax.models.stack import LayerStack
+from mmjax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,12 +143,12 @@ class ViT(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
         if cfg.flavour not in FLAVOURS:
-            raise ValueError(f"config.model.vit.flavour={cfg.flavour!r} is unknown; choose one of {sorted(FLAVOURS)}.")
+            raise ConfigError(f"config.model.vit.flavour={cfg.flavour!r} is unknown; choose one of {sorted(FLAVOURS)}.")
         flavour = FLAVOURS[cfg.flavour]
         self.flavour, self.patch_size, self.embed = flavour, cfg.patch_size, cfg.embed
         self.feature_layer = cfg.feature_layer
         if not -cfg.depth <= cfg.feature_layer <= -1:
-            raise ValueError(f"config.model.vit.feature_layer={cfg.feature_layer} must be in -{cfg.depth}..-1.")
+            raise ConfigError(f"config.model.vit.feature_layer={cfg.feature_layer} must be in -{cfg.depth}..-1.")
         grid = cfg.image_size // cfg.patch_size
         e, eps = cfg.embed, cfg.layer_norm_eps
         self.patch_embed = Dense(cfg.patch_size * cfg.patch_size * 3, e, ("patch", "vit_embed"),

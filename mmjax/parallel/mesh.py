@@ -13,10 +13,12 @@ from typing import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
+from mmjax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "expert", "model")
 
 
-class MeshConfigError(ValueError):
+class MeshConfigError(ConfigError):
     """The requested mesh cannot be built from the available devices."""
 
 

@@ -13,6 +13,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mmjax.errors import ConfigError
 from mmjax.parallel.mesh import mesh_axes_size
 
 MeshAxes = str | tuple[str, ...] | None
@@ -41,7 +42,7 @@ LAYOUTS: dict[str, dict[str, MeshAxes]] = {
 }
 
 
-class LayoutError(ValueError):
+class LayoutError(ConfigError):
     """A parameter cannot be partitioned as the layout asks."""
 
 

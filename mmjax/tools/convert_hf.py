@@ -26,11 +26,12 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
+from mmjax.errors import Refusal
 from mmjax.models.decoder import LanguageModel
 from mmjax.models.vit import ViT
 
 
-class ConversionError(ValueError):
+class ConversionError(Refusal):
     """A source checkpoint is missing a tensor or has one of the wrong shape."""
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax.data.pipeline import make_dataset, to_global_arrays
+from mmjax.train.config_schema import integer
 from mmjax.train.evaluators import register_evaluator
 from mmjax.train.state import TrainSetup
 from mmjax.train.step import model_logits
@@ -74,7 +75,7 @@ def make_caption_eval(setup: TrainSetup) -> Callable:
     return evaluate
 
 
-@register_evaluator("caption_accuracy")
+@register_evaluator("caption_accuracy", fields={"num_examples": integer(1)})
 def make_caption_accuracy(config, setup: TrainSetup, tokenizer):
     """The registered evaluator: real and blanked images on the same captions."""
     if "images" not in setup.batch_shardings:

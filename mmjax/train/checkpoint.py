@@ -1,22 +1,57 @@
-"""Orbax checkpoints of the train state together with the Grain iterator state.
+"""Orbax checkpoints of the train state together with the Grain iterator state,
+and recovery from damaged ones.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,data}`. Saves are asynchronous;
-`latest_step` finds the step to resume from.
+Layout: `WORKDIR/checkpoints/<step>/{state,data}`; Orbax writes each step
+into a temporary directory, renames it and leaves `commit_success.txt` in it
+once every item is written. Saves are asynchronous.
+
+Recovery (`restore_latest`): a step directory without that commit marker is
+partial (a copy cut short, a file system without atomic renames) and is
+never taken as the latest: it is moved to `WORKDIR/checkpoints_damaged/`.
+A committed checkpoint that fails to restore (a missing, truncated or
+overwritten array file, unreadable metadata or data-iterator state) is
+reported in one sentence naming the step, the file and why; with
+`train.on_bad_checkpoint="previous"` the next older one is tried and the
+damaged directories are moved aside once one restores, with `"stop"` the run
+refuses to start. Nothing is deleted.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
+import shutil
+import sys
+from typing import Callable
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+
+from mmjax.errors import CheckpointError
+
+COMMIT_MARKER = "commit_success.txt"
+DAMAGED_DIR = "checkpoints_damaged"
+_STATUS = {"NOT_FOUND": "is missing", "OUT_OF_RANGE": "is truncated", "DATA_LOSS": "is corrupt"}
+
+
+class RestoreFailed(Exception):
+    """One checkpoint could not be restored; the message is one sentence."""
 
 
 class Checkpointer:
     """Saves/restores `{"state": train state, "data": grain iterator}`."""
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, on_bad: str = "previous",
+                 log: Callable[[str], None] = print):
+        workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(workdir, "checkpoints")
+        self.damaged_directory = os.path.join(workdir, DAMAGED_DIR)
+        self.on_bad, self.log = on_bad, log
+        self.recovered: list[dict] = []  # what restore_latest moved aside, for the summary
+        self._set_aside_partial()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -34,16 +69,76 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores the state onto `abstract_state`'s shardings and rewinds
-        `data_iterator` in place; returns the state."""
+        `data_iterator` in place; returns the state. RestoreFailed (one
+        sentence: the step, the file, why) when the checkpoint is damaged."""
+        step_dir = os.path.join(self.directory, str(step))
+        _quiet_aborted_restore()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
                 data=grain.checkpoint.CheckpointRestore(data_iterator)))
-        except Exception as err:  # name the checkpoint, keep the cause
-            raise RuntimeError(
-                f"checkpoint {os.path.join(self.directory, str(step))} could not be restored: {err}"
-            ) from err
+        except Exception as err:  # orbax/tensorstore raise many types; name the file and the cause
+            raise RestoreFailed(f"checkpoint step {step} ({step_dir}) cannot be restored: "
+                                f"{describe_damage(step_dir, err)}") from err
         return restored["state"]
+
+    def restore_latest(self, abstract_state, data_iterator):
+        """(state, step) from the newest checkpoint that restores, or (None, 0)
+        when the workdir has none. Damaged ones are handled as the module doc
+        says; CheckpointError when none can be restored or `on_bad="stop"`."""
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+            except RestoreFailed as err:
+                if self.on_bad == "stop":
+                    raise CheckpointError(f"{err}; config.train.on_bad_checkpoint='stop', so the run does not "
+                                          "start ('previous' resumes from the newest checkpoint that restores)."
+                                          ) from None
+                self.log(f"warning: {err}; trying the previous checkpoint.")
+                damaged.append((step, str(err)))
+                continue
+            for bad_step, reason in damaged:
+                moved = self._move_aside(bad_step)
+                self.recovered.append({"step": bad_step, "reason": reason, "moved_to": moved})
+                self.log(f"warning: moved the damaged checkpoint of step {bad_step} to {moved}; "
+                         f"resuming from step {step}.")
+            if damaged:
+                _sync("mmjax_damaged_checkpoints_set_aside")
+                self.manager.reload()
+            return state, step
+        if damaged:
+            raise CheckpointError(f"none of the {len(damaged)} checkpoints in {self.directory} can be restored "
+                                  f"(newest: {damaged[0][1]}); nothing was moved; move the folder away to start "
+                                  "from scratch.")
+        return None, 0
+
+    def _set_aside_partial(self) -> None:
+        """Moves step directories without the commit marker aside (process 0;
+        the others wait), before Orbax lists the steps."""
+        if not os.path.isdir(self.directory):
+            return
+        partial = [name for name in os.listdir(self.directory) if name.isdigit()
+                   and not os.path.exists(os.path.join(self.directory, name, COMMIT_MARKER))]
+        for name in sorted(partial, key=int):
+            reason = f"step directory {os.path.join(self.directory, name)} has no {COMMIT_MARKER} (a partial checkpoint)"
+            moved = self._move_aside(int(name))
+            self.recovered.append({"step": int(name), "reason": reason, "moved_to": moved})
+            self.log(f"warning: {reason}; moved to {moved}, it is not taken as the latest.")
+        if partial:
+            _sync("mmjax_partial_checkpoints_set_aside")
+
+    def _move_aside(self, step: int) -> str:
+        """Renames `checkpoints/<step>` to `checkpoints_damaged/<step>[-n]` (process 0); returns the new path."""
+        target = os.path.join(self.damaged_directory, str(step))
+        n = 1
+        while os.path.exists(target):
+            target = os.path.join(self.damaged_directory, f"{step}-{n}")
+            n += 1
+        if jax.process_index() == 0:
+            os.makedirs(self.damaged_directory, exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -51,3 +146,90 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+_quieted = False
+
+
+def _closed_loop_error(exc) -> bool:
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+class _AbortedReadFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for Orbax's reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not ("exception was never retrieved" in text
+                    and any(word in text for word in ("orbax", "OCDBT", "tensorstore")))
+
+
+def _quiet_aborted_restore() -> None:
+    """Installed before the first restore. After a read fails, Orbax closes its event loop while tensorstore is
+    still reading the other arrays; each of those reads then fails to call
+    back into the closed loop (`RuntimeError: Event loop is closed`, printed
+    with a traceback from tensorstore's threads, one per array), and asyncio
+    logs the other failed reads as never retrieved. Both say nothing beyond
+    the one sentence the restore reports, so they are dropped from here on;
+    every other exception is printed as before."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, traceback):
+        if not _closed_loop_error(value):
+            previous_excepthook(kind, value, traceback)
+
+    def unraisablehook(unraisable):
+        if not _closed_loop_error(unraisable.exc_value):
+            previous_unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+    logging.getLogger("asyncio").addFilter(_AbortedReadFilter())
+
+
+def _sync(name: str) -> None:
+    """All processes wait here (after process 0 moved directories)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def describe_damage(step_dir: str, err: BaseException) -> str:
+    """Which file of a checkpoint is damaged and how, from the restore error
+    (tensorstore names the file) or by reading the JSON files it holds."""
+    messages = []
+    while err is not None and len(messages) < 8:
+        messages.append(" ".join(str(err).split()))
+        err = err.__cause__ or err.__context__
+    for text in messages:
+        text = re.split(r" \[tensorstore_spec", text)[0]
+        files = re.findall(r'local file "([^"]+)"', text)
+        if files:
+            path = files[-1]
+            code = re.match(r"'?([A-Z_]+): ", text)
+            how = _STATUS.get(code.group(1), "cannot be read") if code else "cannot be read"
+            detail = text.split(f'"{path}"', 1)[1].lstrip(": ").strip("'") if f'"{path}"' in text else ""
+            return f"{os.path.relpath(path, step_dir)} {how}" + (f" ({detail.rstrip('.')})" if detail else "")
+    for rel in _json_files(step_dir):
+        try:
+            with open(os.path.join(step_dir, rel)) as f:
+                json.load(f)
+        except (OSError, ValueError) as bad:
+            return f"{rel} is not valid JSON ({' '.join(str(bad).split())})"
+    for item in ("state", "data"):
+        if not os.path.isdir(os.path.join(step_dir, item)):
+            return f"the {item!r} item is missing"
+    first = messages[0] if messages else "unknown error"
+    return first[:300] + ("..." if len(first) > 300 else "")
+
+
+def _json_files(step_dir: str) -> list[str]:
+    out = ["_CHECKPOINT_METADATA", "state/_METADATA", "state/_sharding"]
+    data = os.path.join(step_dir, "data")
+    if os.path.isdir(data):
+        out += [f"data/{name}" for name in sorted(os.listdir(data)) if name.endswith(".json")]
+    return [rel for rel in out if os.path.exists(os.path.join(step_dir, rel))]

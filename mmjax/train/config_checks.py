@@ -1,29 +1,168 @@
-"""Config validation: every problem is one sentence naming the field, raised
-before anything is compiled."""
+"""Config validation: one pass over the whole resolved config before the
+tokenizer, the model, the data pipeline or any compile. Every problem is a
+`ConfigError` whose message is one sentence naming the field, its value and
+what would be valid.
+
+`check_static(config)` needs nothing but the config (every command runs it
+in `mmjax.frontend.prepare_runtime`); `check_config(config, num_devices,
+process_count)` adds what depends on the devices: the mesh and the batch
+split.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 
+from mmjax.errors import ConfigError
 from mmjax.parallel.mesh import resolve_mesh_shape
 from mmjax.parallel.rules import get_layout
+from mmjax.train.config_schema import field_problems, lookup
+
+__all__ = ["ConfigError", "check_static", "check_config"]
 
 
-class ConfigError(ValueError):
-    """The experiment config is inconsistent or impossible."""
+def _fail(path: str, value, what: str) -> None:
+    raise ConfigError(f"config.{path}={value!r} {what}.")
+
+
+def check_static(config) -> None:
+    """Raises ConfigError for the first problem found in `config` alone."""
+    for path, value, what in field_problems(config):
+        _fail(path, value, f"is invalid; use {what}")
+    get_layout(config.rules)  # LayoutError (a ConfigError) for an unknown layout name
+    resolve_mesh_shape(dict(config.mesh), _any_device_count(config.mesh))
+    _check_model(config)
+    _check_data(config)
+    _check_optimizer(config)
+    _check_train(config)
+    _check_evaluators(config)
+    for path in config.get("init_from", ()) or ():
+        if not os.path.isfile(os.path.join(os.path.expanduser(str(path)), "mmjax.json")):
+            raise ConfigError(f"config.init_from entry {str(path)!r} is not a folder written by "
+                              "python -m mmjax.tools.convert_hf (no mmjax.json there).")
+
+
+def _any_device_count(mesh_cfg) -> int:
+    """A device count the mesh's fixed axes can fill (checks sizes and -1s only)."""
+    return math.prod(max(int(v), 1) if isinstance(v, int) else 1 for v in dict(mesh_cfg).values())
+
+
+def _check_model(config) -> None:
+    m = config.model
+    vit, conn, dec = m.vit, m.connector, m.decoder
+    moe = dec.moe
+    if vit.image_size % vit.patch_size:
+        _fail("model.vit.image_size", vit.image_size, f"is not divisible by "
+              f"config.model.vit.patch_size={vit.patch_size}")
+    if vit.embed % vit.heads:
+        _fail("model.vit.embed", vit.embed, f"is not divisible by config.model.vit.heads={vit.heads}")
+    if vit.feature_layer < -vit.depth:
+        _fail("model.vit.feature_layer", vit.feature_layer, f"is outside -{vit.depth}..-1 "
+              f"(config.model.vit.depth={vit.depth})")
+    if conn.kind in ("c_abstractor", "avg_pool") and math.isqrt(conn.num_tokens) ** 2 != conn.num_tokens:
+        _fail("model.connector.num_tokens", conn.num_tokens, f"must be a perfect square for "
+              f"config.model.connector.kind={conn.kind!r}")
+    if conn.kind == "attention_pool" and vit.embed % conn.heads:
+        _fail("model.connector.heads", conn.heads, f"does not divide config.model.vit.embed={vit.embed}")
+    if dec.heads % dec.kv_heads:
+        _fail("model.decoder.heads", dec.heads, f"is not a multiple of config.model.decoder.kv_heads={dec.kv_heads}")
+    if dec.head_dim % 2:
+        _fail("model.decoder.head_dim", dec.head_dim, "must be even (rotary embeddings rotate pairs of dimensions)")
+    if moe.num_experts:
+        if moe.top_k > moe.num_experts:
+            _fail("model.decoder.moe.top_k", moe.top_k, f"exceeds config.model.decoder.moe.num_experts="
+                  f"{moe.num_experts}")
+        if moe.moe_every > dec.layers:
+            _fail("model.decoder.moe.moe_every", moe.moe_every, f"leaves no MoE layer among the "
+                  f"config.model.decoder.layers={dec.layers} layers")
+        if dec.scan and moe.moe_every != 1:
+            _fail("model.decoder.scan", True, f"needs identical layers, but MoE every "
+                  f"{moe.moe_every} layers alternates dense and MoE layers; set "
+                  "config.model.decoder.scan=False or moe_every=1")
+        expert_axis = dict(config.mesh).get("expert", 1)
+        if expert_axis > 1 and moe.num_experts % expert_axis:
+            _fail("model.decoder.moe.num_experts", moe.num_experts, f"is not divisible by the "
+                  f"config.mesh.expert={expert_axis} expert shards")
+
+
+def _check_data(config) -> None:
+    from mmjax.data.records import STREAMS
+    from mmjax.data.sources import parse_spec
+
+    d, m = config.data, config.model
+    if d.image_size != m.vit.image_size:
+        _fail("data.image_size", d.image_size, f"differs from config.model.vit.image_size={m.vit.image_size}")
+    if d.tokens_per_image != m.connector.num_tokens:
+        _fail("data.tokens_per_image", d.tokens_per_image, f"differs from "
+              f"config.model.connector.num_tokens={m.connector.num_tokens}")
+    if d.vocab_size != m.decoder.vocab_size:
+        _fail("data.vocab_size", d.vocab_size, f"differs from config.model.decoder.vocab_size={m.decoder.vocab_size}")
+    if sum(d.mix_weights) <= 0:
+        _fail("data.mix_weights", tuple(d.mix_weights), "selects no stream; give at least one positive weight")
+    if d.max_images * d.tokens_per_image >= d.seq_len:
+        _fail("data.max_images", d.max_images, f"images of {d.tokens_per_image} tokens do not fit in "
+              f"config.data.seq_len={d.seq_len}")
+    low, high = d.image_split
+    if (low, high) != (0, 0) and not 1 <= low <= high:
+        _fail("data.image_split", tuple(d.image_split), "must be (0, 0) for off or (min_tiles, max_tiles) "
+              "with 1 <= min_tiles <= max_tiles")
+    sources = dict(d.sources)
+    for stream in STREAMS:
+        if stream not in sources:
+            raise ConfigError(f"config.data.sources has no {stream!r} entry; every stream "
+                              f"({', '.join(STREAMS)}) needs a source.")
+        if not isinstance(sources[stream], str):
+            _fail(f"data.sources.{stream}", sources[stream], "must be a spec string such as 'procedural'")
+        parse_spec(sources[stream], f"config.data.sources.{stream}")
+
+
+def _check_optimizer(config) -> None:
+    from mmjax.train.optimizer import NO_DECAY_CATEGORIES, parse_module_lr_scale
+
+    o = config.optimizer
+    if o.warmup_steps > config.train.steps:
+        _fail("optimizer.warmup_steps", o.warmup_steps, f"is longer than the run "
+              f"(config.train.steps={config.train.steps})")
+    no_decay = o.get("no_decay", ())
+    unknown = [c for c in ((no_decay,) if isinstance(no_decay, str) else no_decay) if c not in NO_DECAY_CATEGORIES]
+    if unknown:
+        _fail("optimizer.no_decay", tuple(no_decay), f"names {unknown[0]!r}; use any of {NO_DECAY_CATEGORIES}")
+    parse_module_lr_scale(o.get("module_lr_scale", ""))  # ConfigError naming the item
+
+
+def _check_train(config) -> None:
+    t = config.train
+    first, last = t.profile_steps
+    if (first, last) != (0, 0) and not 1 <= first <= last <= t.steps:
+        _fail("train.profile_steps", tuple(t.profile_steps), f"must be (0, 0) for off or (first, last) with "
+              f"1 <= first <= last <= config.train.steps={t.steps}")
+
+
+def _check_evaluators(config) -> None:
+    from mmjax.train.evaluators import EVALUATORS, load_builtins
+
+    load_builtins()
+    for name, on in dict(config.get("eval", {})).items():
+        if name not in EVALUATORS:
+            raise ConfigError(f"config.eval.{name} names no registered evaluator; choose from {sorted(EVALUATORS)}.")
+        if not isinstance(on, bool):
+            _fail(f"eval.{name}", on, "is invalid; use True or False")
+        settings = lookup(config, f"evaluators.{name}")
+        for key, rule in EVALUATORS[name].fields.items():
+            value = settings.get(key) if hasattr(settings, "get") else None
+            problem = rule(value)
+            if problem:
+                _fail(f"evaluators.{name}.{key}", value, f"is invalid; use {problem}")
 
 
 def check_config(config, num_devices: int, process_count: int = 1) -> None:
-    """Raises ConfigError (one sentence) for the first problem found."""
-    try:
-        mesh = resolve_mesh_shape(dict(config.mesh), num_devices)
-        rules = get_layout(config.rules)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    t, d, m = config.train, config.data, config.model
-    for field in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-        if t[field] < 1:
-            raise ConfigError(f"config.train.{field}={t[field]} must be at least 1.")
+    """`check_static` plus the mesh and batch split for `num_devices` devices
+    in `process_count` processes; raises ConfigError (one sentence)."""
+    check_static(config)
+    mesh = resolve_mesh_shape(dict(config.mesh), num_devices)
+    rules = get_layout(config.rules)
+    t, d = config.train, config.data
     batch_axes = rules.get("batch") or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
     shards = math.prod(mesh[a] for a in batch_axes)
@@ -34,38 +173,16 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
     if data_shards % process_count or d.global_batch % data_shards:
         raise ConfigError(f"config.data.shards={d.shards} must be a multiple of the {process_count} processes "
                           f"and divide config.data.global_batch={d.global_batch}.")
-    if t.get("on_nonfinite", "stop") not in ("stop", "skip"):
-        raise ConfigError(f"config.train.on_nonfinite={t.on_nonfinite!r} must be 'stop' or 'skip'.")
     accum = t.get("grad_accum_steps", 1)
-    if accum < 1 or d.global_batch % (accum * shards):
+    if d.global_batch % (accum * shards):
         raise ConfigError(f"config.data.global_batch={d.global_batch} must split into "
                           f"config.train.grad_accum_steps={accum} micro-batches of a multiple of the "
                           f"{shards} batch shards.")
     if d.global_batch % process_count:
         raise ConfigError(f"config.data.global_batch={d.global_batch} is not divisible by the "
                           f"{process_count} processes.")
-    if m.vit.image_size % m.vit.patch_size:
-        raise ConfigError(f"config.model.vit.image_size={m.vit.image_size} is not divisible by "
-                          f"patch_size={m.vit.patch_size}.")
-    if d.image_size != m.vit.image_size:
-        raise ConfigError(f"config.data.image_size={d.image_size} differs from "
-                          f"config.model.vit.image_size={m.vit.image_size}.")
-    if d.tokens_per_image != m.connector.num_tokens:
-        raise ConfigError(f"config.data.tokens_per_image={d.tokens_per_image} differs from "
-                          f"config.model.connector.num_tokens={m.connector.num_tokens}.")
-    if d.vocab_size != m.decoder.vocab_size:
-        raise ConfigError(f"config.data.vocab_size={d.vocab_size} differs from "
-                          f"config.model.decoder.vocab_size={m.decoder.vocab_size}.")
-    if len(d.mix_weights) != 3 or min(d.mix_weights) < 0 or sum(d.mix_weights) <= 0:
-        raise ConfigError(f"config.data.mix_weights={tuple(d.mix_weights)} must be three non-negative "
-                          "weights (caption, interleaved, text) with a positive sum.")
-    if d.max_images * d.tokens_per_image >= d.seq_len:
-        raise ConfigError(f"config.data.max_images={d.max_images} images of {d.tokens_per_image} tokens "
-                          f"do not fit in seq_len={d.seq_len}.")
-    dec = m.decoder
-    if dec.heads % dec.kv_heads:
-        raise ConfigError(f"config.model.decoder.heads={dec.heads} is not a multiple of kv_heads={dec.kv_heads}.")
-    if m.vit.embed % m.vit.heads:
-        raise ConfigError(f"config.model.vit.embed={m.vit.embed} is not divisible by heads={m.vit.heads}.")
-    if m.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"config.model.dtype={m.dtype!r} must be 'float32' or 'bfloat16'.")
+    expert_axis = mesh.get("expert", 1)
+    moe = config.model.decoder.moe
+    if moe.num_experts and moe.num_experts % expert_axis:
+        raise ConfigError(f"config.model.decoder.moe.num_experts={moe.num_experts} is not divisible by the "
+                          f"{expert_axis} expert shards of the mesh.")

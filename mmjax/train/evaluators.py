@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from typing import Callable
+from mmjax.errors import ConfigError
 
 # Modules whose import registers the built-in evaluators.
 _BUILTIN_MODULES = ("mmjax.train.caption_eval",)
@@ -26,33 +27,36 @@ _BUILTIN_MODULES = ("mmjax.train.caption_eval",)
 class EvaluatorSpec:
     name: str
     make: Callable  # (config, setup, tokenizer) -> evaluate(params) -> dict | str
+    fields: dict  # setting name -> config_schema rule, checked before anything is built
 
 
 EVALUATORS: dict[str, EvaluatorSpec] = {}
 
 
-def register_evaluator(name: str):
-    """Decorator registering `make(config, setup, tokenizer)` as evaluator `name`."""
+def register_evaluator(name: str, fields: dict | None = None):
+    """Decorator registering `make(config, setup, tokenizer)` as evaluator
+    `name`; `fields` maps each setting in `config.evaluators.<name>` to a rule
+    from `mmjax.train.config_schema` (checked with the rest of the config)."""
 
     def register(make):
-        EVALUATORS[name] = EvaluatorSpec(name, make)
+        EVALUATORS[name] = EvaluatorSpec(name, make, dict(fields or {}))
         return make
 
     return register
 
 
-def _load_builtins() -> None:
+def load_builtins() -> None:
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
 
 
 def enabled_evaluators(config) -> list[str]:
     """Names switched on in `config.eval` (ValueError for an unknown name)."""
-    _load_builtins()
+    load_builtins()
     names = [name for name, on in config.get("eval", {}).items() if on]
     unknown = [name for name in names if name not in EVALUATORS]
     if unknown:
-        raise ValueError(f"config.eval.{unknown[0]} names no registered evaluator; known: {sorted(EVALUATORS)}.")
+        raise ConfigError(f"config.eval.{unknown[0]} names no registered evaluator; known: {sorted(EVALUATORS)}.")
     return names
 
 

@@ -70,6 +70,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from mmjax.errors import ConfigError
 
 # ---------------------------------------------------------------------------
 # Analytic FLOPs
@@ -237,7 +238,7 @@ def _connector_ops(cfg, vit_embed: int, num_patches: int, embed: int, n_img: int
         ops.append(_Op("connector/attention_scores", scores, scores, kind=_BATCHED_DOT))
         dense("connector/proj", n_img * k, vit_embed, embed)
     else:
-        raise ValueError(f"config.model.connector.kind={kind!r} is unknown.")
+        raise ConfigError(f"config.model.connector.kind={kind!r} is unknown.")
     return ops
 
 

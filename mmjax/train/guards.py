@@ -9,9 +9,13 @@ import threading
 import time
 from typing import Callable
 
+from mmjax.errors import Refusal
 
-class TrainingDiverged(RuntimeError):
+
+class TrainingDiverged(Refusal):
     """The loss became NaN or infinite."""
+
+    label = "training stopped"
 
 
 class PreemptionFlag:

@@ -17,10 +17,11 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mmjax.errors import ConfigError
 from mmjax.models.upcycle import upcycle_decoder
 
 
-class InitFromError(ValueError):
+class InitFromError(ConfigError):
     """An init_from folder is unreadable or does not match the model config."""
 
 

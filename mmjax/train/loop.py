@@ -14,6 +14,7 @@ checkpoints, evaluation.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -26,7 +27,8 @@ from mmjax.data.records import STREAMS
 from mmjax.parallel import get_layout, make_mesh
 from mmjax.train import hooks
 from mmjax.train.checkpoint import Checkpointer
-from mmjax.train.config_checks import ConfigError, check_config
+from mmjax.errors import ConfigError
+from mmjax.train.config_checks import check_config
 from mmjax.train.init_from import apply_init_from
 from mmjax.train.evaluators import make_evaluators
 from mmjax.train.flops import peak_flops_per_device, train_flops
@@ -71,30 +73,38 @@ def train(config, workdir: str) -> dict:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than "
                           f"config.model.decoder.vocab_size={config.model.decoder.vocab_size}.")
     total_steps = config.train.steps
-    setup, train_step = build_step(config, mesh, get_layout(config.rules))
-    pc, pi = jax.process_count(), jax.process_index()
+    pc, pi = jax.process_count(), jax.process_index()  # the data sources are opened (DataError) before the model
     data_iter = iter(make_dataset(config.data, tokenizer, batch_size=config.data.global_batch // pc,
                                   process_index=pi, process_count=pc))
-    run = hooks.Run(config, workdir, Checkpointer(workdir, keep=config.train.keep_checkpoints,
-                                                  async_save=config.train.async_checkpoint),
-                    MetricsWriter(workdir), data_iter, StepTimer(), {"eval": {}})
+    setup, train_step = build_step(config, mesh, get_layout(config.rules))
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint,
+                        on_bad=config.train.get("on_bad_checkpoint", "previous"), log=log)
+    run = hooks.Run(config, workdir, ckpt, MetricsWriter(workdir), data_iter, StepTimer(), {"eval": {}})
     _write_config(config, workdir)
     log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
         f"layout {config.rules!r}; model {config.model.get('name', 'mm1')!r}; workdir {workdir}")
 
-    run.state = init_train_state(config, setup)
-    n_params = sum(x.size for x in jax.tree.leaves(run.state["params"]))
+    abstract = abstract_train_state(setup)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
     log(f"model: {n_params:,} parameters")
     run.summary["num_params"] = int(n_params)
-    start = run.ckpt.latest_step() or 0
-    if config.init_from and not start:
-        run.state = apply_init_from(run.state, config.init_from)
-        log(f"initialised from {', '.join(config.init_from)}")
-    evaluators = make_evaluators(config, setup, tokenizer, log)
+    # The newest checkpoint that restores (damaged ones are moved aside, see checkpoint.py), else a fresh init.
+    try:
+        run.state, start = run.ckpt.restore_latest(abstract, data_iter)
+    except Exception:
+        run.writer.close()
+        raise
+    if run.ckpt.recovered:
+        run.summary["damaged_checkpoints"] = run.ckpt.recovered
     if start:
-        run.state = run.ckpt.restore(start, abstract_train_state(setup), data_iter)
         log(f"resumed from {run.ckpt.directory}/{start}")
-    elif evaluators:  # the baseline: the initial parameters, logged as step 0
+    else:
+        run.state = init_train_state(config, setup)
+        if config.init_from:
+            run.state = apply_init_from(run.state, config.init_from)
+            log(f"initialised from {', '.join(config.init_from)}")
+    evaluators = make_evaluators(config, setup, tokenizer, log)
+    if not start and evaluators:  # the baseline: the initial parameters, logged as step 0
         run.summary["eval"]["initial"] = hooks.write_evaluation(run, 0, evaluators)
 
     flops = train_flops(config, num_devices=jax.device_count())

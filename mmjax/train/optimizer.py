@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from mmjax.errors import ConfigError
 
 _EMBEDDING_AXES = {"vocab", "patches"}  # token tables, LM head, position embeddings
 NO_DECAY_CATEGORIES = ("norms", "biases", "embeddings")
@@ -100,10 +101,10 @@ def peak_learning_rate(opt_cfg, decoder_param_count: int | None = None) -> float
         return float(opt_cfg.lr)
     if rule == "mm1":
         if not decoder_param_count:
-            raise ValueError("config.optimizer.lr_rule='mm1' needs the decoder's parameter count "
+            raise ConfigError("config.optimizer.lr_rule='mm1' needs the decoder's parameter count "
                              "(pass the params to learning_rate_schedule / make_optimizer).")
         return math.exp(-0.4214 * math.log(decoder_param_count) - 0.5535)
-    raise ValueError(f"config.optimizer.lr_rule={rule!r} must be 'fixed' or 'mm1'.")
+    raise ConfigError(f"config.optimizer.lr_rule={rule!r} must be 'fixed' or 'mm1'.")
 
 
 def weight_decay_coefficient(opt_cfg) -> float:
@@ -113,7 +114,7 @@ def weight_decay_coefficient(opt_cfg) -> float:
         return float(opt_cfg.weight_decay)
     if rule == "mm1":
         return 0.1  # decoupled rate 0.1 * peak, divided by the peak LR it is coupled to
-    raise ValueError(f"config.optimizer.weight_decay_rule={rule!r} must be 'fixed' or 'mm1'.")
+    raise ConfigError(f"config.optimizer.weight_decay_rule={rule!r} must be 'fixed' or 'mm1'.")
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int, params: nnx.State | None = None) -> optax.Schedule:
@@ -139,7 +140,7 @@ def _no_decay_categories(opt_cfg) -> set[str]:
     chosen = set(value)
     unknown = chosen - set(NO_DECAY_CATEGORIES)
     if unknown:
-        raise ValueError(f"config.optimizer.no_decay has unknown categories {sorted(unknown)}; "
+        raise ConfigError(f"config.optimizer.no_decay has unknown categories {sorted(unknown)}; "
                          f"choose from {NO_DECAY_CATEGORIES}.")
     return chosen
 
@@ -183,7 +184,7 @@ def parse_module_lr_scale(spec) -> dict[str, float]:
         except ValueError:
             scale = None
         if not sep or not path.strip() or scale is None or scale < 0 or not math.isfinite(scale):
-            raise ValueError(f"config.optimizer.module_lr_scale item {item.strip()!r} must be "
+            raise ConfigError(f"config.optimizer.module_lr_scale item {item.strip()!r} must be "
                              "'module.path=scale' with a finite scale >= 0.")
         out[path.strip()] = scale
     return out
@@ -208,7 +209,7 @@ def module_lr_scales(opt_cfg, params: nnx.State):
     unused = sorted(set(rules) - used)
     if unused:
         top = sorted(params.keys()) if hasattr(params, "keys") else []
-        raise ValueError(f"config.optimizer.module_lr_scale: {unused} match no parameter "
+        raise ConfigError(f"config.optimizer.module_lr_scale: {unused} match no parameter "
                          f"(top-level modules: {top}).")
     return scales
 
