@@ -130,6 +130,7 @@ def test_cli_writes_an_orbax_checkpoint(tmp_path):
     assert (tmp_path / "out" / "params").is_dir()
 
 
+@pytest.mark.slow
 def test_init_from_places_converted_weights_on_the_mesh(tmp_path):
     from conftest import small_config
     from jax.sharding import PartitionSpec as P

@@ -118,6 +118,7 @@ def batch_np():
     return next(iter(make_dataset(c.data, default_tokenizer(c.data), batch_size=c.data.global_batch)))
 
 
+@pytest.mark.slow
 def test_aux_losses_are_nonzero_and_reach_the_gradient(batch_np):
     c = small_moe_config()
     _, with_aux, metrics, g_with = _loss_and_grads(c, dict(c.mesh), batch_np, 0.01, 0.001)

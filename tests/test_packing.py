@@ -82,6 +82,7 @@ def test_packed_tokens_never_attend_across_examples(tok):
     assert np.abs(_logits(model, merged) - together)[packed["segment_ids"] == 2].max() > 1e-3
 
 
+@pytest.mark.slow
 def test_mixture_ratio_over_10000_examples_is_5_5_1(tok):
     c = small_config().data
     c.pack_window = 64

@@ -77,6 +77,7 @@ def test_bf16_step_compiled_for_tpu_runs_every_matmul_and_convolution_in_bf16():
     assert stats.dot_counts.get("bf16,bf16->f32", 0) > 0
 
 
+@pytest.mark.slow
 def test_bf16_and_float32_training_follow_the_same_loss_curve(lowered):
     """Same init, same batches: the bf16 run's losses stay within 2 % of the
     float32 run's while both fall; parameters and moments stay float32."""

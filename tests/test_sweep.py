@@ -45,6 +45,7 @@ def test_sweep_times_four_layouts_and_skips_an_invalid_one(tmp_path):
     assert os.path.getsize(tmp_path / "sweep.png") > 1000
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (jax[tpu]) is not installed")
 def test_aot_only_sweep_ranks_layouts_for_a_tpu_slice(tmp_path):
     """A slice that is not at hand: every candidate is compiled for it, none

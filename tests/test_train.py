@@ -161,6 +161,7 @@ def test_bad_data_source_and_profile_window_are_one_clear_error(tmp_path):
     assert out.returncode != 0 and "--profile_steps='5:2' must be FIRST:LAST" in out.stderr
 
 
+@pytest.mark.slow
 def test_an_experiment_file_loads_from_any_working_directory(tmp_path):
     """`--config /abs/path/experiments/X.py` from `/`: experiment files import
     only installed packages (mmjax, and their siblings as `experiments.*`);
@@ -176,6 +177,7 @@ def test_an_experiment_file_loads_from_any_working_directory(tmp_path):
     assert [r["step"] for r in _records(tmp_path) if "loss" in r] == [1, 2]
 
 
+@pytest.mark.slow
 def test_profile_steps_write_a_trace_of_that_window(tmp_path, capsys):
     c = small_config(steps=4)
     c.eval.caption_accuracy = False
