@@ -55,6 +55,12 @@ def test_small_run_learns_and_writes_its_outputs(tmp_path):
     evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
              if "eval/caption_accuracy/attribute_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 60, 120]  # the initial parameters, train.eval_every, the end
+    # Running the finished workdir again says so and leaves every output byte-identical.
+    outputs = sorted(p for p in tmp_path.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
+    before = {p: p.read_bytes() for p in outputs}
+    assert train(c, str(tmp_path)) == json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file() and "checkpoints" not in p.parts) == outputs
+    assert all(p.read_bytes() == data for p, data in before.items())
 
 
 SMALL_OVERRIDES = ("--config.model.vit.depth=1", "--config.model.decoder.layers=1", "--config.model.decoder.mlp=256",

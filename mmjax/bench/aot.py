@@ -298,7 +298,8 @@ def main(argv: list[str]) -> int:
     report = compile_for_topology(config, topology)  # TopologyError/ConfigError: one sentence
     print(report.format())
     if args.workdir:
-        print(f"wrote {write_report(report, args.workdir)}")
+        print(f"wrote {write_report(report, args.workdir)} and the compiled HLO as "
+              f"{os.path.join(args.workdir, 'compiled_hlo.txt')}")
     return 0
 
 

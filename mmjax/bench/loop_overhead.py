@@ -58,7 +58,8 @@ def parse_args(argv: list[str]):
 
     def define(fv):
         flags.DEFINE_string("workdir", None, "where the run, results.csv and summary.json go", flag_values=fv)
-        flags.DEFINE_integer("steps", 60, "timed steps of each kind", flag_values=fv)
+        flags.DEFINE_integer("steps", 60, "timed steps of each kind (the training run takes one more: its "
+                             "first step pays one-off runtime warm-up and is dropped)", flag_values=fv)
 
     args = parse_flags(argv, "python -m mmjax.bench.loop_overhead", __doc__, define, "experiments/tiny.py")
     if not args.workdir:

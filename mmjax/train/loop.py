@@ -67,6 +67,11 @@ def train(config, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     check_config(config, jax.device_count(), jax.process_count())
+    finished = finished_run(workdir, config.train.steps)
+    if finished is not None:  # outputs stay untouched: nothing is opened for writing
+        log(f"{workdir} holds a finished run of {config.train.steps} steps (summary.json, checkpoint "
+            f"{config.train.steps}); nothing to do. Raise config.train.steps to train further, or use a new --workdir.")
+        return finished
     mesh = make_mesh(dict(config.mesh))
     tokenizer = default_tokenizer(config.data)
     if tokenizer.vocab_size > config.model.decoder.vocab_size:
@@ -79,7 +84,8 @@ def train(config, workdir: str) -> dict:
     setup, train_step = build_step(config, mesh, get_layout(config.rules))
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint,
                         on_bad=config.train.get("on_bad_checkpoint", "previous"), log=log)
-    run = hooks.Run(config, workdir, ckpt, MetricsWriter(workdir), data_iter, StepTimer(), {"eval": {}})
+    run = hooks.Run(config, workdir, ckpt, MetricsWriter(workdir), data_iter, StepTimer(),
+                    {"eval": {}, "steps": total_steps})
     _write_config(config, workdir)
     log(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
         f"layout {config.rules!r}; model {config.model.get('name', 'mm1')!r}; workdir {workdir}")
@@ -131,6 +137,21 @@ def train(config, workdir: str) -> dict:
     return run.summary
 
 
+def finished_run(workdir: str, total_steps: int) -> dict | None:
+    """The summary of a run in `workdir` that already reached `total_steps`
+    (committed checkpoint of that step, summary.json not preempted), else None."""
+    from mmjax.train.checkpoint import COMMIT_MARKER
+
+    marker = os.path.join(workdir, "checkpoints", str(total_steps), COMMIT_MARKER)
+    try:
+        with open(os.path.join(workdir, "summary.json")) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    done = os.path.exists(marker) and summary.get("preempted_at") is None and "final" in summary
+    return summary if done and summary.get("steps", total_steps) == total_steps else None
+
+
 def _write_summary(workdir: str, summary: dict) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -160,6 +181,7 @@ def run_steps(run, setup, train_step, start: int, total_steps: int, step_hooks: 
             batch, local_counts = _next_batch(run, setup)
             wait = time.perf_counter() - t0
             if compiled is None:
+                log("compiling the train step ahead of time ...")
                 t_compile = time.perf_counter()
                 compiled = train_step.lower(run.state, batch).compile()
                 run.summary["compile_time_s"] = time.perf_counter() - t_compile

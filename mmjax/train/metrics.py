@@ -71,7 +71,19 @@ def progress_line(step: int, total: int, record: Mapping, eta_s: float) -> str:
     return (f"step {step}/{total} | loss {record['loss']:.4f} | step {record['step_time_s']:.3f}s"
             f" (p90 {record.get('step_time_p90_s', record['step_time_s']):.3f}s)"
             f" | data {record['data_wait_s']:.3f}s | {record['tokens_per_s']:,.0f} tok/s{mfu}"
-            f" | ETA {format_duration(eta_s)}")
+            f"{moe_load(record)} | ETA {format_duration(eta_s)}")
+
+
+def moe_load(record: Mapping) -> str:
+    """` | experts max/mean 1.42, dropped 0.8%` for MoE runs: the busiest
+    expert's share of routed tokens over the mean share (1.00: perfectly
+    balanced; the worst MoE layer), and the capacity-dropped fraction."""
+    if "expert_fraction" not in record:
+        return ""
+    fractions = [[float(x) for x in layer] for layer in record["expert_fraction"]]
+    load = max(max(layer) * len(layer) / (sum(layer) or 1.0) for layer in fractions)
+    dropped = f", dropped {100 * record['dropped_fraction']:.1f}%" if "dropped_fraction" in record else ""
+    return f" | experts max/mean {load:.2f}{dropped}"
 
 
 def log(message: str) -> None:
