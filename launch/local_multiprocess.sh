@@ -11,7 +11,9 @@
 # process id. The script waits for all processes; when one fails it stops the
 # others and exits with the failed process's status.
 # Environment: PYTHON (interpreter, default python), MMJAX_COORDINATOR_PORT
-# (default: a free port), JAX_PLATFORMS (default cpu).
+# (default: a free port), JAX_PLATFORMS (default cpu), MMJAX_GLOO_LOG=1 (keep
+# Gloo's "[Gloo] Rank r is connected to n peer ranks" lines, one per
+# collective group; by default they are counted and hidden).
 set -euo pipefail
 
 usage() {
@@ -65,7 +67,10 @@ for ((i = 0; i < nproc; i++)); do
   "$python" -u -m mmjax.train --config "$config" --workdir "$workdir" \
     --coordinator_address="127.0.0.1:$port" --num_processes="$nproc" --process_id="$i" \
     --config.runtime.cpu_devices="$devices" "$@" \
-    > >(awk -v p="[$i] " '{ print p $0; fflush() }') 2>&1 &
+    > >(awk -v p="[$i] " -v show="${MMJAX_GLOO_LOG:-0}" '
+          show != "1" && /^\[Gloo\] Rank [0-9]+ is connected to [0-9]+ peer ranks/ { hidden++; next }
+          { print p $0; fflush() }
+          END { if (hidden) print p hidden " Gloo connection lines hidden (MMJAX_GLOO_LOG=1 shows them)" }') 2>&1 &
   pids[i]=$!
 done
 

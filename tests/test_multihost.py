@@ -163,6 +163,7 @@ def test_two_processes_train_like_one(tmp_path):
         assert any(line.startswith(f"[{i}] process {i}/2: 4 local devices, 8 global devices") for line in lines)
     assert any(line.startswith("[0] step 6/6") for line in lines)
     assert not any(line.startswith("[1] step ") for line in lines)  # only process 0 reports
+    assert "[Gloo]" not in stdout and any("Gloo connection lines hidden" in line for line in lines)
 
     assert {"3", "6"} <= set(os.listdir(multi / "checkpoints"))
     for step in ("3", "6"):  # every process saved its data-iterator state
