@@ -111,12 +111,22 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
+        q, k, v = self.qkv(x, positions)
+        return self.attend(q, k, v, mask)
+
+    def qkv(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x `[b, s, embed]` -> q `[b, s, heads, d]`, k/v `[b, s, kv_heads, d]`
+        (QK-norm and RoPE applied): what a key/value cache stores."""
         q, k, v = self.query(x), self.key(x), self.value(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
             q = rotary_embedding(q, positions, self.rope_theta)
             k = rotary_embedding(k, positions, self.rope_theta)
+        return q, k, v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """q `[b, t, heads, d]` over k/v `[b, s, kv_heads, d]` (mask `[b, t, s]`) -> `[b, t, embed]`."""
         return self.out(dot_product_attention(q, k, v, mask))
 
     def cross(self, queries: jax.Array, context: jax.Array) -> jax.Array:

@@ -44,9 +44,37 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array):
         x = x + self.attn(self.attn_norm(x), mask, positions)
+        return self._feed_forward(x)
+
+    def _feed_forward(self, x: jax.Array):
         out = self.mlp(self.mlp_norm(x))
         y, aux = out if isinstance(out, tuple) else (out, {})
         return constrain(x + y, ("batch", "seq", "act_embed")), aux
+
+    def cached(self, x: jax.Array, positions: jax.Array, cache: tuple[jax.Array, jax.Array],
+               write: jax.Array, mask: jax.Array):
+        """One layer over new tokens with a key/value cache (generation).
+
+        x `[b, t, embed]` at `positions` `[b, t]`; cache (k, v) `[b, S, kv_heads, d]`;
+        `write` `[b, t]` the cache slot of each new token; `mask` `[b, t, S]`
+        which slots each new token attends to (after the write). Returns
+        (x `[b, t, embed]`, the updated cache)."""
+        q, k, v = self.attn.qkv(self.attn_norm(x), positions)
+        rows = jnp.arange(x.shape[0])[:, None]
+        cache_k = cache[0].at[rows, write].set(k.astype(cache[0].dtype))
+        cache_v = cache[1].at[rows, write].set(v.astype(cache[1].dtype))
+        x = x + self.attn.attend(q, cache_k.astype(k.dtype), cache_v.astype(v.dtype), mask)
+        return self._feed_forward(x)[0], (cache_k, cache_v)
+
+
+def attention_mask(segment_ids: jax.Array, image_ids: jax.Array | None = None) -> jax.Array:
+    """`[b, s, s]`: causal within each segment; with image_ids `[b, s]` (-1 for
+    text) the tokens of one image also see each other."""
+    mask = causal_segment_mask(segment_ids)
+    if image_ids is not None:
+        same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] >= 0)
+        mask = mask | same_image
+    return mask
 
 
 class Decoder(nnx.Module):
@@ -81,14 +109,14 @@ class Decoder(nnx.Module):
     def forward(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                 image_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """(logits, aux): aux values are stacked over the MoE layers `[n_moe, ...]`."""
-        mask = causal_segment_mask(segment_ids)
-        if image_ids is not None:
-            same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] >= 0)
-            mask = mask | same_image
-        x, aux = self.layers(x, mask, positions)
+        x, aux = self.layers(x, attention_mask(segment_ids, image_ids), positions)
+        return self.logits(x), aux
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: x `[b, s, embed]` -> logits `[b, s, vocab]` float32."""
         x = self.final_norm(x)
         logits = self.embedder.attend(x) if self.lm_head is None else self.lm_head(x)
-        return constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab")), aux
+        return constrain(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))
 
 
 class LanguageModel(nnx.Module):

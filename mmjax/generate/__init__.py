@@ -1,0 +1,3 @@
+"""Generation with a key/value cache (prefill, decode steps, sampling).
+
+Imports `mmjax.models` only; evaluation builds on it."""
