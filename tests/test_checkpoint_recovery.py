@@ -161,8 +161,9 @@ def _losses(workdir) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_training_resumes_past_a_damaged_checkpoint_with_the_uninterrupted_losses(tmp_path):
-    """An uninterrupted 6-step run saves at 2, 4, 6. Its step-6 checkpoint is
-    truncated and a partial step-8 directory is left beside it: the rerun of
+    """An uninterrupted 6-step run saves at 2, 4, 6. A copy of it without its
+    summary (killed after the last save) has the step-6 checkpoint truncated
+    and a partial step-8 directory beside it: the rerun of
     the same config resumes from step 4 and steps 5-6 give the uninterrupted
     run's losses."""
     from conftest import small_config
@@ -178,6 +179,7 @@ def test_training_resumes_past_a_damaged_checkpoint_with_the_uninterrupted_losse
     damaged = tmp_path / "damaged"
     shutil.copytree(reference, damaged)
     os.remove(damaged / "metrics.jsonl")
+    os.remove(damaged / "summary.json")  # as if killed after its last save: a finished run is not rerun
     _truncate(_array_file(str(damaged), 6))
     shutil.copytree(damaged / "checkpoints" / "6" / "state", damaged / "checkpoints" / "8" / "state")
     summary = train(c, str(damaged))
