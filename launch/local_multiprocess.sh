@@ -13,7 +13,8 @@
 # Environment: PYTHON (interpreter, default python), MMJAX_COORDINATOR_PORT
 # (default: a free port), JAX_PLATFORMS (default cpu), MMJAX_GLOO_LOG=1 (keep
 # Gloo's "[Gloo] Rank r is connected to n peer ranks" lines, one per
-# collective group; by default they are counted and hidden).
+# collective group; by default they are counted and hidden; Gloo's threads
+# write them concurrently, so any line holding a piece of one is hidden).
 set -euo pipefail
 
 usage() {
@@ -68,7 +69,7 @@ for ((i = 0; i < nproc; i++)); do
     --coordinator_address="127.0.0.1:$port" --num_processes="$nproc" --process_id="$i" \
     --config.runtime.cpu_devices="$devices" "$@" \
     > >(awk -v p="[$i] " -v show="${MMJAX_GLOO_LOG:-0}" '
-          show != "1" && /^\[Gloo\] Rank [0-9]+ is connected to [0-9]+ peer ranks/ { hidden++; next }
+          show != "1" && (/\[Gloo\]/ || /connected peer ranks/) { hidden++; next }
           { print p $0; fflush() }
           END { if (hidden) print p hidden " Gloo connection lines hidden (MMJAX_GLOO_LOG=1 shows them)" }') 2>&1 &
   pids[i]=$!
