@@ -11,7 +11,10 @@ layer by layer; MoE layers route each token as in training, with the
 capacity raised so that no token is dropped (`without_capacity_drops`).
 
 `generate` is a pure function of the model: call it under `nnx.jit`
-(`jitted_generate`) with static settings.
+(`jitted_generate`) with static settings. On a mesh, `jitted_generate(...,
+resolver=...)` (`mmjax.parallel.activation_resolver`) lays activations out
+as in training and keeps every cache `[b, S, kv_heads, head_dim]` sharded by
+batch and kv-heads (`CACHE_AXES`); the parameters stay where training put them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from flax import nnx
 
 from mmjax.models.decoder import attention_mask
 from mmjax.models.moe import MoEFeedForward
+from mmjax.models.partitioning import activation_sharding, constrain
+
+# Logical axes of a cache array `[batch, slots, kv_heads, head_dim]`.
+CACHE_AXES = ("batch", None, "kv_heads", None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +70,8 @@ def empty_cache(decoder, batch: int, length: int, dtype) -> tuple:
     attn = decoder.layers.layer(0).attn
     kv_heads, head_dim = attn.key.out_features
     shape = (batch, length, kv_heads, head_dim)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(decoder.layers.depth))
+    return tuple((constrain(jnp.zeros(shape, dtype), CACHE_AXES), constrain(jnp.zeros(shape, dtype), CACHE_AXES))
+                 for _ in range(decoder.layers.depth))
 
 
 def run_cached_layers(decoder, x, positions, cache, write, mask):
@@ -71,8 +79,8 @@ def run_cached_layers(decoder, x, positions, cache, write, mask):
     (see `DecoderLayer.cached`); returns (hidden `[b, t, embed]`, cache)."""
     new = []
     for index in range(decoder.layers.depth):
-        x, layer_cache = decoder.layers.layer(index).cached(x, positions, cache[index], write, mask)
-        new.append(layer_cache)
+        x, (k, v) = decoder.layers.layer(index).cached(x, positions, cache[index], write, mask)
+        new.append((constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)))
     return x, tuple(new)
 
 
@@ -159,13 +167,15 @@ def generate(model, batch: dict, sampling: Sampling, rng: jax.Array | None = Non
     return out, count
 
 
-def jitted_generate(model, sampling: Sampling):
+def jitted_generate(model, sampling: Sampling, resolver=None):
     """`fn(batch, rng) -> (tokens, counts)` compiled once per batch shape;
-    MoE layers take every token (`without_capacity_drops`)."""
+    MoE layers take every token (`without_capacity_drops`). With `resolver`
+    activations and caches are sharded as the module doc says."""
     graphdef, state = nnx.split(without_capacity_drops(model))
 
     @jax.jit
     def run(state, batch, rng):
-        return generate(nnx.merge(graphdef, state), batch, sampling, rng)
+        with activation_sharding(resolver):
+            return generate(nnx.merge(graphdef, state), batch, sampling, rng)
 
     return lambda batch, rng=None: run(state, batch, jax.random.key(0) if rng is None else rng)
