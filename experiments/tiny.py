@@ -8,6 +8,7 @@ data=2 x fsdp=2 x expert=2 mesh, 300 steps.
 """
 
 from mmjax.config_base import base_config
+from mmjax.eval.task_settings import shapes_tasks
 
 
 def get_config(arg=None):
@@ -15,6 +16,12 @@ def get_config(arg=None):
     c.runtime.cpu_devices = 8
     c.mesh = dict(data=2, fsdp=2, expert=2, model=1)
     c.train.steps = 300
+    # Few-shot captioning and VQA on held-out shapes scenes (python -m mmjax.eval, and every
+    # train.eval_every steps inside training).
+    for name, settings in shapes_tasks().items():
+        c.evaluators[name] = settings
+        c.eval[name] = True
+    c.train.eval_every = 100
     if arg == "smoke":
         c.train.steps = 40
         c.train.log_every = 5

@@ -18,7 +18,8 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.sh")
 SMALL = ["--config.train.steps=6", "--config.optimizer.warmup_steps=3", "--config.train.log_every=1",
          "--config.train.checkpoint_every=3",
-         "--config.eval.caption_accuracy=False", "--config.model.vit.depth=1", "--config.model.decoder.layers=1",
+         "--config.eval.caption_accuracy=False", "--config.eval.shapes_caption=False",
+         "--config.eval.shapes_vqa=False", "--config.model.vit.depth=1", "--config.model.decoder.layers=1",
          "--config.data.seq_len=64", "--config.data.global_batch=8", "--config.data.shards=2"]
 
 

@@ -65,7 +65,8 @@ def test_small_run_learns_and_writes_its_outputs(tmp_path):
 
 SMALL_OVERRIDES = ("--config.model.vit.depth=1", "--config.model.decoder.layers=1", "--config.model.decoder.mlp=256",
                    "--config.data.seq_len=64", "--config.data.global_batch=8", "--config.data.max_images=2",
-                   "--config.eval.caption_accuracy=False", "--config.train.log_every=1")
+                   "--config.eval.caption_accuracy=False", "--config.eval.shapes_caption=False",
+                   "--config.eval.shapes_vqa=False", "--config.train.log_every=1")
 
 
 def _cli_command(workdir, *args) -> list[str]:

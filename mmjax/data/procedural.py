@@ -19,7 +19,7 @@ from mmjax.data import shapes
 from mmjax.data.records import STREAMS
 from mmjax.data.text_corpus import pydoc_chunks
 
-SPLITS = {"train": 0, "eval": 1}
+SPLITS = {"train": 0, "eval": 1, "support": 2}  # support: few-shot demonstrations
 VIRTUAL_LENGTH = 10**9  # procedural sources are effectively endless
 
 

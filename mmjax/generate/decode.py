@@ -167,6 +167,23 @@ def generate(model, batch: dict, sampling: Sampling, rng: jax.Array | None = Non
     return out, count
 
 
+def generate_fn(model, sampling: Sampling, resolver=None, out_sharding=None):
+    """`jax.jit`-ed `fn(params, batch, rng) -> (tokens, counts)` for `model`'s
+    structure (it may be abstract, e.g. `nnx.merge(graphdef, abstract_params)`)
+    and parameters `params` (its `nnx.Param` state, e.g. the training
+    state's); MoE layers take every token (`without_capacity_drops`). With
+    `resolver` activations and caches are sharded as the module doc says;
+    `out_sharding` places the results (e.g. replicated, so every process can
+    read them)."""
+    graphdef = nnx.split(without_capacity_drops(model), nnx.Param)[0]
+
+    def run(params, batch, rng):
+        with activation_sharding(resolver):
+            return generate(nnx.merge(graphdef, params), batch, sampling, rng)
+
+    return jax.jit(run, out_shardings=out_sharding)
+
+
 def jitted_generate(model, sampling: Sampling, resolver=None):
     """`fn(batch, rng) -> (tokens, counts)` compiled once per batch shape;
     MoE layers take every token (`without_capacity_drops`). With `resolver`

@@ -76,7 +76,7 @@ def make_caption_eval(setup: TrainSetup) -> Callable:
 
 
 @register_evaluator("caption_accuracy", fields={"num_examples": integer(1)})
-def make_caption_accuracy(config, setup: TrainSetup, tokenizer):
+def make_caption_accuracy(config, setup: TrainSetup, tokenizer, name: str = "caption_accuracy"):
     """The registered evaluator: real and blanked images on the same captions."""
     if "images" not in setup.batch_shardings:
         return f"model {config.model.get('name', 'mm1')!r} reads no images"

@@ -11,6 +11,7 @@ split.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 
@@ -140,16 +141,20 @@ def _check_train(config) -> None:
 
 
 def _check_evaluators(config) -> None:
-    from mmjax.train.evaluators import EVALUATORS, load_builtins
+    from mmjax.train.evaluators import evaluator_spec
 
-    load_builtins()
     for name, on in dict(config.get("eval", {})).items():
-        if name not in EVALUATORS:
-            raise ConfigError(f"config.eval.{name} names no registered evaluator; choose from {sorted(EVALUATORS)}.")
+        spec = evaluator_spec(config, name)
         if not isinstance(on, bool):
             _fail(f"eval.{name}", on, "is invalid; use True or False")
         settings = lookup(config, f"evaluators.{name}")
-        for key, rule in EVALUATORS[name].fields.items():
+        for key in (settings.keys() if hasattr(settings, "keys") else ()):
+            if key != "kind" and key not in spec.fields:
+                close = difflib.get_close_matches(key, list(spec.fields), n=1)
+                raise ConfigError(f"config.evaluators.{name} has no setting {key!r}"
+                                  + (f"; did you mean {close[0]!r}?" if close else
+                                     f"; its settings are {sorted(spec.fields)}."))
+        for key, rule in spec.fields.items():
             value = settings.get(key) if hasattr(settings, "get") else None
             problem = rule(value)
             if problem:

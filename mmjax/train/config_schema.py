@@ -75,6 +75,10 @@ def boolean(x) -> str | None:
     return None if isinstance(x, bool) else "True or False"
 
 
+def text(x) -> str | None:
+    return None if isinstance(x, str) else "a string"
+
+
 def one_of(choices: Callable[[], Iterable[str]], allow_empty: bool = False) -> Rule:
     """A string among `choices()` (read when checked: registries fill at import)."""
 

@@ -2,10 +2,13 @@
 `train.eval_every` steps, at the start of a fresh run and at the end.
 
 `config.eval.<name> = True` switches evaluator `<name>` on; its settings live
-in `config.evaluators.<name>`. A registered evaluator is a factory
+in `config.evaluators.<name>`. A settings block with a `kind` field is an
+instance of the evaluator registered under that kind (several captioning
+tasks, say, each with its own files); otherwise the name is the kind. A
+registered evaluator is a factory
 
-    make(config, setup, tokenizer) -> evaluate(params) -> {metric: float}
-                                      | str (why it cannot run on this config)
+    make(config, setup, tokenizer, name) -> evaluate(params) -> {metric: float}
+                                            | str (why it cannot run on this config)
 
 that builds its fixed data once; `evaluate` returns flat metrics, which the
 loop writes as `eval/<name>/<metric>` to metrics.jsonl and TensorBoard and
@@ -20,13 +23,13 @@ from typing import Callable
 from mmjax.errors import ConfigError
 
 # Modules whose import registers the built-in evaluators.
-_BUILTIN_MODULES = ("mmjax.train.caption_eval",)
+_BUILTIN_MODULES = ("mmjax.train.caption_eval", "mmjax.eval.tasks", "mmjax.eval.choice")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluatorSpec:
     name: str
-    make: Callable  # (config, setup, tokenizer) -> evaluate(params) -> dict | str
+    make: Callable  # (config, setup, tokenizer, name) -> evaluate(params) -> dict | str
     fields: dict  # setting name -> config_schema rule, checked before anything is built
 
 
@@ -34,7 +37,7 @@ EVALUATORS: dict[str, EvaluatorSpec] = {}
 
 
 def register_evaluator(name: str, fields: dict | None = None):
-    """Decorator registering `make(config, setup, tokenizer)` as evaluator
+    """Decorator registering `make(config, setup, tokenizer, name)` as evaluator
     `name`; `fields` maps each setting in `config.evaluators.<name>` to a rule
     from `mmjax.train.config_schema` (checked with the rest of the config)."""
 
@@ -50,13 +53,23 @@ def load_builtins() -> None:
         importlib.import_module(module)
 
 
-def enabled_evaluators(config) -> list[str]:
-    """Names switched on in `config.eval` (ValueError for an unknown name)."""
+def evaluator_spec(config, name: str) -> EvaluatorSpec:
+    """The registered evaluator `config.eval.<name>` runs: the kind its
+    settings name, else `name` itself (ConfigError for an unknown one)."""
     load_builtins()
+    settings = config.get("evaluators", {}).get(name)
+    kind = settings.get("kind", name) if hasattr(settings, "get") else name
+    if kind not in EVALUATORS:
+        where = f"config.evaluators.{name}.kind={kind!r}" if kind != name else f"config.eval.{name}"
+        raise ConfigError(f"{where} names no registered evaluator; choose from {sorted(EVALUATORS)}.")
+    return EVALUATORS[kind]
+
+
+def enabled_evaluators(config) -> list[str]:
+    """Names switched on in `config.eval` (ConfigError for an unknown one)."""
     names = [name for name, on in config.get("eval", {}).items() if on]
-    unknown = [name for name in names if name not in EVALUATORS]
-    if unknown:
-        raise ConfigError(f"config.eval.{unknown[0]} names no registered evaluator; known: {sorted(EVALUATORS)}.")
+    for name in names:
+        evaluator_spec(config, name)
     return names
 
 
@@ -65,7 +78,7 @@ def make_evaluators(config, setup, tokenizer, log: Callable[[str], None]) -> dic
     can run on this config; the others are skipped with their reason logged."""
     out = {}
     for name in enabled_evaluators(config):
-        made = EVALUATORS[name].make(config, setup, tokenizer)
+        made = evaluator_spec(config, name).make(config, setup, tokenizer, name)
         if isinstance(made, str):
             log(f"evaluator {name!r} skipped: {made}")
         else:

@@ -1,0 +1,135 @@
+"""k-shot prompts laid out as MM1 lays them out, tokenised exactly as training.
+
+A task's `Template` turns an item into text with `<image>` marks:
+  demonstration   prefix? query + answer + separator   (k of them, oldest first)
+  query           query                                 (the model continues)
+e.g. VQA `query="<image> Question: {question} Answer:"`, `answer=" {answer}"`,
+`separator="\\n"`; captioning `query="<image>"`, `answer=" {answer}"`.
+The text between `<image>` marks becomes the segments of one raw record
+that `mmjax.data.examples.ExampleBuilder` (the training tokeniser and image
+pipeline, tiling included) turns into ids and image slots; as in training a
+space joins consecutive segments.
+
+Demonstrations come from a support set, drawn per query from a fixed seed
+and never the query itself. A prompt whose ids plus the new tokens would
+exceed `max_len` drops its oldest demonstrations (counted per prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from mmjax.data import images as image_ops
+from mmjax.data.examples import ExampleBuilder
+from mmjax.data.records import warn_bad_input
+from mmjax.eval.formats import Item
+
+IMAGE_MARK = "<image>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    query: str
+    answer: str = " {answer}"
+    separator: str = "\n"
+    prefix: str = ""
+
+    def demonstration(self, item: Item) -> str:
+        answer = item.shown_answer()
+        return self.query.format(question=item.question) + self.answer.format(answer=answer) + self.separator
+
+    def prompt(self, item: Item) -> str:
+        return self.query.format(question=item.question)
+
+
+@dataclasses.dataclass
+class Prompt:
+    """`ids [L]` (no `<eos>`), `slots [L]` (-1 for text), `images [n, T, T, 3]`."""
+
+    ids: np.ndarray
+    slots: np.ndarray
+    images: np.ndarray
+    shots: int
+    dropped_shots: int
+
+
+def load_image(item: Item, where: str) -> np.ndarray | None:
+    """The item's pixels uint8 `[h, w, 3]`, or None (missing or undecodable
+    file, named in a warning)."""
+    if item.image is None or isinstance(item.image, np.ndarray):
+        return item.image
+    try:
+        with open(item.image, "rb") as f:
+            return image_ops.decode_image(f.read())
+    except (OSError, ValueError) as err:
+        warn_bad_input(f"{where}: item {item.id} ({item.image})", str(err) or type(err).__name__)
+        return None
+
+
+def _segments(text: str, pixels: list[np.ndarray]) -> list[dict]:
+    """Text with `<image>` marks -> raw-record segments, consuming `pixels` in order."""
+    out, pieces = [], re.split(f"({re.escape(IMAGE_MARK)})", text)
+    for piece in pieces:
+        if piece == IMAGE_MARK:
+            out.append({"image": pixels.pop(0)})
+        elif piece.strip():
+            out.append({"text": piece.strip(" ")})
+    return out
+
+
+class PromptMaker:
+    """`make(index, query) -> Prompt | None` (None: the query's image is unusable)."""
+
+    def __init__(self, builder: ExampleBuilder, template: Template, support: list[Item], shots: int,
+                 max_len: int, max_new_tokens: int, seed: int, where: str):
+        self.builder, self.template, self.support, self.shots = builder, template, support, shots
+        self.max_len, self.max_new_tokens, self.seed, self.where = max_len, max_new_tokens, seed, where
+        self.uses_images = IMAGE_MARK in template.query
+
+    def _pixels(self, item: Item) -> list[np.ndarray] | None:
+        if not self.uses_images:
+            return []
+        image = load_image(item, self.where)
+        return None if image is None else [image]
+
+    def _demonstrations(self, index: int, query: Item) -> list[tuple[Item, list[np.ndarray]]]:
+        """Up to `shots` usable demonstrations, oldest first."""
+        chosen = []
+        order = np.random.default_rng([self.seed, index]).permutation(len(self.support))
+        for candidate in order:
+            if len(chosen) == self.shots:
+                break
+            item = self.support[candidate]
+            if item.id == query.id and item.image is query.image:
+                continue
+            pixels = self._pixels(item)
+            if pixels is not None:
+                chosen.append((item, pixels))
+        return chosen
+
+    def _build(self, demos, query: Item, query_pixels) -> dict:
+        text = self.template.prefix + "".join(self.template.demonstration(item) for item, _ in demos)
+        pixels = [p for _, px in demos for p in px] + list(query_pixels)
+        text += self.template.prompt(query)
+        return self.builder({"stream": "interleaved", "segments": _segments(text, pixels),
+                             "origin": f"{self.where}: item {query.id}"})
+
+    def make(self, index: int, query: Item) -> Prompt | None:
+        query_pixels = self._pixels(query)
+        if query_pixels is None:
+            return None
+        demos = self._demonstrations(index, query)
+        wanted = len(demos)
+        while True:
+            example = self._build(demos, query, query_pixels)
+            length = len(example["ids"]) - 1  # without <eos>
+            if length + self.max_new_tokens <= self.max_len or not demos:
+                break
+            demos = demos[1:]
+        if length + self.max_new_tokens > self.max_len or example["skipped_images"]:
+            return None
+        return Prompt(example["ids"][:-1], example["slots"][:-1], example["images"], len(demos),
+                      wanted - len(demos))
