@@ -95,6 +95,7 @@ import ml_collections as mlc
 
 from mmjax.hardware import HARDWARE, apply_hardware
 from mmjax.config_base import base_config
+from mmjax.eval.task_settings import caption_task, vqa_task
 from mmjax.models.vit import variant_config
 
 VOCAB = 100_352  # 49 x 2048: divides evenly for any power-of-two split up to 2048
@@ -186,6 +187,24 @@ def mm1_recipe(config) -> None:
     config.train.checkpoint_every = 2000
     config.train.keep_checkpoints = 3
     config.train.watchdog_s = 1800.0  # first steps on a large slice include runtime warm-up
+    mm1_eval_tasks(config)
+
+
+# MM1's few-shot benchmarks (captioning: CIDEr; VQA: VQA accuracy), off until their files are given:
+#   --config.eval.coco=True --config.evaluators.coco.annotations=/data/coco/captions_val2014.json
+#   --config.evaluators.coco.images=/data/coco/val2014
+CAPTION_TASKS = ("coco", "nocaps", "textcaps")
+VQA_TASKS = ("vqav2", "textvqa", "vizwiz", "okvqa")
+
+
+def mm1_eval_tasks(config) -> None:
+    """The task blocks (0/4/8-shot, MM1's prompt layouts), switched off."""
+    for name in CAPTION_TASKS:
+        config.evaluators[name] = caption_task()
+        config.eval[name] = False
+    for name in VQA_TASKS:
+        config.evaluators[name] = vqa_task()
+        config.eval[name] = False
 
 
 def add_hardware_fields(config) -> None:

@@ -64,8 +64,11 @@ def test_tokenizer_specials_and_cache(tok, tmp_path, monkeypatch):
 
 def test_example_masks_image_slots_and_drops_extra_images(tok):
     builder = ExampleBuilder(tok, seq_len=96, max_images=2, tokens_per_image=4, image_size=32)
+    def page_of_questions(record):  # numbered pictures (the other documents are captioned albums)
+        return sum("image" in s for s in record["segments"]) >= 3 and "text" in record["segments"][0]
+
     record = InterleavedSource(32, seed=0)[0]
-    while sum("image" in s for s in record["segments"]) < 3:
+    while not page_of_questions(record):
         record = InterleavedSource(32, seed=0)[np.random.randint(1000)]
     n_images = sum("image" in s for s in record["segments"])
     ex = builder(record)
@@ -81,6 +84,15 @@ def test_example_masks_image_slots_and_drops_extra_images(tok):
     np.testing.assert_array_equal(ex["images"][0], first_image)
     # The text of the dropped third picture is kept.
     assert "picture 3:" in tok.decode(ex["ids"])
+
+
+def test_interleaved_documents_hold_question_pages_and_captioned_albums():
+    records = [InterleavedSource(32, seed=0)[i] for i in range(40)]
+    albums = [r for r in records if "image" in r["segments"][0]]
+    assert 8 <= len(albums) <= 32
+    for r in albums:  # image, caption, image, caption, ...
+        assert all(("image" in s) == (i % 2 == 0) for i, s in enumerate(r["segments"]))
+        assert all(s["text"].endswith(".") and "shape" in s["text"] for s in r["segments"][1::2])
 
 
 def test_attribute_mask_marks_colour_and_kind_tokens(tok):

@@ -16,6 +16,9 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 # command -> (timeout in seconds, what its output must contain)
 RUN = {
     "python -m mmjax.train --helpshort": (120, "--workdir"),
+    "python -m mmjax.eval --helpshort": (120, "--converted"),
+    "python -m mmjax.bench.decode --config experiments/tiny.py --workdir /tmp/mmjax-bench-decode":
+        (300, "tokens: identical"),
     "python -m mmjax.bench.aot --config experiments/tiny.py --topology v5p:2x2x2 --workdir /tmp/mmjax-aot":
         (300, "wrote /tmp/mmjax-aot/aot_report.json"),
 }
@@ -29,6 +32,10 @@ NOT_RUN = {
     'pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && pip install -e ".[parity]"':
         "downloads torch; the opt-in live parity tests use it when installed",
     "python -m mmjax.train --config experiments/tiny.py --workdir DIR [--config.FIELD=VALUE ...]": "a synopsis",
+    "python -m mmjax.eval --config experiments/tiny.py --workdir /tmp/mmjax-tiny":
+        "needs the trained workdir of the README's first command; test_eval_cli.py scores a shortened run",
+    "python -m mmjax.eval --config experiments/tiny.py --workdir DIR --step 200 --tasks shapes_vqa":
+        "a synopsis; test_eval_cli.py picks a step and a task the same way",
     "python -m mmjax.bench.loop_overhead --config experiments/tiny.py --workdir /tmp/mmjax-overhead":
         f"{LONGER}; test_frontend.py runs it with 3 steps",
     "python -m mmjax.train --config experiments/tiny.py --workdir DIR "

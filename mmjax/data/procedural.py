@@ -62,18 +62,22 @@ class CaptionSource(_ProceduralSource):
 
 
 class InterleavedSource(_ProceduralSource):
-    """Documents of 2-4 scenes, each image followed by questions and answers about it."""
+    """Documents of 2-4 scenes: half are pages of numbered pictures, each
+    followed by questions and answers about it; half are albums of pictures
+    each followed by its caption (the layout of few-shot captioning)."""
 
     stream = "interleaved"
 
     def __getitem__(self, index: int) -> dict:
         rng = _rng(self.seed, self.split, self.stream, index)
-        segments: list[dict] = [{"text": "a page of pictures with questions."}]
+        album = bool(rng.integers(2))
+        segments: list[dict] = [] if album else [{"text": "a page of pictures with questions."}]
         for number in range(int(rng.integers(2, 5))):
             scene = shapes.sample_scene(rng)
-            segments.append({"text": f"picture {number + 1}:"})
+            if not album:
+                segments.append({"text": f"picture {number + 1}:"})
             segments.append({"image": shapes.render_scene(scene, self.image_size, rng)})
-            segments.append({"text": shapes.question_answers(scene, rng)})
+            segments.append({"text": shapes.caption(scene) if album else shapes.question_answers(scene, rng)})
         return {"stream": self.stream, "segments": segments, "origin": self.origin(index)}
 
 

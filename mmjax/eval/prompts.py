@@ -4,7 +4,8 @@ A task's `Template` turns an item into text with `<image>` marks:
   demonstration   prefix? query + answer + separator   (k of them, oldest first)
   query           query                                 (the model continues)
 e.g. VQA `query="<image> Question: {question} Answer:"`, `answer=" {answer}"`,
-`separator="\\n"`; captioning `query="<image>"`, `answer=" {answer}"`.
+`separator="\\n"`; captioning `query="<image>"`, `answer=" {answer}"`;
+`{number}` in the query counts the pictures of the prompt from 1.
 The text between `<image>` marks becomes the segments of one raw record
 that `mmjax.data.examples.ExampleBuilder` (the training tokeniser and image
 pipeline, tiling included) turns into ids and image slots; as in training a
@@ -37,12 +38,11 @@ class Template:
     separator: str = "\n"
     prefix: str = ""
 
-    def demonstration(self, item: Item) -> str:
-        answer = item.shown_answer()
-        return self.query.format(question=item.question) + self.answer.format(answer=answer) + self.separator
+    def demonstration(self, item: Item, number: int) -> str:
+        return self.prompt(item, number) + self.answer.format(answer=item.shown_answer()) + self.separator
 
-    def prompt(self, item: Item) -> str:
-        return self.query.format(question=item.question)
+    def prompt(self, item: Item, number: int) -> str:
+        return self.query.format(question=item.question, number=number)
 
 
 @dataclasses.dataclass
@@ -111,9 +111,10 @@ class PromptMaker:
         return chosen
 
     def _build(self, demos, query: Item, query_pixels) -> dict:
-        text = self.template.prefix + "".join(self.template.demonstration(item) for item, _ in demos)
+        text = self.template.prefix + "".join(self.template.demonstration(item, number)
+                                              for number, (item, _) in enumerate(demos, 1))
         pixels = [p for _, px in demos for p in px] + list(query_pixels)
-        text += self.template.prompt(query)
+        text += self.template.prompt(query, len(demos) + 1)
         return self.builder({"stream": "interleaved", "segments": _segments(text, pixels),
                              "origin": f"{self.where}: item {query.id}"})
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import jax
@@ -126,14 +127,36 @@ def evaluate_checkpoint(config, workdir: str, tasks: list[str], step: int = 0,
     return {"step": step, "tasks": results, "output": out_dir}
 
 
-def format_table(results: dict) -> str:
-    """One row per task and metric: `task  metric  value`."""
-    rows = [(task, key, value) for task, metrics in results["tasks"].items() for key, value in metrics.items()]
+def _task_table(task: str, metrics: dict) -> list[str]:
+    """Metrics named `<metric>@<k>shot` as one row per k; the rest as `key value`."""
+    rows: dict[int, dict[str, object]] = {}
+    others = []
+    for key, value in metrics.items():
+        found = re.fullmatch(r"(blank_images/)?(.+)@(\d+)shot", key)
+        if found is None:
+            others.append(f"{key} {value}")
+            continue
+        column = ("blank " if found.group(1) else "") + found.group(2)
+        rows.setdefault(int(found.group(3)), {})[column] = value
     if not rows:
-        return "no task was scored"
-    width = [max(len(str(r[i])) for r in rows + [("task", "metric", "")]) for i in range(2)]
-    lines = [f"{'task':<{width[0]}}  {'metric':<{width[1]}}  value"]
-    for task, key, value in rows:
-        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
-        lines.append(f"{task:<{width[0]}}  {key:<{width[1]}}  {shown}")
-    return "\n".join(lines)
+        return [f"{task}: " + ", ".join(f"{k} {_shown(v)}" for k, v in metrics.items())]
+    columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+    width = {c: max(len(c), 7) for c in columns}
+    lines = [f"{task}" + (f" ({', '.join(others)})" if others else ""),
+             "  shots  " + "  ".join(f"{c:>{width[c]}}" for c in columns)]
+    for shots in sorted(rows):
+        lines.append(f"  {shots:>5}  " + "  ".join(f"{_shown(rows[shots].get(c, '')):>{width[c]}}" for c in columns))
+    return lines
+
+
+def _shown(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def format_table(results: dict) -> str:
+    """Per task, one row per number of shots (scores, then the blank-image
+    baseline, scored and dropped counts); other metrics on the task's line."""
+    lines = []
+    for task, metrics in results["tasks"].items():
+        lines += _task_table(task, metrics)
+    return "\n".join(lines) if lines else "no task was scored"

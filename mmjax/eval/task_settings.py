@@ -30,11 +30,13 @@ def choice_task(**overrides) -> dict:
 
 def shapes_tasks(shots=(0, 4), num_examples: int = 64) -> dict:
     """Procedural captioning and VQA on held-out scenes of the embedded shapes
-    data, in the layout the tiny model is trained on (captions end with
-    `<eos>`; questions as "question: … answer: red.")."""
+    data, in the layouts of its interleaved documents (albums of captioned
+    pictures; "a page of pictures with questions. picture 1: <image>
+    question: … answer: red.")."""
     caption = caption_task(format="procedural", shots=tuple(shots), num_examples=num_examples, separator="",
-                           stop=(), max_new_tokens=40, blank_images=True)
+                           stop=(), max_new_tokens=32, blank_images=True)
     vqa = vqa_task(format="procedural", shots=tuple(shots), num_examples=num_examples, separator="",
-                   query="<image> question: {question} answer:", answer=" {answer}.", stop=(".",),
-                   max_new_tokens=8, blank_images=True)
+                   prefix="a page of pictures with questions.",
+                   query=" picture {number}: <image> question: {question} answer:", answer=" {answer}.",
+                   stop=(".",), max_new_tokens=8, blank_images=True)
     return {"shapes_caption": caption, "shapes_vqa": vqa}

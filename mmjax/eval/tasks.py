@@ -17,7 +17,7 @@ Metrics, per number of shots k: `cider@{k}shot`, `bleu4@{k}shot` (x100, the
 papers' scale) or `accuracy@{k}shot` (%), `scored@{k}shot`,
 `dropped_shots@{k}shot` (demonstrations dropped to fit `max_len`), and
 `skipped` (items whose image or prompt was unusable, named in warnings);
-with `blank_images` the same under `blank_images/`. After a call,
+with `blank_images` the scores again under `blank_images/`. After a call,
 `evaluate.predictions` holds one row per scored prompt.
 """
 
@@ -197,8 +197,9 @@ class GenerationTask:
                 texts = self._run(params, shown, f"{self.name} {shots}-shot" + (" blank" if blank else ""))
                 scores, per_item = self.scoring.score(texts, items)
                 metrics.update({tag.format(k): v for k, v in scores.items()})
-                metrics[tag.format("scored")] = len(prompts)
-                metrics[tag.format("dropped_shots")] = int(sum(p.dropped_shots for p in prompts))
+                if not blank:  # the same prompts either way
+                    metrics[tag.format("scored")] = len(prompts)
+                    metrics[tag.format("dropped_shots")] = int(sum(p.dropped_shots for p in prompts))
                 self.predictions += [{"id": item.id, "shots": shots, "shots_used": p.shots,
                                       "blank_images": blank, "question": item.question, "prediction": t,
                                       "references": list(item.references), "score": sc}

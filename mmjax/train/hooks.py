@@ -181,7 +181,8 @@ def write_evaluation(run: Run, step: int, evaluators: dict) -> dict:
     results = run_evaluators(evaluators, run.state["params"])
     if results:
         run.writer.write({"step": step, **{f"eval/{k}": v for k, v in results.items()}})
-        log(f"step {step} evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        scores = {k: v for k, v in results.items() if isinstance(v, float)}  # counts: metrics.jsonl only
+        log(f"step {step} evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
     return results
 
 
