@@ -80,3 +80,18 @@ def test_eval_needs_a_checkpoint(tmp_path, monkeypatch, capsys):
     assert run_command(main, [*OVERRIDES, "--workdir", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"checkpoint error: --workdir {tmp_path} has no checkpoints/ folder; train first or give --converted.")
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_task_files_that_match_nothing_are_refused_before_anything_is_built(command, tmp_path, monkeypatch,
+                                                                            capsys):
+    from mmjax.train.__main__ import main as train_main
+
+    monkeypatch.chdir(ROOT)
+    argv = ["--config", "experiments/mm1.py:smoke-3b", "--workdir", str(tmp_path), "--config.eval.coco=True",
+            f"--config.evaluators.coco.annotations={tmp_path}/nope/*.json",
+            f"--config.evaluators.coco.images={tmp_path}"]
+    assert run_command(main if command == "eval" else train_main, argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"data error: config.evaluators.coco.annotations='{tmp_path}/nope/*.json' matches no file.")
+    assert not (tmp_path / "checkpoints").exists()

@@ -140,3 +140,13 @@ def test_procedural_vqa_references_are_normalised_like_vqa_releases():
     assert counts and all(i.references[0].isdigit() and not i.shown_answer().isdigit() for i in counts)
     assert all(len(i.references) == 10 for i in items)
     assert {i.id for i in items}.isdisjoint({i.id for i in formats.procedural_items("vqa", "support", 40, 32, 0)})
+
+
+def test_stop_strings_become_stop_tokens(tok):
+    from mmjax.eval.tasks import cut_at_stop, stop_token_ids
+
+    ids = stop_token_ids(tok, (".",))
+    assert tok.encode(".")[0] in ids and tok.eos_id not in ids
+    assert all("." in tok.decode([i]) for i in ids)
+    assert not any("." in tok.decode([i]) for i in set(range(tok.vocab_size)) - set(ids))
+    assert cut_at_stop(" red. question:", (".",)) == "red" and cut_at_stop("a\nb", ("\n", "x")) == "a"

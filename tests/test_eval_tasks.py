@@ -19,6 +19,7 @@ from mmjax.data.pipeline import default_tokenizer
 from mmjax.errors import ConfigError
 from mmjax.eval.batching import pad_batch
 from mmjax.eval.caption_scores import cider_d, tokenize_caption
+from mmjax.eval.tasks import cut_at_stop
 from mmjax.eval.task_settings import caption_task, choice_task, vqa_task
 from mmjax.eval.vqa_accuracy import vqa_accuracy
 from mmjax.generate.decode import Sampling, jitted_generate
@@ -99,8 +100,10 @@ def test_generation_on_the_mesh_equals_plain_greedy_decoding(setup_and_params):
     prompts, items, _ = task.prompts(2)
     model = nnx.merge(setup.graphdef, jax.device_get(params))
     batch = {k: jnp.asarray(v) for k, v in pad_batch(prompts, 8, (c.data.image_size,) * 2 + (3,)).items()}
-    tokens, counts = jitted_generate(model, Sampling(max_new_tokens=6, stop_ids=(tok.eos_id,)))(batch)
-    want = [tok.decode([t for t in row[:n] if t != tok.eos_id]).strip()
+    sampling = task.generator.sampling
+    assert sampling.stop_ids[0] == tok.eos_id and len(sampling.stop_ids) > 1  # <eos> and the newline tokens
+    tokens, counts = jitted_generate(model, Sampling(max_new_tokens=6, stop_ids=sampling.stop_ids))(batch)
+    want = [cut_at_stop(tok.decode([t for t in row[:n] if t != tok.eos_id]), ("\n",))
             for row, n in zip(np.asarray(tokens), np.asarray(counts))]
     task(params)
     got = [r["prediction"] for r in task.predictions if r["shots"] == 2 and not r["blank_images"]]

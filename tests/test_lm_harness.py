@@ -101,6 +101,15 @@ def test_windows_cut_and_stops():
     assert cut_at_stops("a b\nc.d", ["\n", "."]) == "a b" and cut_at_stops(" x ", ["", "\n"]) == " x "
 
 
+def test_windows_match_lm_eval():
+    """Skipped where lm_eval is not installed (CI)."""
+    utils = pytest.importorskip("lm_eval.utils")
+    for length, max_len in ((1, 4), (10, 4), (13, 5), (64, 64), (130, 64)):
+        tokens = list(range(length))
+        theirs = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(tokens, -1, max_len, 1)]
+        assert rolling_windows(tokens, -1, max_len) == [(a + b, len(b)) for a, b in theirs]
+
+
 def test_config_files_and_registration_without_lm_eval(monkeypatch):
     assert load_config("experiments/tiny.py:smoke").train.steps == 40
     assert load_config("experiments/tiny.py").train.steps == 300
@@ -197,7 +206,7 @@ def _write_tasks(folder, data):
 
 
 @pytest.mark.slow
-def test_lm_eval_runs_local_tasks(trained, lm, tmp_path, monkeypatch):
+def test_lm_eval_runs_local_tasks(request, tmp_path, monkeypatch):
     """Needs lm_eval (`pip install -e .[lm_eval]`), which CI does not
     install: skipped there. A multiple-choice, a generation and a rolling
     task from local JSONL go through `lm_eval.simple_evaluate` with the
@@ -209,7 +218,8 @@ def test_lm_eval_runs_local_tasks(trained, lm, tmp_path, monkeypatch):
 
     rows = _write_tasks(tmp_path, tmp_path / "data.jsonl")
     assert lm_harness.register() is lm_harness.register()
-    config, workdir = trained
+    config, workdir = request.getfixturevalue("trained")
+    lm = request.getfixturevalue("lm")
     results = lm_eval.simple_evaluate(model="mmjax", model_args={"config": config, "workdir": workdir},
                                       tasks=["mmjax_tiny_choice", "mmjax_tiny_gen", "mmjax_tiny_rolling"],
                                       task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True)
@@ -217,14 +227,17 @@ def test_lm_eval_runs_local_tasks(trained, lm, tmp_path, monkeypatch):
     assert 0.0 <= scores["mmjax_tiny_choice"]["acc,none"] <= 1.0
     assert 0.0 <= scores["mmjax_tiny_gen"]["exact_match,none"] <= 1.0
     assert scores["mmjax_tiny_rolling"]["word_perplexity,none"] > 0
-    for task in ("mmjax_tiny_choice", "mmjax_tiny_gen"):
+    methods = {"mmjax_tiny_choice": lm.loglikelihood, "mmjax_tiny_gen": lm.generate_until,
+               "mmjax_tiny_rolling": lm.loglikelihood_rolling}
+    for task, method in methods.items():
         for sample in results["samples"][task]:
-            requests = [Request(*args) for args in sample["arguments"]]
-            ours = lm.loglikelihood(requests) if task.endswith("choice") else lm.generate_until(requests)
             theirs = [resp[0] for resp in sample["resps"]]
-            if task.endswith("choice"):
+            ours = method([Request(*args) for args in sample["arguments"]])
+            if task == "mmjax_tiny_choice":
                 assert [c for _, c in sample["arguments"]] == [" " + c for c in rows[sample["doc_id"]]["choices"]]
-                assert [v for v, _ in theirs] == pytest.approx([v for v, _ in ours], abs=1e-4)
                 assert [bool(g) for _, g in theirs] == [g for _, g in ours]
-            else:
+                theirs, ours = [v for v, _ in theirs], [v for v, _ in ours]
+            if task == "mmjax_tiny_gen":
                 assert theirs == ours
+            else:
+                assert theirs == pytest.approx(ours, abs=1e-4)

@@ -60,8 +60,9 @@ def chunks(items: list, size: int) -> Iterator[list]:
 
 
 class Generator:
-    """`generate(params, prompts) -> [(token ids without padding, stopped)]`,
-    batch by batch on the mesh; `progress(n)` is called after each batch."""
+    """`generate(params, prompts) -> [(token ids before the stop, stopped,
+    the stop token or -1)]`, batch by batch on the mesh; `progress(n)` is
+    called after each batch."""
 
     def __init__(self, abstract_model: nnx.Module, sampling: Sampling, mesh, resolver, batch_spec,
                  batch_size: int, image_shape: tuple[int, ...] | None):
@@ -78,6 +79,6 @@ class Generator:
             for row in range(len(part)):
                 ids = tokens[row, :counts[row]].tolist()
                 stopped = bool(ids) and ids[-1] in stops
-                out.append((ids[:-1] if stopped else ids, stopped))
+                out.append((ids[:-1], True, ids[-1]) if stopped else (ids, False, -1))
             progress(len(part))
         return out

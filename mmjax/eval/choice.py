@@ -149,6 +149,14 @@ class ChoiceTask:
         return metrics
 
 
-@register_evaluator("multiple_choice", fields=FIELDS)
+def check_files(settings, where: str) -> None:
+    if not tuple(settings.shots):
+        raise ConfigError(f"{where}.shots is empty; give at least one shot count, e.g. (0,).")
+    formats.expand(f"{where}.path", settings.path)
+    if settings.support_path:
+        formats.expand(f"{where}.support_path", settings.support_path)
+
+
+@register_evaluator("multiple_choice", fields=FIELDS, check=check_files)
 def make_choice_task(config, setup, tokenizer, name: str):
     return ChoiceTask(config, setup, tokenizer, name)

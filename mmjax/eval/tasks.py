@@ -24,13 +24,14 @@ with `blank_images` the scores again under `blank_images/`. After a call,
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 import numpy as np
 from flax import nnx
 
 from mmjax.data.examples import ExampleBuilder
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, DataError
 from mmjax.eval import formats
 from mmjax.eval.batching import Generator
 from mmjax.eval.caption_scores import bleu, cider_d, tokenize_caption
@@ -115,6 +116,17 @@ def _vqa_score(predictions, items):
 SCORINGS = {"caption": Scoring(_caption_items, _caption_score), "vqa": Scoring(_vqa_items, _vqa_score)}
 
 
+def stop_token_ids(tokenizer, stops) -> tuple[int, ...]:
+    """Ids of the tokens whose text contains a stop string: a row stops on
+    the device when it emits one (a stop string spread over several tokens
+    is still cut from the text afterwards, `cut_at_stop`)."""
+    stops = [s for s in stops if s]
+    if not stops:
+        return ()
+    return tuple(i for i in range(tokenizer.vocab_size)
+                 if any(s in tokenizer.decode([i]) for s in stops) and i != tokenizer.eos_id)
+
+
 def cut_at_stop(text_out: str, stops) -> str:
     """`text_out` up to the first stop string, stripped."""
     for stop in stops:
@@ -149,8 +161,8 @@ class GenerationTask:
         self.template = Template(s.query, s.answer, s.separator, s.prefix)
         self.max_len = s.max_len or d.seq_len
         self.where = where
-        sampling = Sampling(max_new_tokens=s.max_new_tokens, stop_ids=(tokenizer.eos_id,),
-                            pad_id=tokenizer.pad_id)
+        sampling = Sampling(max_new_tokens=s.max_new_tokens, pad_id=tokenizer.pad_id,
+                            stop_ids=(tokenizer.eos_id,) + stop_token_ids(tokenizer, s.stop))
         batch_spec = setup.batch_shardings["tokens"].spec[0]
         model = nnx.merge(setup.graphdef, setup.abstract_params)
         self.generator = Generator(model, sampling, setup.mesh, setup.resolver, batch_spec,
@@ -179,7 +191,10 @@ class GenerationTask:
         outputs = self.generator(params, prompts, bar.update if bar else (lambda n: None))
         if bar:
             bar.close()
-        return [cut_at_stop(self.tokenizer.decode(ids), self.settings.stop) for ids, _ in outputs]
+        # A stop token's own text before the stop string is kept: decode it too, then cut.
+        return [cut_at_stop(self.tokenizer.decode(ids + ([stop] if stopped and stop != self.tokenizer.eos_id
+                                                          else [])), self.settings.stop)
+                for ids, stopped, stop in outputs]
 
     def __call__(self, params) -> dict:
         s, metrics, self.predictions = self.settings, {}, []
@@ -217,5 +232,20 @@ def _make(kind: str):
     return make
 
 
-register_evaluator("caption", fields=CAPTION_FIELDS)(_make("caption"))
-register_evaluator("vqa", fields=VQA_FIELDS)(_make("vqa"))
+FILES = {"coco": ("annotations",), "vqav2": ("questions", "annotations")}
+
+
+def check_files(settings, where: str) -> None:
+    """The task's files exist (globs match) and `shots` is not empty."""
+    if not tuple(settings.shots):
+        raise ConfigError(f"{where}.shots is empty; give at least one shot count, e.g. (0,).")
+    for key in FILES.get(settings.format, ()):
+        formats.expand(f"{where}.{key}", settings[key])
+        if settings.get("support_" + key):
+            formats.expand(f"{where}.support_{key}", settings["support_" + key])
+    if settings.format != "procedural" and not os.path.isdir(os.path.expanduser(settings.images)):
+        raise DataError(f"{where}.images={settings.images!r} is not a folder.")
+
+
+register_evaluator("caption", fields=CAPTION_FIELDS, check=check_files)(_make("caption"))
+register_evaluator("vqa", fields=VQA_FIELDS, check=check_files)(_make("vqa"))

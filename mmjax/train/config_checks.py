@@ -159,6 +159,8 @@ def _check_evaluators(config) -> None:
             problem = rule(value)
             if problem:
                 _fail(f"evaluators.{name}.{key}", value, f"is invalid; use {problem}")
+        if on and spec.check is not None:
+            spec.check(settings, f"config.evaluators.{name}")
 
 
 def check_config(config, num_devices: int, process_count: int = 1) -> None:

@@ -31,18 +31,21 @@ class EvaluatorSpec:
     name: str
     make: Callable  # (config, setup, tokenizer, name) -> evaluate(params) -> dict | str
     fields: dict  # setting name -> config_schema rule, checked before anything is built
+    check: Callable | None = None  # (settings, where) -> None or a Refusal: files, cross-field rules
 
 
 EVALUATORS: dict[str, EvaluatorSpec] = {}
 
 
-def register_evaluator(name: str, fields: dict | None = None):
+def register_evaluator(name: str, fields: dict | None = None, check: Callable | None = None):
     """Decorator registering `make(config, setup, tokenizer, name)` as evaluator
     `name`; `fields` maps each setting in `config.evaluators.<name>` to a rule
-    from `mmjax.train.config_schema` (checked with the rest of the config)."""
+    from `mmjax.train.config_schema`, and `check(settings, where)` refuses
+    what the rules cannot see (missing files); both run with the rest of the
+    config check, before anything is built (`check` for switched-on ones)."""
 
     def register(make):
-        EVALUATORS[name] = EvaluatorSpec(name, make, dict(fields or {}))
+        EVALUATORS[name] = EvaluatorSpec(name, make, dict(fields or {}), check)
         return make
 
     return register
