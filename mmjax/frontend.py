@@ -49,6 +49,23 @@ def define_config_flag(default: str | None = None, flag_values: flags.FlagValues
                                            lock_config=True, sys_argv=sys_argv)
 
 
+def define_process_flags(fv: flags.FlagValues) -> None:
+    """--coordinator_address, --num_processes, --process_id (multi-process runs)."""
+    flags.DEFINE_string(
+        "coordinator_address", None,
+        "Multi-process runs: HOST:PORT of process 0, the same on every process (process 0 listens "
+        "there). Default: $MMJAX_COORDINATOR_ADDRESS; unset on SLURM/Open MPI/multi-host TPU, where "
+        "it is found automatically; unset elsewhere means a single-process run.", flag_values=fv)
+    flags.DEFINE_integer(
+        "num_processes", None,
+        "Multi-process runs: how many processes take part (default: $MMJAX_NUM_PROCESSES).", lower_bound=1,
+        flag_values=fv)
+    flags.DEFINE_integer(
+        "process_id", None,
+        "Multi-process runs: this process's index, 0..num_processes-1 (default: $MMJAX_PROCESS_ID).",
+        lower_bound=0, flag_values=fv)
+
+
 def parse_flags(argv: list[str], prog: str, doc: str, define: Callable[[flags.FlagValues], None],
                 config_default: str | None = None) -> flags.FlagValues:
     """Parses `argv` (without the program name) on a private FlagValues with

@@ -4,6 +4,10 @@ the table, and one-sentence refusals."""
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -20,6 +24,26 @@ OVERRIDES = ["--config", "experiments/tiny.py", "--config.model.vit.depth=1", "-
              "--config.evaluators.shapes_caption.num_examples=16", "--config.evaluators.shapes_vqa.num_examples=16",
              "--config.evaluators.shapes_caption.shots=(0,2)", "--config.evaluators.shapes_vqa.shots=(0,2)",
              "--config.evaluators.shapes_caption.max_new_tokens=12"]
+
+
+def _two_processes(argv):
+    """Runs `python -m mmjax.eval ARGV` as two processes of 4 CPU devices each."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, "-m", "mmjax.eval", *argv, "--config.runtime.cpu_devices=4",
+                               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                               f"--process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "8 global devices" in outputs[1] and "results in" not in outputs[1]  # process 0 reports
 
 
 def _config(steps):
@@ -64,6 +88,11 @@ def test_eval_command_and_eval_every(tmp_path, monkeypatch, capsys):
     assert {"id", "prediction", "references", "score", "shots"} <= set(predictions[0])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 10 and "eval/shapes_vqa/accuracy@0shot" in rows[-1]
+
+    # Two processes x 4 devices score the same checkpoint on the same mesh alike.
+    single = (tmp_path / "eval" / "10" / "results.json").read_text()
+    _two_processes([*OVERRIDES, "--workdir", str(tmp_path), "--step", "10", "--tasks", "shapes_vqa"])
+    assert json.loads((tmp_path / "eval" / "10" / "results.json").read_text()) == json.loads(single)
 
     # The latest checkpoint by default; bad choices are one sentence each.
     assert run_command(main, [*OVERRIDES, "--workdir", str(tmp_path), "--tasks", "shapes_caption"]) == 0

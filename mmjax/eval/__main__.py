@@ -10,7 +10,10 @@ switched on in `config.eval`; the same ones training runs every
 run was trained with: the checkpoint is restored onto its model, mesh and
 layout. Outputs: WORKDIR/eval/<step>/results.json, one
 <task>.predictions.jsonl per task, `eval/<task>/<metric>` in
-WORKDIR/metrics.jsonl and TensorBoard, and a table on stdout.
+WORKDIR/metrics.jsonl and TensorBoard, and a table on stdout. Multi-process
+runs start the same command once per process, as `mmjax.train` does
+(--coordinator_address etc., or found on SLURM / Open MPI / TPU slices);
+every process builds the same prompts and process 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 
 from absl import flags
 
-from mmjax.frontend import parse_flags, prepare_runtime, run_command
+from mmjax.frontend import define_process_flags, parse_flags, prepare_runtime, run_command
 
 
 def _define(fv: flags.FlagValues) -> None:
@@ -31,6 +34,7 @@ def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("converted", "", "Comma-separated folders written by python -m mmjax.tools.convert_hf "
                         "(a vit and/or decoder component): score these weights instead of a checkpoint "
                         "(results under WORKDIR/eval/converted/).", flag_values=fv)
+    define_process_flags(fv)
 
 
 def main(argv: list[str]) -> int:
@@ -38,7 +42,7 @@ def main(argv: list[str]) -> int:
     if not args.workdir:
         raise SystemExit("error: --workdir is required (the checkpoints are read and the results written there).")
     config = args.config
-    prepare_runtime(config)
+    prepare_runtime(config, args.coordinator_address, args.num_processes, args.process_id, distributed=True)
     from mmjax.eval.runner import evaluate_checkpoint, format_table, task_names
     from mmjax.train.metrics import log
 

@@ -241,9 +241,9 @@ class MmjaxLM:
             prompts = [self.prompt(requests[i].args[0], max_new) for i in indices]
             order = longest_first([len(p.ids) for p in prompts])
             generated = self._generator(max_new)(self.params, [prompts[j] for j in order], bar.update)
-            for j, (ids, _) in zip(order, generated):
+            for j, row in zip(order, generated):
                 stops = stop_strings((requests[indices[j]].args[1] or {}).get("until"))
-                out[indices[j]] = cut_at_stops(self.tokenizer.decode(ids), stops)
+                out[indices[j]] = cut_at_stops(self.tokenizer.decode(row[0]), stops)
         bar.close()
         return out
 

@@ -26,7 +26,7 @@ import sys
 
 from absl import flags
 
-from mmjax.frontend import parse_flags, prepare_runtime, run_command
+from mmjax.frontend import define_process_flags, parse_flags, prepare_runtime, run_command
 
 
 def _define(fv: flags.FlagValues) -> None:
@@ -36,19 +36,7 @@ def _define(fv: flags.FlagValues) -> None:
         "An existing workdir with checkpoints is resumed from its latest step (a damaged latest "
         "checkpoint is moved aside and the newest good one is used; config.train.on_bad_checkpoint).",
         flag_values=fv)
-    flags.DEFINE_string(
-        "coordinator_address", None,
-        "Multi-process runs: HOST:PORT of process 0, the same on every process (process 0 listens "
-        "there). Default: $MMJAX_COORDINATOR_ADDRESS; unset on SLURM/Open MPI/multi-host TPU, where "
-        "it is found automatically; unset elsewhere means a single-process run.", flag_values=fv)
-    flags.DEFINE_integer(
-        "num_processes", None,
-        "Multi-process runs: how many processes take part (default: $MMJAX_NUM_PROCESSES).", lower_bound=1,
-        flag_values=fv)
-    flags.DEFINE_integer(
-        "process_id", None,
-        "Multi-process runs: this process's index, 0..num_processes-1 (default: $MMJAX_PROCESS_ID).",
-        lower_bound=0, flag_values=fv)
+    define_process_flags(fv)
     flags.DEFINE_string(
         "profile_steps", None,
         "FIRST:LAST (e.g. 10:12): write a JAX profiler trace of these steps to WORKDIR/profile "
