@@ -32,6 +32,9 @@ NOT_RUN = {
     'pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu && pip install -e ".[parity]"':
         "downloads torch; the opt-in live parity tests use it when installed",
     "python -m mmjax.train --config experiments/tiny.py --workdir DIR [--config.FIELD=VALUE ...]": "a synopsis",
+    'pip install -e ".[lm_eval]" && python -m mmjax.eval.lm_harness --config experiments/tiny.py '
+    "--workdir /tmp/mmjax-tiny --tasks hellaswag": "installs the lm_eval extra and downloads HellaSwag; "
+                                                   "test_lm_harness.py runs a local task when lm-eval is installed",
     "python -m mmjax.eval --config experiments/tiny.py --workdir /tmp/mmjax-tiny":
         "needs the trained workdir of the README's first command; test_eval_cli.py scores a shortened run",
     "python -m mmjax.eval --config experiments/tiny.py --workdir DIR --step 200 --tasks shapes_vqa":
