@@ -84,6 +84,7 @@ def base_config() -> mlc.ConfigDict:
     # (the damaged step directory is moved aside), "stop" refuses to start.
     c.train.on_bad_checkpoint = "previous"
     c.train.profile_steps = (0, 0)  # (first, last) step of a profiler trace under WORKDIR/profile
+    c.train.prefetch = 2  # batches read and placed on the devices ahead of the running step (0: none)
     return c
 
 

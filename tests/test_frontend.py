@@ -69,6 +69,9 @@ def test_aot_loop_overhead_and_data_commands_run_with_overrides(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["config"]["model"]["decoder"]["layers"] == 1 and summary["config"]["data"]["seq_len"] == 64
+    assert summary["loop_wall_per_step_median_s"] > 0 and summary["without_prefetch"]["wall_per_step_median_s"] > 0
+    assert sorted(os.listdir(tmp_path)) == ["loop_run_prefetch0", "loop_run_prefetch2", "results.csv",
+                                            "summary.json"]
     data = subprocess.run([sys.executable, "-m", "mmjax.bench.data", "--config", "experiments/data_bench.py:smoke",
                            "--workdir", str(tmp_path / "data"), "--modes=bare", "--config.bench.rounds=1",
                            "--config.data.pack_window=4"], cwd=ROOT, capture_output=True, text=True, timeout=600)

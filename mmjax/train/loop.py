@@ -35,9 +35,14 @@ from mmjax.train.flops import peak_flops_per_device, train_flops
 from mmjax.train.guards import PreemptionFlag
 from mmjax.train.metrics import MetricsWriter, format_duration, log
 from mmjax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
+from mmjax.train.prefetch import Prefetcher
 from mmjax.train.state import abstract_train_state, build_train_setup, init_train_state
 from mmjax.train.step import make_train_step
 from mmjax.train.timing import StepTimer
+
+# With several processes, host counters and the stop signal are exchanged at
+# least this often (and at every log step); one process needs no exchange.
+HOST_SYNC_EVERY = 10
 
 
 def _write_config(config, workdir: str) -> None:
@@ -79,9 +84,12 @@ def train(config, workdir: str) -> dict:
                           f"config.model.decoder.vocab_size={config.model.decoder.vocab_size}.")
     total_steps = config.train.steps
     pc, pi = jax.process_count(), jax.process_index()  # the data sources are opened (DataError) before the model
-    data_iter = iter(make_dataset(config.data, tokenizer, batch_size=config.data.global_batch // pc,
-                                  process_index=pi, process_count=pc))
+    source = iter(make_dataset(config.data, tokenizer, batch_size=config.data.global_batch // pc,
+                               process_index=pi, process_count=pc))
     setup, train_step = build_step(config, mesh, get_layout(config.rules))
+    # The next batches are read and placed on the devices while a step runs; checkpoints hold
+    # the position after the last consumed batch (mmjax/train/prefetch.py).
+    data_iter = Prefetcher(source, lambda local: _step_inputs(local, setup), depth=config.train.get("prefetch", 2))
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint,
                         on_bad=config.train.get("on_bad_checkpoint", "previous"), log=log)
     run = hooks.Run(config, workdir, ckpt, MetricsWriter(workdir), data_iter, StepTimer(),
@@ -158,27 +166,36 @@ def _write_summary(workdir: str, summary: dict) -> None:
             json.dump(summary, f, indent=2)
 
 
-def _next_batch(run, setup) -> tuple[dict, np.ndarray]:
-    """(the next global batch, this process's counters of it: examples per
-    stream, data counters, images)."""
-    local = next(run.data_iter)
+def _step_inputs(local: dict, setup) -> tuple[dict, np.ndarray]:
+    """A process-local batch -> (the global batch on the mesh, this process's
+    counters of it: examples per stream, data counters, images)."""
     counts = np.concatenate([local["stream_counts"].sum(axis=0), [local[k].sum() for k in COUNTS],
                              [local["image_mask"].sum()]])
     return to_global_arrays({k: local[k] for k in setup.batch_shardings}, setup.batch_shardings), counts
+
+
+def _exchange_step(step: int, total_steps: int, log_every: int) -> bool:
+    """Whether the host counters and the stop signal are summed over the
+    processes after `step`: every step with one process (no exchange is
+    needed), else at log steps, every HOST_SYNC_EVERY steps and at the end."""
+    return (jax.process_count() == 1 or step % log_every == 0 or step % HOST_SYNC_EVERY == 0
+            or step == total_steps)
 
 
 def run_steps(run, setup, train_step, start: int, total_steps: int, step_hooks: list) -> None:
     """Steps `start+1 .. total_steps` (see the module doc); updates
     `run.state` and `run.summary` (compile time, final metrics, loss means,
     wall time)."""
-    totals = np.zeros(len(STREAMS) + len(COUNTS))  # examples per stream, then data counters
+    totals = np.zeros(len(STREAMS) + len(COUNTS))  # examples per stream, then data counters (all processes)
+    pending = np.zeros(len(STREAMS) + len(COUNTS) + 1)  # this process's counters since the last exchange
+    images_since, stop_signalled = 0, False
     compiled, metrics, losses = None, None, []
     run_start = time.perf_counter()
     run.stop_signal = PreemptionFlag()
     try:
         for step in range(start + 1, total_steps + 1):
             t0 = time.perf_counter()
-            batch, local_counts = _next_batch(run, setup)
+            batch, local_counts = next(run.data_iter)
             wait = time.perf_counter() - t0
             if compiled is None:
                 log("compiling the train step ahead of time ...")
@@ -195,16 +212,22 @@ def run_steps(run, setup, train_step, start: int, total_steps: int, step_hooks: 
             jax.block_until_ready((run.state, metrics))
             t2 = time.perf_counter()
             losses.append(float(metrics["loss"]))
-            # The one host exchange per step: data counters and the stop signal, summed over processes.
-            synced = hooks.sum_over_processes(np.append(local_counts, int(bool(run.stop_signal))))
-            totals += synced[:len(totals)]
-            run.timer.add(t2 - t1, wait, time.perf_counter() - t2, int(synced[-2]))
+            pending += local_counts
+            if _exchange_step(step, total_steps, run.config.train.log_every):
+                # The host exchange: data counters, images and the stop signal, summed over processes.
+                synced = hooks.sum_over_processes(np.append(pending, int(bool(run.stop_signal))))
+                totals += synced[:len(totals)]
+                images_since, stop_signalled = int(synced[-2]), bool(synced[-1])
+                pending[:] = 0
+            run.timer.add(t2 - t1, wait, time.perf_counter() - t2, images_since)
+            images_since = 0
             result = hooks.StepResult(step, metrics, losses[-1], totals[:len(STREAMS)],
                                       dict(zip(COUNTS, (int(x) for x in totals[len(STREAMS):]))),
-                                      stop_signalled=bool(synced[-1]))
+                                      stop_signalled=stop_signalled)
             if any(hook.after_step(result) for hook in step_hooks):  # a hook that stops the run ends the round
                 break
     finally:
+        run.data_iter.close()
         run.stop_signal.close()
         for hook in step_hooks:
             getattr(hook, "close", lambda: None)()
