@@ -17,7 +17,7 @@ from mmjax.train.flops import (
     table_peak,
     train_flops,
 )
-from mmjax.train.optimizer import learning_rate_schedule, make_optimizer
+from mmjax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
 from mmjax.train.state import abstract_train_state, build_train_setup
 from mmjax.train.step import make_train_step
 
@@ -56,7 +56,8 @@ def xla_flops(c) -> float:
     mesh = make_mesh(dict(c.mesh), jax.devices()[:1])
     setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
     step = make_train_step(setup, learning_rate_schedule(c.optimizer, 10), c.loss.z_loss,
-                           c.model.decoder.moe.load_balance_weight, c.model.decoder.moe.router_z_weight)
+                           c.model.decoder.moe.load_balance_weight, c.model.decoder.moe.router_z_weight,
+                           trainable=trainable_mask(c.optimizer, setup.abstract_params))
     cost = step.lower(abstract_train_state(setup), abstract_batch(c, setup)).compile(COMPILE_OPTIONS).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a dict in current JAX
     return float(cost["flops"])
@@ -69,8 +70,15 @@ def moe_grouped_config():
     return c
 
 
-@pytest.mark.parametrize("make_config", [dense_config, moe_config, moe_grouped_config],
-                         ids=["dense_remat", "moe_capacity", "moe_capacity_groups"])
+def frozen_vit_config():
+    """The dense config with the ViT frozen (no backward pass through it)."""
+    c = dense_config()
+    c.optimizer.module_lr_scale = "vit=0.0"
+    return c
+
+
+@pytest.mark.parametrize("make_config", [dense_config, moe_config, moe_grouped_config, frozen_vit_config],
+                         ids=["dense_remat", "moe_capacity", "moe_capacity_groups", "frozen_vit"])
 def test_hardware_flops_match_xla_cost_analysis(make_config):
     c = make_config()
     analytic = train_flops(c, num_devices=1)
@@ -131,3 +139,25 @@ def test_cpu_peak_is_calibrated_once_and_gives_mfu():
     assert math.isnan(peak_flops_per_device(jax.devices()[0], calibrate=False)[0])
     assert mfu(1e12, 2.0, 4, 1e12) == pytest.approx(0.125)
     assert mfu(peak * 8, 1.0, 8, peak) == pytest.approx(1.0)
+
+
+def test_frozen_modules_and_missing_images_lower_the_useful_flops():
+    """MFU counts no backward pass for a frozen ViT (nothing before it
+    trains), input gradients only for a frozen connector behind a trainable
+    ViT, and only the images present in the batch."""
+    base = train_flops(dense_config(), num_devices=1)
+    vit = sum(v for k, v in base.forward.items() if k.startswith("vit/"))
+    connector = sum(v for k, v in base.forward.items() if k.startswith("connector/"))
+    assert base.model_flops == pytest.approx(3 * base.model_forward_flops)
+    frozen = train_flops(frozen_vit_config(), num_devices=1)
+    assert frozen.model_flops == pytest.approx(base.model_flops - 2 * vit)  # forward only
+    assert frozen.hardware_backward["vit/mlp"] == 0 and frozen.remat.get("vit/mlp", 0) == 0
+    c = dense_config()
+    c.optimizer.module_lr_scale = "connector=0.0"
+    behind = train_flops(c, num_devices=1)
+    assert behind.model_flops == pytest.approx(base.model_flops - connector)  # forward + input gradients
+    # Half the image slots empty: the image side's useful work halves, the text side's does not.
+    half = base.images_per_step / 2
+    assert base.model_flops_at(half) == pytest.approx(base.model_flops - 1.5 * (vit + connector))
+    assert frozen.model_flops_at(half) == pytest.approx(frozen.model_flops - 0.5 * vit - 1.5 * connector)
+    assert base.model_flops_at(base.images_per_step) == base.model_flops

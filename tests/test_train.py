@@ -41,6 +41,14 @@ def test_small_run_learns_and_writes_its_outputs(tmp_path):
     # runtime warm-up) is far cheaper than the compile, reported on its own.
     step_times = np.array([r["step_time_s"] for r in recs])
     assert step_times.max() < 0.3 * compile_s, (step_times.max(), compile_s)
+    # MFU counts the images present in each window's batches, not every padded image slot.
+    from mmjax.train.flops import train_flops
+
+    flops = train_flops(c, num_devices=8)
+    for r in recs:
+        assert r["model_flops_per_step"] == pytest.approx(flops.model_flops_at(r["images_per_step"]))
+    assert np.mean([r["images_per_step"] for r in recs]) < c.data.global_batch * c.data.max_images
+    assert np.mean([r["model_flops_per_step"] for r in recs]) < flops.model_flops
     losses = np.array([r["loss"] for r in recs])
     assert losses[-10:].mean() < 0.5 * losses[:10].mean()
     assert (tmp_path / "config.json").exists()

@@ -95,6 +95,9 @@ class _Op:
     hardware: float     # forward FLOPs as executed
     grads: int = 2      # backward ops of the forward's size (1: one differentiable operand)
     kind: str = _DOT
+    weight_only: bool = False  # its only differentiable operand is a weight (the patch embedding)
+    weights: bool = True       # one operand is a weight (False: activations only, e.g. attention scores)
+    entry: bool = False        # reads the previous component's output (the connector's first op)
     stack: str = ""     # "vit" / "decoder": inside a rematerialisable layer stack
     residual: bool = True  # the backward needs its output (False: never recomputed)
 
@@ -114,6 +117,8 @@ class FlopsBreakdown:
     num_devices: int
     tokens_per_step: int
     images_per_step: int
+    # passes per component: 3 (forward + backward), 2 (frozen, gradients pass through), 1 (frozen)
+    passes: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def model_forward_flops(self) -> float:
@@ -121,8 +126,19 @@ class FlopsBreakdown:
 
     @property
     def model_flops(self) -> float:
-        """3 x useful forward FLOPs: what MFU is computed from."""
-        return 3.0 * self.model_forward_flops
+        """Useful FLOPs, what MFU is computed from: 3 x forward for trainable
+        components, 2 x for frozen ones that gradients pass through, 1 x for
+        frozen ones nothing before trains (no backward pass)."""
+        return float(sum(self.passes.get(name.split("/")[0], 3.0) * value for name, value in self.forward.items()))
+
+    def model_flops_at(self, images_per_step: float) -> float:
+        """`model_flops` with `images_per_step` images encoded instead of every
+        image slot (`images_per_step` here): the ViT and connector work scales
+        with the images actually present."""
+        image = sum(self.passes.get(name.split("/")[0], 3.0) * value for name, value in self.forward.items()
+                    if name.split("/")[0] in ("vit", "connector"))
+        share = images_per_step / self.images_per_step if self.images_per_step else 0.0
+        return self.model_flops - image * (1.0 - share)
 
     @property
     def remat_flops(self) -> float:
@@ -180,13 +196,13 @@ def _vit_ops(vit, n_img: int) -> list[_Op]:
     tokens = patches + (1 if flavour.class_token else 0)
     blocks = vit.depth + 1 + vit.feature_layer  # `ViT.features` stops after this block
     rows = n_img * tokens
-    ops = [_Op("vit/patch_embed", *(2.0 * n_img * patches * p * p * 3 * e,) * 2, grads=1)]
+    ops = [_Op("vit/patch_embed", *(2.0 * n_img * patches * p * p * 3 * e,) * 2, grads=1, weight_only=True)]
     proj = 2.0 * rows * e * e
     scores = 2.0 * n_img * tokens * tokens * e  # all heads: heads * head_dim = e
     mlp = 2.0 * rows * e * m
     for _ in range(blocks):
         ops += [_Op("vit/attention_proj", 4 * proj, 4 * proj, stack="vit"),
-                _Op("vit/attention_scores", 2 * scores, 2 * scores, kind=_BATCHED_DOT, stack="vit"),
+                _Op("vit/attention_scores", 2 * scores, 2 * scores, kind=_BATCHED_DOT, stack="vit", weights=False),
                 _Op("vit/mlp", mlp, mlp, stack="vit"),
                 _Op("vit/mlp", mlp, mlp, stack="vit", residual=False)]
     # The MAP head only feeds `ViT.pooled`; MM1 takes patch features, so it
@@ -198,7 +214,7 @@ def _vit_ops(vit, n_img: int) -> list[_Op]:
 def _pool_op(component: str, n: int, grid: int, side: int, channels: int) -> _Op:
     """`adaptive_avg_pool2d`: two contractions with constant matrices (rows first)."""
     flops = 2.0 * n * channels * (side * grid * grid + side * side * grid)
-    return _Op(component, flops, flops, grads=1)
+    return _Op(component, flops, flops, grads=1, weights=False)
 
 
 def _connector_ops(cfg, vit_embed: int, num_patches: int, embed: int, n_img: int) -> list[_Op]:
@@ -235,11 +251,11 @@ def _connector_ops(cfg, vit_embed: int, num_patches: int, embed: int, n_img: int
         dense("connector/attention_proj", n_img * num_patches, vit_embed, 2 * vit_embed)  # keys, values
         dense("connector/attention_proj", n_img * k, vit_embed, vit_embed)  # out
         scores = 2.0 * 2 * n_img * k * num_patches * vit_embed
-        ops.append(_Op("connector/attention_scores", scores, scores, kind=_BATCHED_DOT))
+        ops.append(_Op("connector/attention_scores", scores, scores, kind=_BATCHED_DOT, weights=False))
         dense("connector/proj", n_img * k, vit_embed, embed)
     else:
         raise ConfigError(f"config.model.connector.kind={kind!r} is unknown.")
-    return ops
+    return [dataclasses.replace(ops[0], entry=True)] + ops[1:]
 
 
 def _mesh_sizes(config, num_devices: int) -> dict[str, int]:
@@ -271,7 +287,7 @@ def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: in
         ops.append(_Op("decoder/attention_proj", proj, proj, stack="decoder"))
         per_pair = 2.0 * 2 * b * dec.heads * hd  # scores + weighted values
         ops.append(_Op("decoder/attention_scores", per_pair * causal_pairs, per_pair * s * s,
-                       kind=_BATCHED_DOT, stack="decoder"))
+                       kind=_BATCHED_DOT, stack="decoder", weights=False))
         if not is_moe_layer(dec, i):
             up = 2.0 * t * m * dec.mlp
             ops += [_Op("decoder/mlp", 2 * up, 2 * up, stack="decoder"),  # gate, up
@@ -287,10 +303,11 @@ def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: in
             slots = groups * e * capacity(t // groups, k, e, moe.capacity_factor)  # all expert buffers
             one_hot = 2.0 * t * (slots // groups) * m  # dispatch or combine einsum: T x (E * C) x M
             hw = 2.0 * slots * m * h
-            ops += [_Op("decoder/moe_dispatch", 0.0, one_hot, grads=1, kind=_BATCHED_DOT, stack="decoder"),
+            ops += [_Op("decoder/moe_dispatch", 0.0, one_hot, grads=1, kind=_BATCHED_DOT, stack="decoder",
+                        weights=False),
                     _Op("decoder/moe_experts", 3 * active, 3 * hw, kind=_BATCHED_DOT, stack="decoder"),
                     _Op("decoder/moe_dispatch", 0.0, one_hot, kind=_BATCHED_DOT, stack="decoder",
-                        residual=False)]
+                        residual=False, weights=False)]
         else:
             # Expert parallelism all-gathers tokens over `expert` within `shard_map` with weights
             # replicated over `model`: the model axis repeats the expert work.
@@ -299,7 +316,7 @@ def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: in
             combine = 2.0 * t * k * m  # weighting the k outputs of each token
             ops += [_Op("decoder/moe_experts", 3 * active, 3 * hw, kind=_RAGGED, stack="decoder"),
                     _Op("decoder/moe_dispatch", 0.0, combine, kind=_BATCHED_DOT, stack="decoder",
-                        residual=False)]
+                        residual=False, weights=False)]
         if moe.shared_expert:
             shared = 2.0 * t * m * h
             ops += [_Op("decoder/moe_shared", 2 * shared, 2 * shared, stack="decoder"),
@@ -344,22 +361,58 @@ def train_flops(config, num_devices: int | None = None, ragged_dot: str | None =
         raise ValueError(f"ragged_dot={ragged_dot!r}; choose 'grouped' or 'dense'.")
     model, data = config.model, config.data
     b, s = data.global_batch, data.seq_len
-    n_img = b * data.max_images
+    from mmjax.models import model_spec
+
+    n_img = b * data.max_images if model_spec(model).uses_images else 0  # text-only models encode no image
     sizes = _mesh_sizes(config, num_devices)
     num_patches = (model.vit.image_size // model.vit.patch_size) ** 2
     ops = (_vit_ops(model.vit, n_img)
            + _connector_ops(model.connector, model.vit.embed, num_patches, model.decoder.embed, n_img)
            + _decoder_ops(model.decoder, b, s, sizes, _batch_shards(config, sizes), ragged_dot))
     policies = {"vit": model.vit.get("remat", ""), "decoder": model.decoder.get("remat", "")}
+    frozen = frozen_components(config)
     forward: dict[str, float] = {}
     hw_fwd: dict[str, float] = {}
     hw_bwd: dict[str, float] = {}
     remat: dict[str, float] = {}
+    passes: dict[str, float] = {}
     for op in ops:
-        for table, value in ((forward, op.model), (hw_fwd, op.hardware), (hw_bwd, op.grads * op.hardware),
-                             (remat, _recompute(op, policies))):
+        part = op.component.split("/")[0]
+        trainable = part not in frozen
+        upstream = any(c not in frozen for c in COMPONENTS[:COMPONENTS.index(part)])
+        backward = _backward_ops(op, trainable, upstream)
+        passes[part] = 3.0 if trainable else (2.0 if upstream else 1.0)
+        for table, value in ((forward, op.model), (hw_fwd, op.hardware), (hw_bwd, backward * op.hardware),
+                             (remat, _recompute(op, policies) if backward else 0.0)):
             table[op.component] = table.get(op.component, 0.0) + value
-    return FlopsBreakdown(forward, hw_fwd, hw_bwd, remat, num_devices, b * s, n_img)
+    return FlopsBreakdown(forward, hw_fwd, hw_bwd, remat, num_devices, b * s, n_img, passes)
+
+
+# Components in the order activations flow through them.
+COMPONENTS = ("vit", "connector", "decoder")
+
+
+def frozen_components(config) -> frozenset[str]:
+    """Components whose parameters `optimizer.module_lr_scale` sets to 0
+    (the whole component, e.g. "vit=0.0"; a frozen sub-module is counted as
+    trainable)."""
+    from mmjax.train.optimizer import parse_module_lr_scale
+
+    scales = parse_module_lr_scale(config.optimizer.get("module_lr_scale", ""))
+    return frozenset(c for c in COMPONENTS if scales.get(c, 1.0) == 0.0)
+
+
+def _backward_ops(op: _Op, trainable: bool, upstream: bool) -> int:
+    """Backward matmuls of the forward's size that the step executes: weight
+    gradients where the component trains, input gradients where a gradient
+    must flow further back (a trainable component upstream, or earlier
+    layers of this one); XLA removes the rest."""
+    if op.weight_only:
+        return op.grads if trainable else 0
+    flows_back = upstream or (trainable and not op.entry)
+    if not op.weights:  # activations only: every operand's gradient is needed, or none
+        return op.grads if (trainable or upstream) else 0
+    return (1 if trainable else 0) + (op.grads - 1 if flows_back else 0)
 
 
 # ---------------------------------------------------------------------------

@@ -54,6 +54,7 @@ class Run:
     timer: StepTimer
     summary: dict
     state: dict = None  # the latest train state (hooks that save or evaluate read it)
+    flops: object = None  # the step's FlopsBreakdown (mmjax.train.flops), for MFU
     # SIGTERM (preemption) on this process, installed while the loop steps; the loop sums it
     # over processes with the data counters.
     stop_signal: PreemptionFlag = None
@@ -99,8 +100,11 @@ class Logging:
                   **{f"data/{k}": v for k, v in r.data_counts.items()}}
         record.setdefault("moe_aux_loss", 0.0)
         n = jax.device_count()
-        record.update(model_tflops_per_device=s["model_flops_per_step"] / n / record["step_time_s"] / 1e12,
-                      mfu=mfu(s["model_flops_per_step"], record["step_time_s"], n, s["peak_flops_per_device"]))
+        # Useful work of the images actually present, not of every padded image slot.
+        flops = (self.run.flops.model_flops_at(record["images_per_step"]) if self.run.flops is not None
+                 else s["model_flops_per_step"])
+        record.update(model_flops_per_step=flops, model_tflops_per_device=flops / n / record["step_time_s"] / 1e12,
+                      mfu=mfu(flops, record["step_time_s"], n, s["peak_flops_per_device"]))
         log(progress_line(r.step, self.total, record, record["wall_per_step_s"] * (self.total - r.step)))
         self.run.writer.write(record)
         self.run.timer.reset()

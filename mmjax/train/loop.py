@@ -121,12 +121,12 @@ def train(config, workdir: str) -> dict:
     if not start and evaluators:  # the baseline: the initial parameters, logged as step 0
         run.summary["eval"]["initial"] = hooks.write_evaluation(run, 0, evaluators)
 
-    flops = train_flops(config, num_devices=jax.device_count())
+    flops = run.flops = train_flops(config, num_devices=jax.device_count())
     peak, peak_source = peak_flops_per_device()
     run.summary.update(model_flops_per_step=flops.model_flops, hardware_flops_per_step=flops.hardware_flops,
                        peak_flops_per_device=peak, peak_source=peak_source)
-    log(f"model FLOPs per step {flops.model_flops:.3e} (hardware {flops.hardware_flops:.3e}); "
-        f"peak per device {peak:.3e} FLOP/s ({peak_source})")
+    log(f"model FLOPs per step {flops.model_flops:.3e} with every image slot filled (MFU counts the images "
+        f"present; hardware {flops.hardware_flops:.3e}); peak per device {peak:.3e} FLOP/s ({peak_source})")
     step_hooks = [hooks.StepWatchdog(run), hooks.Profiler(run), hooks.NonFiniteGuard(run),
                   hooks.Logging(run, total_steps), hooks.Preemption(run), hooks.Checkpointing(run, total_steps),
                   hooks.Evaluation(run, evaluators, total_steps)]

@@ -62,6 +62,7 @@ class StepTimer:
             # throughput as delivered: wall time of the window, data waits included
             "tokens_per_s": tokens_per_step / per_step_wall,
             "images_per_s": self.images / len(step) / per_step_wall,
+            "images_per_step": self.images / len(step),
             "timed_steps": len(step),
         }
 
