@@ -8,8 +8,9 @@ import os
 import pytest
 from conftest import small_config
 
-from mmjax.bench.sweep import (COLUMNS, candidates, enumerate_meshes, parse_grid, run_aot_sweep, run_sweep,
-                               write_outputs)
+from mmjax.bench.sweep import (COLUMNS, candidates, enumerate_meshes, parse_grid, parse_remats, run_aot_sweep,
+                               run_sweep, write_outputs)
+from mmjax.errors import ConfigError
 
 
 def test_enumeration_covers_every_factorisation():
@@ -19,6 +20,12 @@ def test_enumeration_covers_every_factorisation():
     assert len(enumerate_meshes(8, with_model=True)) == 20
     both = candidates(meshes, ["fsdp", "data_parallel"])
     assert len(both) == 11  # data_parallel replicates every weight: one mesh suffices
+    remats = parse_remats("none,full,dots_no_batch")
+    assert remats == ["", "full", "dots_no_batch"] and parse_remats("") == [None]
+    crossed = candidates(meshes, ["fsdp", "data_parallel"], remats)
+    assert len(crossed) == 33 and crossed[0] == (meshes[0], "fsdp", "")
+    with pytest.raises(ConfigError, match="--remat names 'ful', which is not a remat policy; did you mean 'full'"):
+        parse_remats("none,ful")
 
 
 @pytest.mark.slow  # an end-to-end benchmark run: several configurations compiled and timed
@@ -55,6 +62,7 @@ def test_aot_only_sweep_ranks_layouts_for_a_tpu_slice(tmp_path):
     grid = parse_grid("1x4x1x1,4x1x1x1,8x1x1x1")
     rows = run_aot_sweep(c, candidates(grid, ["fsdp"]) + [(grid[1], "data_parallel")], "v5p:2x2x1",
                          log=lambda *_: None)
+    assert {r["remat"] for r in rows} == {"none"}  # the config's own policy
     ok = [r for r in rows if r["status"] == "ok"]
     assert [(r["mesh"], r["layout"]) for r in rows if r["status"] == "skipped"] == [("8x1x1x1", "fsdp")]
     assert "needs 8 devices but 4 are available" in rows[-1]["reason"]
@@ -70,3 +78,17 @@ def test_aot_only_sweep_ranks_layouts_for_a_tpu_slice(tmp_path):
         table = list(csv.DictReader(f))
     assert [t["rank"] for t in table] == ["1", "2", "3", ""] and table[0]["step_time_s"] == ""
     assert os.path.getsize(tmp_path / "sweep.png") > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (jax[tpu]) is not installed")
+def test_aot_sweep_crosses_remat_policies():
+    """`--remat` is a sweep dimension: each policy compiled for the slice,
+    the ViT's and the decoder's remat set together."""
+    c = small_config()
+    rows = run_aot_sweep(c, candidates(parse_grid("1x4x1x1"), ["fsdp"], parse_remats("none,full")), "v5p:2x2x1",
+                         log=lambda *_: None)
+    assert sorted(r["remat"] for r in rows) == ["full", "none"] and all(r["status"] == "ok" for r in rows)
+    assert sorted(r["rank"] for r in rows) == [1, 2] and all(r["tpu_fits"] for r in rows)
+    none, full = sorted(rows, key=lambda r: r["remat"] == "full")
+    assert (none["tpu_peak_bytes"], none["tpu_estimate_s"]) != (full["tpu_peak_bytes"], full["tpu_estimate_s"])

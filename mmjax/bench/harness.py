@@ -37,18 +37,33 @@ def first_batch(config) -> dict:
                                   process_index=jax.process_index(), process_count=pc)))
 
 
+def with_candidate(config, mesh: dict | None = None, layout: str | None = None, remat: str | None = None):
+    """A copy of `config` with another mesh, layout or remat policy (the ViT's
+    and the decoder's; "" turns it off); None keeps the config's."""
+    config = config.copy_and_resolve_references()
+    if mesh is not None:
+        config.mesh.update(mesh)
+    if layout is not None:
+        config.rules = layout
+    if remat is not None:
+        config.model.vit.remat = config.model.decoder.remat = remat
+    return config
+
+
+def remat_name(config) -> str:
+    """"none", a policy, or "vit=P,decoder=Q" when they differ."""
+    vit, dec = config.model.vit.get("remat", "") or "none", config.model.decoder.get("remat", "") or "none"
+    return vit if vit == dec else f"vit={vit},decoder={dec}"
+
+
 class TimedConfig:
     """One configuration (optionally with another mesh or layout): set up,
     compiled and timed on this machine. `row` collects what is measured."""
 
-    def __init__(self, config, mesh: dict | None = None, layout: str | None = None):
-        self.config = config.copy_and_resolve_references()
-        if mesh is not None:
-            self.config.mesh.update(mesh)
-        if layout is not None:
-            self.config.rules = layout
+    def __init__(self, config, mesh: dict | None = None, layout: str | None = None, remat: str | None = None):
+        self.config = with_candidate(config, mesh, layout, remat)
         self.row = {"mesh": mesh_name(dict(self.config.mesh)), "layout": str(self.config.rules),
-                    "status": "ok", "reason": ""}
+                    "remat": remat_name(self.config), "status": "ok", "reason": ""}
         self.times: list[float] = []
         self.state = self.batch = self.step = self.setup = None
 

@@ -3,11 +3,12 @@ set is fastest / fits.
 
   python -m mmjax.bench.sweep --config experiments/tiny.py --workdir DIR [--steps 10]
       [--grid 2x2x2x1,8x1x1x1,...] [--layouts fsdp,data_parallel] [--with_model]
-      [--topology v5p:2x2x1] [--config.FIELD=VALUE ...]
+      [--remat none,full,dots_no_batch] [--topology v5p:2x2x1] [--config.FIELD=VALUE ...]
 
 Candidates are every factorisation of the device count into data × fsdp ×
 expert (× model with --with_model) crossed with the named layouts, or the
-explicit `--grid` (DATAxFSDPxEXPERTxMODEL). A candidate the config cannot use
+explicit `--grid` (DATAxFSDPxEXPERTxMODEL), crossed with the `--remat`
+policies (applied to the ViT and the decoder; the fastest that fits wins). A candidate the config cannot use
 (batch not divisible, a weight dimension not divisible by its mesh axis,
 wrong device count, ...) is skipped with the reason. For each valid one the
 real train step is compiled for this machine's devices and timed (median of
@@ -31,11 +32,11 @@ import csv
 import itertools
 import os
 
-from mmjax.bench.harness import (AXES, TimedConfig, first_batch, mesh_name, time_round_robin,
-                                 tpu_columns)
+from mmjax.bench.harness import (AXES, TimedConfig, first_batch, mesh_name, remat_name, time_round_robin,
+                                 tpu_columns, with_candidate)
 from mmjax.errors import ConfigError
 
-COLUMNS = ("rank", "mesh", "layout", "status", "reason", "step_time_s", "step_time_p90_s",
+COLUMNS = ("rank", "mesh", "layout", "remat", "status", "reason", "step_time_s", "step_time_p90_s",
            "compile_s", "peak_bytes_per_device", "argument_bytes", "temp_bytes", "collective_bytes",
            "all_gather_bytes", "reduce_scatter_bytes", "all_reduce_bytes", "all_to_all_bytes",
            "fsdp_analytic_bytes", "collective_ratio", "tpu_topology", "tpu_fits", "tpu_peak_bytes",
@@ -86,15 +87,32 @@ def enumerate_meshes(num_devices: int, with_model: bool = False) -> list[dict]:
     return meshes
 
 
-def candidates(meshes: list[dict], layouts: list[str]) -> list[tuple[dict, str]]:
-    """Meshes × layouts, minus duplicates: with `data_parallel` every weight is
-    replicated, so only the total batch split matters (one mesh per layout)."""
+def parse_remats(text: str) -> list[str | None]:
+    """`--remat none,full,dots` -> policies for the ViT and decoder ("" for
+    none); empty: [None], the config's own."""
+    from mmjax.frontend import suggest
+    from mmjax.models.stack import REMAT_POLICIES
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    for name in names:
+        if name != "none" and name not in REMAT_POLICIES:
+            raise ConfigError(f"--remat names {name!r}, which is not a remat policy"
+                              f"{suggest(name, ['none', *REMAT_POLICIES])} (choose from none, "
+                              f"{', '.join(sorted(REMAT_POLICIES))}).")
+    return [("" if n == "none" else n) for n in names] or [None]
+
+
+def candidates(meshes: list[dict], layouts: list[str], remats=(None,)) -> list[tuple]:
+    """Meshes × layouts × remat policies, minus duplicates: with
+    `data_parallel` every weight is replicated, so only the total batch split
+    matters (one mesh per layout). Items are (mesh, layout) or, with remat
+    policies, (mesh, layout, remat)."""
     out, seen = [], set()
-    for mesh, layout in itertools.product(meshes, layouts):
-        key = (layout, mesh_name(mesh)) if layout != "data_parallel" else (layout,)
+    for mesh, layout, remat in itertools.product(meshes, layouts, remats):
+        key = ((layout, mesh_name(mesh)) if layout != "data_parallel" else (layout,)) + (remat,)
         if key not in seen:
             seen.add(key)
-            out.append((mesh, layout))
+            out.append((mesh, layout) if remat is None else (mesh, layout, remat))
     return out
 
 
@@ -102,12 +120,12 @@ def run_sweep(config, candidates_: list[tuple[dict, str]], steps: int, topology:
               log=print) -> list[dict]:
     """Prepares, times (round-robin) and ranks the candidates; returns result rows."""
     local = first_batch(config)
-    runs = [TimedConfig(config, mesh, layout) for mesh, layout in candidates_]
+    runs = [TimedConfig(config, *candidate) for candidate in candidates_]
     ready = []
     for i, run in enumerate(runs, 1):
         ok = run.prepare(local)
         state = f"compiled in {run.row['compile_s']:.1f}s" if ok else f"skipped: {run.row['reason']}"
-        log(f"[{i}/{len(runs)}] mesh {run.row['mesh']} layout {run.row['layout']}: {state}")
+        log(f"[{i}/{len(runs)}] mesh {run.row['mesh']} layout {run.row['layout']} remat {run.row['remat']}: {state}")
         if ok:
             ready.append(run)
         if topology and ok:
@@ -125,11 +143,11 @@ def run_aot_sweep(config, candidates_: list[tuple[dict, str]], topology: str, lo
     from mmjax.bench.aot import compile_for_topology
 
     rows = []
-    for i, (mesh, layout) in enumerate(candidates_, 1):
-        cfg = config.copy_and_resolve_references()
-        cfg.mesh.update(mesh)
-        cfg.rules = layout
-        row = {"mesh": mesh_name(mesh), "layout": layout, "status": "ok", "reason": "", "tpu_topology": topology}
+    for i, candidate in enumerate(candidates_, 1):
+        mesh, layout = candidate[:2]
+        cfg = with_candidate(config, *candidate)
+        row = {"mesh": mesh_name(mesh), "layout": layout, "remat": remat_name(cfg), "status": "ok", "reason": "",
+               "tpu_topology": topology}
         try:
             report = compile_for_topology(cfg, topology)
         except ValueError as err:  # TopologyError, ConfigError, LayoutError: one sentence each
@@ -148,15 +166,16 @@ def run_aot_sweep(config, candidates_: list[tuple[dict, str]], topology: str, lo
 
 
 def print_table(rows: list[dict], log=print) -> None:
-    log(f"\n{'rank':>4s} {'mesh d×f×e×m':>13s} {'layout':>14s} {'step s':>8s} {'p90 s':>8s} "
+    log(f"\n{'rank':>4s} {'mesh d×f×e×m':>13s} {'layout':>14s} {'remat':>13s} {'step s':>8s} {'p90 s':>8s} "
         f"{'peak MiB':>9s} {'coll MiB':>9s} {'coll/fsdp':>9s}  notes")
     for r in rows:
+        remat = r.get("remat", "")
         if r["status"] != "ok":
-            log(f"{'-':>4s} {r['mesh']:>13s} {r['layout']:>14s} {'':>8s} {'':>8s} {'':>9s} {'':>9s} {'':>9s}"
-                f"  skipped: {r['reason']}")
+            log(f"{'-':>4s} {r['mesh']:>13s} {r['layout']:>14s} {remat:>13s} {'':>8s} {'':>8s} {'':>9s} {'':>9s} "
+                f"{'':>9s}  skipped: {r['reason']}")
             continue
         if "step_time_s" not in r:  # compiled for the topology only
-            log(f"{r['rank']:>4d} {r['mesh']:>13s} {r['layout']:>14s} {'':>8s} {'':>8s} "
+            log(f"{r['rank']:>4d} {r['mesh']:>13s} {r['layout']:>14s} {remat:>13s} {'':>8s} {'':>8s} "
                 f"{r['tpu_peak_bytes'] / 2**20:9.0f} {r['tpu_collective_bytes'] / 2**20:9.1f} "
                 f"{r['tpu_collective_ratio']:9.2f}  {r['tpu_topology']}: fits={r['tpu_fits']} "
                 f"ESTIMATE {r['tpu_estimate_s'] * 1e3:.3f} ms")
@@ -167,7 +186,7 @@ def print_table(rows: list[dict], log=print) -> None:
             tpu_ratio, est = r.get("tpu_collective_ratio"), r.get("tpu_estimate_s")
             tpu = (f"  {r['tpu_topology']}: fits={r['tpu_fits']}"
                    + (f" coll/fsdp {tpu_ratio:.2f} ESTIMATE {est * 1e3:.3f} ms" if isinstance(est, float) else ""))
-        log(f"{r['rank']:>4d} {r['mesh']:>13s} {r['layout']:>14s} {r['step_time_s']:8.4f} "
+        log(f"{r['rank']:>4d} {r['mesh']:>13s} {r['layout']:>14s} {remat:>13s} {r['step_time_s']:8.4f} "
             f"{r['step_time_p90_s']:8.4f} {r['peak_bytes_per_device'] / 2**20:9.2f} "
             f"{r['collective_bytes'] / 2**20:9.2f} {ratio:>9s}{tpu}")
 
@@ -186,7 +205,7 @@ def write_outputs(rows: list[dict], workdir: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        labels = [f"{r['mesh']}\n{r['layout']}" for r in ok]
+        labels = [f"{r['mesh']}\n{r['layout']}" + (f"\n{r['remat']}" if r.get("remat") else "") for r in ok]
         local = all("step_time_s" in r for r in ok)
         time_key, bytes_key = ("step_time_s", "collective_bytes") if local else ("tpu_estimate_s",
                                                                                "tpu_collective_bytes")
@@ -217,6 +236,8 @@ def parse_args(argv: list[str]):
                             "factorisation of the device count)", flag_values=fv)
         flags.DEFINE_string("layouts", "fsdp,data_parallel", "comma-separated layout names", flag_values=fv)
         flags.DEFINE_bool("with_model", False, "also enumerate a model (tensor) axis", flag_values=fv)
+        flags.DEFINE_string("remat", "", "comma-separated remat policies for the ViT and decoder to sweep "
+                            "(none, full, dots, dots_no_batch); default: the config's own", flag_values=fv)
         flags.DEFINE_string("topology", None, "also compile each candidate for this TPU topology ahead of "
                             "time, e.g. v5p:2x2x1 (needs the `tpu` extra)", flag_values=fv)
         flags.DEFINE_bool("aot_only", False, "only compile for --topology (a pod not at hand): enumerate "
@@ -238,6 +259,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     config = args.config
     grid, layouts = parse_grid(args.grid), parse_layouts(args.layouts)  # ConfigError: one sentence
+    remats = parse_remats(args.remat)
     prepare_runtime(config)
     import jax
 
@@ -249,9 +271,9 @@ def main(argv=None) -> int:
         devices = jax.device_count()
     meshes = grid or enumerate_meshes(devices, args.with_model)
     if args.aot_only:
-        rows = run_aot_sweep(config, candidates(meshes, layouts), args.topology)
+        rows = run_aot_sweep(config, candidates(meshes, layouts, remats), args.topology)
     else:
-        rows = run_sweep(config, candidates(meshes, layouts), args.steps, args.topology)
+        rows = run_sweep(config, candidates(meshes, layouts, remats), args.steps, args.topology)
     print_table(rows)
     write_outputs(rows, args.workdir)
     print(f"\nwrote {os.path.join(args.workdir, 'results.csv')} and sweep.png")
