@@ -32,12 +32,12 @@ def base_config() -> mlc.ConfigDict:
     c.model.dtype = "float32"
     c.model.vit = dict(flavour="siglip", image_size=image_size, patch_size=4, embed=64, depth=2, heads=4,
                        mlp=256, layer_norm_eps=1e-5, feature_layer=-1, map_head=False, scan=False,
-                       remat="")
+                       remat="", attention="xla")
     # kind: c_abstractor | avg_pool | attention_pool (hidden/depth: C-Abstractor; heads: attention pool)
     c.model.connector = dict(kind="c_abstractor", num_tokens=tokens_per_image, hidden=64, depth=1, heads=4)
     c.model.decoder = dict(vocab_size=vocab_size, embed=128, layers=2, heads=4, kv_heads=2, head_dim=32,
                            mlp=512, rope_theta=10_000.0, norm_eps=1e-6, qk_norm=False, tie_embeddings=False,
-                           scan=False, remat="")
+                           scan=False, remat="", attention="xla")
     # Mixture of experts (num_experts=0: dense). MM1 3B-MoE: 64 experts, moe_every=2, top_k=2.
     c.model.decoder.moe = dict(num_experts=0, top_k=2, moe_every=2, renormalize=True, capacity_factor=2.0,
                                group_size=0, dispatch="capacity", expert_mlp=512, shared_expert=False,

@@ -81,6 +81,25 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
+def nn_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The same attention through `jax.nn.dot_product_attention` (XLA here;
+    on GPUs JAX may pick cuDNN's fused kernel). Same shapes and mask as
+    `dot_product_attention`; rows with nothing to attend average every value,
+    as there."""
+    if mask is not None:
+        empty = ~mask.any(axis=-1, keepdims=True)  # [b, t, 1]
+        mask = mask | empty
+        mask = mask[:, None]  # [b, 1, t, s]: every head
+    return jax.nn.dot_product_attention(q, k, v, mask=mask).astype(q.dtype)
+
+
+# Attention implementations by name (`config.model.{vit,decoder}.attention`).
+ATTENTION = {
+    "xla": dot_product_attention,
+    "dot_product_attention": nn_dot_product_attention,
+}
+
+
 def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
     """`[b, s]` segment ids (0 = padding) -> `[b, s, s]` causal mask that never
     crosses segments."""
@@ -96,9 +115,13 @@ class Attention(nnx.Module):
     def __init__(self, embed: int, heads: int, kv_heads: int, head_dim: int, *,
                  rngs: nnx.Rngs, embed_axis: str = "embed", use_bias: bool = False,
                  rope_theta: float | None = None, qk_norm: bool = False, norm_eps: float = 1e-6,
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+                 dtype=jnp.float32, param_dtype=jnp.float32, implementation: str = "xla"):
         if heads % kv_heads:
             raise ValueError(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
+        if implementation not in ATTENTION:
+            raise ValueError(f"attention implementation {implementation!r} is unknown; choose one of "
+                             f"{sorted(ATTENTION)}.")
+        self.implementation = implementation
         self.rope_theta = rope_theta
         kw = dict(rngs=rngs, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
         self.query = Dense(embed, (heads, head_dim), (embed_axis, "heads", "head_dim"), **kw)
@@ -127,7 +150,7 @@ class Attention(nnx.Module):
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
         """q `[b, t, heads, d]` over k/v `[b, s, kv_heads, d]` (mask `[b, t, s]`) -> `[b, t, embed]`."""
-        return self.out(dot_product_attention(q, k, v, mask))
+        return self.out(ATTENTION[self.implementation](q, k, v, mask))
 
     def cross(self, queries: jax.Array, context: jax.Array) -> jax.Array:
         """Unmasked cross-attention: queries `[b, t, embed]` attend to
@@ -135,4 +158,4 @@ class Attention(nnx.Module):
         q, k, v = self.query(queries), self.key(context), self.value(context)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.out(dot_product_attention(q, k, v, None))
+        return self.out(ATTENTION[self.implementation](q, k, v, None))

@@ -35,7 +35,7 @@ class DecoderLayer(nnx.Module):
         self.attn_norm = RMSNorm(cfg.embed, rngs=rngs, eps=cfg.norm_eps)
         self.attn = Attention(cfg.embed, cfg.heads, cfg.kv_heads, cfg.head_dim, rngs=rngs,
                               rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps,
-                              dtype=dtype)
+                              dtype=dtype, implementation=cfg.get("attention", "xla"))
         self.mlp_norm = RMSNorm(cfg.embed, rngs=rngs, eps=cfg.norm_eps)
         if moe:
             self.mlp = MoEFeedForward(cfg.embed, cfg.moe, rngs=rngs, dtype=dtype)

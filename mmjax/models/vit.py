@@ -105,7 +105,8 @@ class ViTBlock(nnx.Module):
         self.activation = ACTIVATIONS[FLAVOURS[cfg.flavour].activation]
         self.ln1 = LayerNorm(e, rngs=rngs, eps=eps)
         self.attn = Attention(e, cfg.heads, cfg.heads, e // cfg.heads, rngs=rngs,
-                              embed_axis="vit_embed", use_bias=True, dtype=dtype)
+                              embed_axis="vit_embed", use_bias=True, dtype=dtype,
+                              implementation=cfg.get("attention", "xla"))
         self.ln2 = LayerNorm(e, rngs=rngs, eps=eps)
         self.fc1 = Dense(e, cfg.mlp, ("vit_embed", "vit_mlp"), rngs=rngs, use_bias=True, dtype=dtype)
         self.fc2 = Dense(cfg.mlp, e, ("vit_mlp", "vit_embed"), rngs=rngs, use_bias=True, dtype=dtype)
@@ -124,7 +125,8 @@ class MAPHead(nnx.Module):
         e = cfg.embed
         self.probe = make_param(rngs, nnx.initializers.normal(0.02), (1, e), (None, "vit_embed"))
         self.attn = Attention(e, cfg.heads, cfg.heads, e // cfg.heads, rngs=rngs,
-                              embed_axis="vit_embed", use_bias=True, dtype=dtype)
+                              embed_axis="vit_embed", use_bias=True, dtype=dtype,
+                              implementation=cfg.get("attention", "xla"))
         self.norm = LayerNorm(e, rngs=rngs, eps=cfg.layer_norm_eps)
         self.fc1 = Dense(e, cfg.mlp, ("vit_embed", "vit_mlp"), rngs=rngs, use_bias=True, dtype=dtype)
         self.fc2 = Dense(cfg.mlp, e, ("vit_mlp", "vit_embed"), rngs=rngs, use_bias=True, dtype=dtype)

@@ -127,6 +127,12 @@ def _remat():
     return REMAT_POLICIES
 
 
+def _attention():
+    from mmjax.models.attention import ATTENTION
+
+    return ATTENTION
+
+
 def _dtypes():
     from mmjax.models.precision import COMPUTE_DTYPES
     return COMPUTE_DTYPES
@@ -157,6 +163,7 @@ FIELDS: dict[str, Rule] = {
     "model.vit.map_head": boolean,
     "model.vit.scan": boolean,
     "model.vit.remat": one_of(_remat, allow_empty=True),
+    "model.vit.attention": one_of(_attention),
     "model.connector.kind": one_of(_connectors),
     "model.connector.num_tokens": integer(1),
     "model.connector.hidden": integer(1),
@@ -175,6 +182,7 @@ FIELDS: dict[str, Rule] = {
     "model.decoder.tie_embeddings": boolean,
     "model.decoder.scan": boolean,
     "model.decoder.remat": one_of(_remat, allow_empty=True),
+    "model.decoder.attention": one_of(_attention),
     "model.decoder.moe.num_experts": integer(0),
     "model.decoder.moe.top_k": integer(1),
     "model.decoder.moe.moe_every": integer(1),
