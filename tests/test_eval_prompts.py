@@ -150,3 +150,24 @@ def test_stop_strings_become_stop_tokens(tok):
     assert all("." in tok.decode([i]) for i in ids)
     assert not any("." in tok.decode([i]) for i in set(range(tok.vocab_size)) - set(ids))
     assert cut_at_stop(" red. question:", (".",)) == "red" and cut_at_stop("a\nb", ("\n", "x")) == "a"
+
+
+def test_support_files_switch_a_support_set_on(tmp_path):
+    import ml_collections
+
+    from mmjax.eval.task_settings import caption_task
+    from mmjax.eval.tasks import SCORINGS
+
+    images = tmp_path / "images"
+    images.mkdir()
+    _png(images / "a.png", 10)
+    for name, caption in (("val.json", "the query"), ("train.json", "a demonstration")):
+        (tmp_path / name).write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}],
+                                                 "annotations": [{"image_id": 1, "caption": caption}]}))
+    settings = ml_collections.ConfigDict(caption_task(annotations=str(tmp_path / "val.json"), images=str(images)))
+    read = SCORINGS["caption"].read
+    assert read("t", settings, "support", None) == (None, 0)  # no support files: the evaluated set serves
+    settings.support_annotations, settings.support_images = str(tmp_path / "train.json"), str(images)
+    support, _ = read("t", settings, "support", None)
+    assert [i.references for i in support] == [("a demonstration",)]
+    assert read("t", settings, "query", None)[0][0].references == ("the query",)

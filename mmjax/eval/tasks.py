@@ -76,27 +76,30 @@ class Scoring:
     score: Callable  # (predictions: list[str], items) -> ({metric: value}, per-item scores)
 
 
-def _caption_items(where, s, split, config):
-    if s.format == "procedural":
-        count = (s.num_examples or 64) if split == "query" else s.support_examples
-        return formats.procedural_items("caption", "eval" if split == "query" else "support", count,
-                                        config.data.image_size, s.seed), 0
-    if split == "support" and not s.support_annotations:
-        return None, 0
-    prefix = "support_" if split == "support" else ""
-    return formats.read_coco_captions(where, s[prefix + "annotations"], s[prefix + "images"])
+# The files each format reads, first the one whose `support_` twin switches a support set on.
+FILES = {"coco": ("annotations",), "vqav2": ("questions", "annotations")}
+READERS = {
+    "coco": lambda where, s, p: formats.read_coco_captions(where, s[p + "annotations"], s[p + "images"]),
+    "vqav2": lambda where, s, p: formats.read_vqa(where, s[p + "questions"], s[p + "annotations"],
+                                                  s[p + "images"], s.image_pattern),
+}
 
 
-def _vqa_items(where, s, split, config):
-    if s.format == "procedural":
-        count = (s.num_examples or 64) if split == "query" else s.support_examples
-        return formats.procedural_items("vqa", "eval" if split == "query" else "support", count,
-                                        config.data.image_size, s.seed), 0
-    if split == "support" and not s.support_questions:
-        return None, 0
-    prefix = "support_" if split == "support" else ""
-    return formats.read_vqa(where, s[prefix + "questions"], s[prefix + "annotations"], s[prefix + "images"],
-                            s.image_pattern)
+def _reader(kind: str) -> Callable:
+    """(where, settings, split, config) -> (items, skipped); (None, 0) for a
+    support split without its own files (the evaluated set serves)."""
+
+    def read(where, s, split, config):
+        if s.format == "procedural":
+            count = (s.num_examples or 64) if split == "query" else s.support_examples
+            return formats.procedural_items(kind, "eval" if split == "query" else "support", count,
+                                            config.data.image_size, s.seed), 0
+        prefix = "support_" if split == "support" else ""
+        if split == "support" and not s[prefix + FILES[s.format][0]]:
+            return None, 0
+        return READERS[s.format](where, s, prefix)
+
+    return read
 
 
 def _caption_score(predictions, items):
@@ -113,7 +116,7 @@ def _vqa_score(predictions, items):
     return {"accuracy": float(np.mean(per_item))}, per_item
 
 
-SCORINGS = {"caption": Scoring(_caption_items, _caption_score), "vqa": Scoring(_vqa_items, _vqa_score)}
+SCORINGS = {"caption": Scoring(_reader("caption"), _caption_score), "vqa": Scoring(_reader("vqa"), _vqa_score)}
 
 
 def stop_token_ids(tokenizer, stops) -> tuple[int, ...]:
@@ -230,9 +233,6 @@ def _make(kind: str):
             return f"model {config.model.get('name', 'mm1')!r} reads no images"
         return GenerationTask(config, setup, tokenizer, name, kind)
     return make
-
-
-FILES = {"coco": ("annotations",), "vqav2": ("questions", "annotations")}
 
 
 def check_files(settings, where: str) -> None:
