@@ -16,6 +16,7 @@ from conftest import small_config
 from mmjax.generate.beam import jitted_beam_search
 from mmjax.generate.decode import Sampling, jitted_generate, without_capacity_drops
 from mmjax.models.registry import build_model
+from test_generate import mm1_model_and_prompts
 
 LENGTHS = np.array([6, 3, 5], np.int32)
 NEW = 5
@@ -41,19 +42,7 @@ def _prompts(vocab: int, lengths: np.ndarray = LENGTHS, seed: int = 0) -> dict:
 
 
 def _mm1_model_and_prompts():
-    c = small_config()
-    c.model.bidirectional_image_attention = True
-    model = build_model(c.model, nnx.Rngs(2))
-    k, b = c.data.tokens_per_image, 2
-    p = k + 4
-    tokens = np.random.default_rng(1).integers(4, 500, (b, p)).astype(np.int32)
-    slots = np.full((b, p), -1, np.int32)
-    slots[:, 1:1 + k] = np.arange(k)  # <bos>, one image's k tokens, then text
-    tokens[:, 1:1 + k] = 3
-    images = np.random.default_rng(2).integers(0, 255, (b, 1, c.data.image_size, c.data.image_size, 3), np.uint8)
-    batch = {"tokens": jnp.asarray(tokens), "lengths": jnp.asarray(np.array([p, k + 2], np.int32)),
-             "image_slots": jnp.asarray(slots), "images": jnp.asarray(images)}
-    return model, batch
+    return mm1_model_and_prompts((3, 1))
 
 
 def _continuation_logprobs(model, batch: dict, new: np.ndarray) -> np.ndarray:

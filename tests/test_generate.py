@@ -89,21 +89,28 @@ def test_cached_greedy_equals_uncached_argmax(case):
     assert np.asarray(counts).tolist() == [NEW] * len(LENGTHS)
 
 
-@pytest.mark.slow
-def test_mm1_prompts_with_images_decode_like_the_full_forward():
+def mm1_model_and_prompts(text_lengths: tuple[int, ...]):
+    """A small `mm1` model (bidirectional image attention) and one prompt per
+    entry: `<bos>`, one image's k tokens, then that many text tokens."""
     c = small_config()
     c.model.bidirectional_image_attention = True
     model = build_model(c.model, nnx.Rngs(2))
-    k, b = c.data.tokens_per_image, 3
-    p = k + 5
+    k, b = c.data.tokens_per_image, len(text_lengths)
+    p = 1 + k + max(text_lengths)
     tokens = np.random.default_rng(1).integers(4, 500, (b, p)).astype(np.int32)
     slots = np.full((b, p), -1, np.int32)
-    slots[:, 1:1 + k] = np.arange(k)  # <bos>, one image's k tokens, then text
+    slots[:, 1:1 + k] = np.arange(k)
     tokens[:, 1:1 + k] = 3
-    lengths = np.array([p, k + 3, k + 2], np.int32)
+    lengths = 1 + k + np.array(text_lengths, np.int32)
     images = np.random.default_rng(2).integers(0, 255, (b, 1, c.data.image_size, c.data.image_size, 3), np.uint8)
     batch = {"tokens": jnp.asarray(tokens), "lengths": jnp.asarray(lengths), "image_slots": jnp.asarray(slots),
              "images": jnp.asarray(images)}
+    return model, batch
+
+
+@pytest.mark.slow
+def test_mm1_prompts_with_images_decode_like_the_full_forward():
+    model, batch = mm1_model_and_prompts((4, 2, 1))
     got, _ = jitted_generate(model, Sampling(max_new_tokens=4, stop_ids=()))(batch)
     np.testing.assert_array_equal(np.asarray(got), _uncached_greedy(model, batch, 4))
 
