@@ -185,14 +185,8 @@ def generate_fn(model, sampling: Sampling, resolver=None, out_sharding=None):
 
 
 def jitted_generate(model, sampling: Sampling, resolver=None):
-    """`fn(batch, rng) -> (tokens, counts)` compiled once per batch shape;
-    MoE layers take every token (`without_capacity_drops`). With `resolver`
-    activations and caches are sharded as the module doc says."""
-    graphdef, state = nnx.split(without_capacity_drops(model))
-
-    @jax.jit
-    def run(state, batch, rng):
-        with activation_sharding(resolver):
-            return generate(nnx.merge(graphdef, state), batch, sampling, rng)
-
-    return lambda batch, rng=None: run(state, batch, jax.random.key(0) if rng is None else rng)
+    """`fn(batch, rng) -> (tokens, counts)` for `model` as it is (its own
+    parameters), compiled once per batch shape: `generate_fn` bound to
+    them."""
+    fn, params = generate_fn(model, sampling, resolver), nnx.state(model, nnx.Param)
+    return lambda batch, rng=None: fn(params, batch, jax.random.key(0) if rng is None else rng)
