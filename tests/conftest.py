@@ -14,6 +14,15 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free right now (for a jax.distributed coordinator)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def small_config(steps: int = 10):
     """The tiny experiment shrunk for tests: one ViT block, one decoder layer,
     64-token sequences, batch 8, on the data=2 x fsdp=2 x expert=2 mesh."""

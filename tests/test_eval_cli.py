@@ -5,13 +5,12 @@ the table, and one-sentence refusals."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import small_config
+from conftest import free_port, small_config
 from mmjax.eval.__main__ import main
 from mmjax.frontend import run_command
 from mmjax.train.loop import train
@@ -28,9 +27,7 @@ OVERRIDES = ["--config", "experiments/tiny.py", "--config.model.vit.depth=1", "-
 
 def _two_processes(argv):
     """Runs `python -m mmjax.eval ARGV` as two processes of 4 CPU devices each."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, "-m", "mmjax.eval", *argv, "--config.runtime.cpu_devices=4",
                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",

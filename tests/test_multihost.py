@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 from mmjax.train.distributed import ProcessGroup, first_slurm_host, resolve
 
@@ -186,11 +187,7 @@ def test_sigterm_on_one_process_stops_both_at_the_same_step(tmp_path):
     """Preemption of one host: SIGTERM reaches process 1 only; at the next step
     boundary both processes agree, save the same checkpoint (each with its own
     data-iterator state) and exit 0."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags)
     args = [a for a in SMALL if not a.startswith(("--config.train.steps", "--config.train.checkpoint_every"))]

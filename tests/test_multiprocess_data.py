@@ -2,24 +2,19 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from conftest import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_two_processes_read_disjoint_data(tmp_path):
     jsonl = tmp_path / "text.jsonl"
     jsonl.write_text("".join(json.dumps({"text": f"record {i} of the shared corpus"}) + "\n" for i in range(40)))
-    port = str(_free_port())
+    port = str(free_port())
     worker = os.path.join(os.path.dirname(__file__), "multiprocess_data_worker.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen([sys.executable, worker, str(i), port, str(jsonl), str(tmp_path / f"out{i}.json")],

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mmjax.errors import ConfigError
 from mmjax.eval import formats
 from mmjax.eval.batching import LENGTH_BUCKET, chunks, place
+from mmjax.eval.tasks import check_shots
 from mmjax.models import model_spec
 from mmjax.train.config_schema import integer, one_of, sequence_of, text
 from mmjax.train.evaluators import register_evaluator
@@ -150,8 +151,7 @@ class ChoiceTask:
 
 
 def check_files(settings, where: str) -> None:
-    if not tuple(settings.shots):
-        raise ConfigError(f"{where}.shots is empty; give at least one shot count, e.g. (0,).")
+    check_shots(settings, where)
     formats.expand(f"{where}.path", settings.path)
     if settings.support_path:
         formats.expand(f"{where}.support_path", settings.support_path)

@@ -235,10 +235,14 @@ def _make(kind: str):
     return make
 
 
-def check_files(settings, where: str) -> None:
-    """The task's files exist (globs match) and `shots` is not empty."""
+def check_shots(settings, where: str) -> None:
     if not tuple(settings.shots):
         raise ConfigError(f"{where}.shots is empty; give at least one shot count, e.g. (0,).")
+
+
+def check_files(settings, where: str) -> None:
+    """The task's files exist (globs match) and `shots` is not empty."""
+    check_shots(settings, where)
     for key in FILES.get(settings.format, ()):
         formats.expand(f"{where}.{key}", settings[key])
         if settings.get("support_" + key):
