@@ -1,7 +1,10 @@
 """Attention implementations chosen by config agree: outputs and gradients
-of the XLA einsum path and `jax.nn.dot_product_attention`, with packed
-documents, bidirectional image blocks and grouped-query heads, and whole
-models built with either."""
+of the XLA einsum path, `jax.nn.dot_product_attention` and the Pallas
+splash kernel (Pallas' interpreter on CPU), with packed documents,
+bidirectional image blocks (not splash) and grouped-query heads, sharded
+over a mesh, and whole models built with each."""
+
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +13,7 @@ import pytest
 from flax import nnx
 
 from conftest import small_config
-from mmjax.models.attention import ATTENTION, causal_segment_mask
-from mmjax.models.decoder import attention_mask
+from mmjax.models.attention import ATTENTION, SegmentMask
 from mmjax.models.registry import build_model
 
 
@@ -22,39 +24,76 @@ def _inputs():
                ((b, s, h, d), (b, s, kv, d), (b, s, kv, d)))
     segments = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])  # packed documents, padding
     image_ids = jnp.asarray([[-1, 0, 0, 0, -1, -1, 1, 1, -1, -1, -1, -1], [-1] * 12])  # two image blocks
-    return q, k, v, {"causal_segments": causal_segment_mask(segments),
-                     "image_blocks": attention_mask(segments, image_ids), "none": None}
+    return q, k, v, {"causal_segments": SegmentMask(segments),
+                     "image_blocks": SegmentMask(segments, image_ids), "none": None}
 
 
-@pytest.mark.parametrize("mask_name", ["causal_segments", "image_blocks", "none"])
-def test_outputs_and_gradients_agree(mask_name):
-    q, k, v, masks = _inputs()
-    mask = masks[mask_name]
-
-    def loss(fn, q, k, v):
+def _outputs_and_grads(fn, q, k, v, mask):
+    def loss(q, k, v):
         out = fn(q, k, v, mask)
         return (out * jnp.cos(jnp.arange(out.size).reshape(out.shape))).sum(), out
 
-    results = {}
-    for name, fn in ATTENTION.items():
-        (_, out), grads = jax.jit(jax.value_and_grad(lambda *a, fn=fn: loss(fn, *a), argnums=(0, 1, 2),
-                                                     has_aux=True))(q, k, v)
-        results[name] = (out, grads)
-    ref_out, ref_grads = results["xla"]
-    for name, (out, grads) in results.items():
-        np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5, err_msg=name)
-        for g, r in zip(grads, ref_grads):
-            np.testing.assert_allclose(g, r, atol=2e-5, rtol=2e-5, err_msg=name)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
 
 
-def test_models_built_with_either_implementation_agree():
+def _assert_agree(got, want, what):
+    np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5, err_msg=what)
+    for g, r, name in zip(got[1], want[1], "qkv"):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=2e-5, err_msg=f"{what}: d{name}")
+
+
+@pytest.mark.parametrize("mask_name", ["causal_segments", "image_blocks", "none"])
+@pytest.mark.parametrize("implementation", ["dot_product_attention", "splash"])
+def test_outputs_and_gradients_agree(mask_name, implementation):
+    if implementation == "splash" and mask_name == "image_blocks":
+        pytest.skip("splash refuses image blocks (test_splash_refuses_image_blocks)")
+    q, k, v, masks = _inputs()
+    mask = masks[mask_name]
+    want = _outputs_and_grads(ATTENTION["xla"], q, k, v, mask)
+    _assert_agree(_outputs_and_grads(ATTENTION[implementation], q, k, v, mask), want, implementation)
+
+
+def test_splash_refuses_image_blocks():
+    q, k, v, masks = _inputs()
+    with pytest.raises(ValueError, match="bidirectional image blocks"):
+        ATTENTION["splash"](q, k, v, masks["image_blocks"])
+
+
+def test_splash_sharded_over_the_mesh_agrees():
+    """Inside a training step's layout the kernel runs per device under
+    shard_map (batch over data x fsdp, heads over model)."""
+    from mmjax.models.partitioning import activation_sharding
+    from mmjax.parallel.mesh import make_mesh
+    from mmjax.parallel.rules import activation_resolver, get_layout
+
+    rng = np.random.default_rng(4)
+    b, s, h, kv, d = 4, 12, 4, 2, 16
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+               ((b, s, h, d), (b, s, kv, d), (b, s, kv, d)))
+    mask = SegmentMask(jnp.asarray([[1] * 5 + [2] * 7, [1] * 12, [1] * 9 + [0] * 3, [3] * 12]))
+    mesh = make_mesh({"data": 2, "fsdp": 2, "model": 2})
+    resolver = activation_resolver(mesh, get_layout("fsdp"))
+
+    def sharded(q, k, v, mask):
+        with activation_sharding(resolver):
+            return ATTENTION["splash"](q, k, v, mask)
+
+    lowered = jax.jit(sharded).lower(q, k, v, mask)
+    assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
+    _assert_agree(_outputs_and_grads(sharded, q, k, v, mask),
+                  _outputs_and_grads(ATTENTION["xla"], q, k, v, mask), "splash on a 2x2x2 mesh")
+
+
+@pytest.mark.parametrize("implementation", ["dot_product_attention", "splash"])
+def test_models_built_with_either_implementation_agree(implementation):
     c = small_config()
-    c.model.bidirectional_image_attention = True
+    c.model.bidirectional_image_attention = implementation != "splash"
     model = build_model(c.model, nnx.Rngs(0))
     other_cfg = c.model.copy_and_resolve_references()
-    other_cfg.vit.attention = other_cfg.decoder.attention = "dot_product_attention"
+    other_cfg.vit.attention = other_cfg.decoder.attention = implementation
     other = build_model(other_cfg, nnx.Rngs(0))
-    assert other.decoder.layers.layer(0).attn.implementation == "dot_product_attention"
+    assert other.decoder.layers.layer(0).attn.implementation == implementation
     b, s, k = 2, 16, c.data.tokens_per_image
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(4, 500, (b, s)), jnp.int32)
@@ -82,3 +121,21 @@ def test_cached_generation_with_either_implementation_gives_the_same_tokens():
         out[name] = np.asarray(jitted_generate(build_model(cfg, nnx.Rngs(3)),
                                                Sampling(max_new_tokens=5, stop_ids=()))(batch)[0])
     np.testing.assert_array_equal(out["dot_product_attention"], out["xla"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (jax[tpu]) is not installed")
+def test_splash_train_step_compiles_for_v5p():
+    """The whole train step with splash in the ViT and the decoder, compiled
+    ahead of time for a v5p slice of 8 chips: the attention runs as Mosaic
+    kernels (forward, dq and dkv for each stack), and it fits."""
+    from mmjax.bench import aot
+
+    c = small_config()
+    c.model.dtype = "bfloat16"
+    c.model.vit.attention = c.model.decoder.attention = "splash"
+    report = aot.compile_for_topology(c, "v5p:2x2x2")
+    assert report.fits and report.num_devices == 8
+    assert report.hlo_text.count('custom_call_target="tpu_custom_call"') == 6
+    c.model.vit.attention = c.model.decoder.attention = "xla"
+    assert 'custom_call_target="tpu_custom_call"' not in aot.compile_for_topology(c, "v5p:2x2x2").hlo_text

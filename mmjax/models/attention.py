@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,18 +59,39 @@ def _einsum_f32_bwd(spec, residuals, cotangent):
 einsum_f32_accumulate.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None) -> jax.Array:
+class SegmentMask(NamedTuple):
+    """The decoder's training mask, kept as ids rather than `[b, s, s]`:
+    causal within each packed document (`segment_ids` `[b, s]`, 0 =
+    padding), and with `image_ids` `[b, s]` (-1 for text) the tokens of one
+    image also see each other. Kernels read the ids; the XLA paths call
+    `dense_mask`."""
+    segment_ids: jax.Array
+    image_ids: jax.Array | None = None
+
+
+def dense_mask(mask) -> jax.Array | None:
+    """None, a `[b, t, s]` bool mask or a `SegmentMask` -> None or `[b, t, s]` bool."""
+    if not isinstance(mask, SegmentMask):
+        return mask
+    dense = causal_segment_mask(mask.segment_ids)
+    if mask.image_ids is not None:
+        ids = mask.image_ids
+        dense = dense | ((ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0))
+    return dense
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
     """Softmax attention in the inputs' dtype, statistics in float32.
 
     q `[b, t, h, d]`, k/v `[b, s, kv, d]`, mask `[b, t, s]` bool (True = attend)
-    or None. Returns `[b, t, h, d]` in q's dtype. Both matmuls take their
+    or None (or a `SegmentMask`). Returns `[b, t, h, d]` in q's dtype. Both matmuls take their
     operands in the compute dtype (bfloat16 in a mixed-precision run) and
     accumulate in float32 (`einsum_f32_accumulate`, as attention kernels
     do; so do their backward matmuls); the scores, the mask and the softmax are float32; the
     probabilities are cast to v's dtype for the second matmul. Rows with
     nothing to attend give a uniform average instead of NaN.
     """
+    mask = dense_mask(mask)
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = (q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).reshape(b, t, kv, h // kv, d)
@@ -81,11 +103,12 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def nn_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+def nn_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
     """The same attention through `jax.nn.dot_product_attention` (XLA here;
     on GPUs JAX may pick cuDNN's fused kernel). Same shapes and mask as
     `dot_product_attention`; rows with nothing to attend average every value,
     as there."""
+    mask = dense_mask(mask)
     if mask is not None:
         empty = ~mask.any(axis=-1, keepdims=True)  # [b, t, 1]
         mask = mask | empty
@@ -93,11 +116,21 @@ def nn_dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax
     return jax.nn.dot_product_attention(q, k, v, mask=mask).astype(q.dtype)
 
 
-# Attention implementations by name (`config.model.{vit,decoder}.attention`).
+def _splash(q, k, v, mask):
+    from mmjax.models.splash import splash_attention  # Pallas import only when asked for
+    return splash_attention(q, k, v, mask)
+
+
+# Attention implementations by name (`config.model.{vit,decoder}.attention`):
+# fn(q `[b, t, h, d]`, k/v `[b, s, kv, d]`, mask) -> `[b, t, h, d]`.
 ATTENTION = {
     "xla": dot_product_attention,
     "dot_product_attention": nn_dot_product_attention,
+    "splash": _splash,
 }
+# Implementations that take only no mask or a SegmentMask (training
+# sequences); cached generation's dense masks go through XLA instead.
+SEGMENT_ONLY = {"splash"}
 
 
 def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
@@ -149,8 +182,12 @@ class Attention(nnx.Module):
         return q, k, v
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """q `[b, t, heads, d]` over k/v `[b, s, kv_heads, d]` (mask `[b, t, s]`) -> `[b, t, embed]`."""
-        return self.out(ATTENTION[self.implementation](q, k, v, mask))
+        """q `[b, t, heads, d]` over k/v `[b, s, kv_heads, d]` (mask None,
+        `[b, t, s]` or a `SegmentMask`) -> `[b, t, embed]`."""
+        name = self.implementation
+        if name in SEGMENT_ONLY and not (mask is None or isinstance(mask, SegmentMask)):
+            name = "xla"  # generation with a key/value cache
+        return self.out(ATTENTION[name](q, k, v, mask))
 
     def cross(self, queries: jax.Array, context: jax.Array) -> jax.Array:
         """Unmasked cross-attention: queries `[b, t, embed]` attend to
@@ -158,4 +195,5 @@ class Attention(nnx.Module):
         q, k, v = self.query(queries), self.key(context), self.value(context)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.out(ATTENTION[self.implementation](q, k, v, None))
+        name = "xla" if self.implementation in SEGMENT_ONLY else self.implementation  # few queries
+        return self.out(ATTENTION[name](q, k, v, None))

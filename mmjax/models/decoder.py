@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmjax.models.attention import Attention, causal_segment_mask
+from mmjax.models.attention import Attention, SegmentMask, dense_mask
 from mmjax.models.layers import Dense, Embed, RMSNorm, SwiGLU
 from mmjax.models.partitioning import constrain
 from mmjax.models.moe import MoEFeedForward
@@ -42,7 +42,7 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = SwiGLU(cfg.embed, cfg.mlp, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array):
+    def __call__(self, x: jax.Array, mask: SegmentMask, positions: jax.Array):
         x = x + self.attn(self.attn_norm(x), mask, positions)
         return self._feed_forward(x)
 
@@ -70,11 +70,7 @@ class DecoderLayer(nnx.Module):
 def attention_mask(segment_ids: jax.Array, image_ids: jax.Array | None = None) -> jax.Array:
     """`[b, s, s]`: causal within each segment; with image_ids `[b, s]` (-1 for
     text) the tokens of one image also see each other."""
-    mask = causal_segment_mask(segment_ids)
-    if image_ids is not None:
-        same_image = (image_ids[:, :, None] == image_ids[:, None, :]) & (image_ids[:, :, None] >= 0)
-        mask = mask | same_image
-    return mask
+    return dense_mask(SegmentMask(segment_ids, image_ids))
 
 
 class Decoder(nnx.Module):
@@ -109,7 +105,7 @@ class Decoder(nnx.Module):
     def forward(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                 image_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """(logits, aux): aux values are stacked over the MoE layers `[n_moe, ...]`."""
-        x, aux = self.layers(x, attention_mask(segment_ids, image_ids), positions)
+        x, aux = self.layers(x, SegmentMask(segment_ids, image_ids), positions)
         return self.logits(x), aux
 
     def logits(self, x: jax.Array) -> jax.Array:
