@@ -1,0 +1,94 @@
+"""Workdir paths on a bucket (mmjax/paths.py), against a local storage emulator."""
+
+import pytest
+
+from conftest import free_port
+from gcs_emulator import BUCKET, emulated_bucket
+from mmjax import paths
+from mmjax.errors import ConfigError
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    with emulated_bucket(monkeypatch) as env:
+        yield env
+
+
+def test_write_append_list_and_exists_on_a_bucket(bucket):
+    root = paths.workdir_path(f"gs://{BUCKET}/run")
+    assert str(root) == f"gs://{BUCKET}/run" and paths.is_remote(root)
+    assert not (root / "config.json").exists()
+    paths.write_text(root / "config.json", "{}\n")
+    assert (root / "config.json").exists() and (root / "config.json").read_text() == "{}\n"
+
+    mirror = paths.Mirror(root, download=("metrics.jsonl",), every_s=3600)
+    with open(mirror.local / "metrics.jsonl", "a") as f:
+        f.write('{"step": 1}\n')
+    assert mirror.sync(force=False) == []  # not due yet
+    assert mirror.sync() == ["metrics.jsonl"]
+    assert mirror.sync() == []  # nothing changed
+    mirror.close()
+    # A new writer continues the object: "append" is download, append, rewrite.
+    mirror = paths.Mirror(root, download=("metrics.jsonl",))
+    with open(mirror.local / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2}\n')
+    (mirror.local / "tensorboard").mkdir()
+    (mirror.local / "tensorboard" / "events").write_bytes(b"\0\1")
+    mirror.close()
+    assert (root / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+    assert sorted(p.name for p in root.iterdir()) == ["config.json", "metrics.jsonl", "tensorboard"]
+    assert (root / "tensorboard" / "events").read_bytes() == b"\0\1"
+    assert [p.name for p in root.glob("tensorboard/*")] == ["events"]
+    assert paths.files_under(root) == ["config.json", "metrics.jsonl", "tensorboard/events"]
+
+
+def test_copy_tree_between_a_folder_and_a_bucket(bucket, tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "top.txt").write_text("1")
+    (tmp_path / "a" / "b" / "deep.txt").write_text("2")
+    remote = paths.workdir_path(f"gs://{BUCKET}/copy")
+    paths.copy_tree(tmp_path / "a", remote)
+    assert paths.files_under(remote) == ["b/deep.txt", "top.txt"]
+    paths.copy_tree(remote, tmp_path / "back")
+    assert (tmp_path / "back" / "b" / "deep.txt").read_text() == "2"
+
+
+def test_unreachable_or_missing_buckets_are_refused_in_one_sentence(bucket, monkeypatch):
+    with pytest.raises(ConfigError, match="bucket gs://no-such-bucket does not exist"):
+        paths.workdir_path("gs://no-such-bucket/run")
+    with pytest.raises(ConfigError, match="only local folders and gs://"):
+        paths.workdir_path("s3://bucket/run")
+    with pytest.raises(ConfigError, match="names no bucket"):
+        paths.workdir_path("gs:///run")
+    # Nothing listens on this port: refused after REACH_TIMEOUT_S instead of gcsfs's minute of retries.
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(paths, "REACH_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(paths, "_checked", set())
+    _fresh_gcs_filesystem()
+    with pytest.raises(ConfigError, match=r"bucket gs://other cannot be reached \(no answer in 1s"):
+        paths.workdir_path("gs://other/run")
+    _fresh_gcs_filesystem()
+
+
+def _fresh_gcs_filesystem():
+    """gcsfs and epath cache the filesystem (and its endpoint); a new endpoint needs a new one."""
+    import gcsfs
+    from etils.epath import backend
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_missing_gcsfs_is_refused_in_one_sentence(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)
+    monkeypatch.setattr(paths, "_checked", set())
+    with pytest.raises(ConfigError, match="needs the gcsfs package"):
+        paths.workdir_path("gs://bucket/run")
+
+
+def test_local_workdirs_are_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert paths.workdir_path("run") == tmp_path / "run"
+    assert not paths.is_remote(paths.workdir_path("run"))
