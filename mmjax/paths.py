@@ -170,10 +170,14 @@ class Mirror:
         st = os.stat(file)
         return st.st_size, st.st_mtime_ns
 
+    def due(self) -> bool:
+        """Whether `every_s` passed since the last sync."""
+        return time.monotonic() - self._last >= self.every_s
+
     def sync(self, force: bool = True) -> list[str]:
         """Copies up the staged files that changed; without `force` only when
         `every_s` passed since the last sync. Returns the names copied."""
-        if not force and time.monotonic() - self._last < self.every_s:
+        if not force and not self.due():
             return []
         self._last = time.monotonic()
         sent = []

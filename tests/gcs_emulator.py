@@ -1,7 +1,15 @@
 """A local Google Cloud Storage emulator (the gcp-storage-emulator package) for
 tests of gs:// workdirs: started as a subprocess on a free port, in memory,
-with one bucket. `env` holds what points gcsfs, google-cloud-storage and
-tensorstore at it (mmjax.paths.configure_emulator derives the rest)."""
+with one bucket. The environment it yields points gcsfs and
+google-cloud-storage at it (`STORAGE_EMULATOR_HOST`);
+mmjax.paths.configure_emulator derives tensorstore's settings from it.
+
+One fix is applied to the emulator (`python tests/gcs_emulator.py PORT BUCKET`
+runs it so): its media downloads carry no `x-goog-generation` header, which
+tensorstore's GCS driver (Orbax's arrays, OCDBT manifests) needs on every
+read ("Malformed StorageGeneration"); the patched download adds the object's
+generation. The emulator ignores `ifGenerationMatch` preconditions, so it
+suits one writer at a time only (a test's training process)."""
 
 from __future__ import annotations
 
@@ -12,7 +20,6 @@ import subprocess
 import sys
 import time
 
-from conftest import free_port
 
 BUCKET = "mmjax-test"
 
@@ -21,9 +28,10 @@ BUCKET = "mmjax-test"
 def storage_emulator(bucket: str = BUCKET):
     """Yields the environment (a dict) that points clients at a fresh emulator
     holding the empty bucket `bucket`; stops it on exit."""
+    from conftest import free_port
+
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--port", str(port),
-                             "--host", "127.0.0.1", "--in-memory", "--default-bucket", bucket, "-q"],
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), bucket],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 30
     while True:
@@ -55,3 +63,32 @@ def emulated_bucket(monkeypatch, bucket: str = BUCKET):
         yield env
         for key in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
             os.environ.pop(key, None)
+
+
+def _serve(port: int, bucket: str) -> None:
+    """The emulator in memory on 127.0.0.1:`port` with `bucket`, downloads patched (module doc)."""
+    import logging
+
+    from gcp_storage_emulator.handlers import objects
+
+    download = objects.download
+
+    def download_with_generation(request, response, storage, *args, **kwargs):
+        download(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except Exception:  # not found: the original handler answered 404 already
+            return
+        response["x-goog-generation"] = obj["generation"]
+        response["x-goog-metageneration"] = obj["metageneration"]
+
+    objects.download = download_with_generation  # before the server module binds its routes
+    from gcp_storage_emulator.server import create_server
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+    server.run()
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), sys.argv[2])

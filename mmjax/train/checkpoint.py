@@ -14,6 +14,10 @@ reported in one sentence naming the step, the file and why; with
 `train.on_bad_checkpoint="previous"` the next older one is tried and the
 damaged directories are moved aside once one restores, with `"stop"` the run
 refuses to start. Nothing is deleted.
+
+The workdir may be a bucket (`gs://...`, `mmjax.paths`): Orbax writes the
+arrays through tensorstore and everything here goes through `epath`; on a
+bucket a move aside is a copy and a delete, not an atomic rename.
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 from typing import Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mmjax.errors import CheckpointError
+from mmjax.paths import is_remote, workdir_path
 
 COMMIT_MARKER = "commit_success.txt"
 DAMAGED_DIR = "checkpoints_damaged"
@@ -44,11 +49,11 @@ class RestoreFailed(Exception):
 class Checkpointer:
     """Saves/restores `{"state": train state, "data": grain iterator}`."""
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True, on_bad: str = "previous",
+    def __init__(self, workdir, keep: int = 3, async_save: bool = True, on_bad: str = "previous",
                  log: Callable[[str], None] = print):
-        workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(workdir, "checkpoints")
-        self.damaged_directory = os.path.join(workdir, DAMAGED_DIR)
+        workdir = workdir_path(workdir, check=False)
+        self.directory = os.fspath(workdir / "checkpoints")
+        self.damaged_directory = os.fspath(workdir / DAMAGED_DIR)
         self.on_bad, self.log = on_bad, log
         self.recovered: list[dict] = []  # what restore_latest moved aside, for the summary
         self._set_aside_partial()
@@ -71,7 +76,7 @@ class Checkpointer:
         """Restores the state onto `abstract_state`'s shardings and rewinds
         `data_iterator` in place; returns the state. RestoreFailed (one
         sentence: the step, the file, why) when the checkpoint is damaged."""
-        step_dir = os.path.join(self.directory, str(step))
+        step_dir = _join(self.directory, str(step))
         _quiet_aborted_restore()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -116,12 +121,13 @@ class Checkpointer:
     def _set_aside_partial(self) -> None:
         """Moves step directories without the commit marker aside (process 0;
         the others wait), before Orbax lists the steps."""
-        if not os.path.isdir(self.directory):
+        directory = epath.Path(self.directory)
+        if not directory.is_dir():
             return
-        partial = [name for name in os.listdir(self.directory) if name.isdigit()
-                   and not os.path.exists(os.path.join(self.directory, name, COMMIT_MARKER))]
+        partial = [p.name for p in directory.iterdir() if p.name.isdigit()
+                   and not (p / COMMIT_MARKER).exists()]
         for name in sorted(partial, key=int):
-            reason = f"step directory {os.path.join(self.directory, name)} has no {COMMIT_MARKER} (a partial checkpoint)"
+            reason = f"step directory {_join(self.directory, name)} has no {COMMIT_MARKER} (a partial checkpoint)"
             moved = self._move_aside(int(name))
             self.recovered.append({"step": int(name), "reason": reason, "moved_to": moved})
             self.log(f"warning: {reason}; moved to {moved}, it is not taken as the latest.")
@@ -130,14 +136,15 @@ class Checkpointer:
 
     def _move_aside(self, step: int) -> str:
         """Renames `checkpoints/<step>` to `checkpoints_damaged/<step>[-n]` (process 0); returns the new path."""
-        target = os.path.join(self.damaged_directory, str(step))
+        target = _join(self.damaged_directory, str(step))
         n = 1
-        while os.path.exists(target):
-            target = os.path.join(self.damaged_directory, f"{step}-{n}")
+        while epath.Path(target).exists():
+            target = _join(self.damaged_directory, f"{step}-{n}")
             n += 1
         if jax.process_index() == 0:
-            os.makedirs(self.damaged_directory, exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            if not is_remote(target):
+                os.makedirs(self.damaged_directory, exist_ok=True)
+            epath.Path(_join(self.directory, str(step))).rename(target)
         return target
 
     def wait(self) -> None:
@@ -213,15 +220,14 @@ def describe_damage(step_dir: str, err: BaseException) -> str:
             code = re.match(r"'?([A-Z_]+): ", text)
             how = _STATUS.get(code.group(1), "cannot be read") if code else "cannot be read"
             detail = text.split(f'"{path}"', 1)[1].lstrip(": ").strip("'") if f'"{path}"' in text else ""
-            return f"{os.path.relpath(path, step_dir)} {how}" + (f" ({detail.rstrip('.')})" if detail else "")
+            return f"{_relative(path, step_dir)} {how}" + (f" ({detail.rstrip('.')})" if detail else "")
     for rel in _json_files(step_dir):
         try:
-            with open(os.path.join(step_dir, rel)) as f:
-                json.load(f)
+            json.loads(epath.Path(_join(step_dir, rel)).read_text())
         except (OSError, ValueError) as bad:
             return f"{rel} is not valid JSON ({' '.join(str(bad).split())})"
     for item in ("state", "data"):
-        if not os.path.isdir(os.path.join(step_dir, item)):
+        if not epath.Path(_join(step_dir, item)).is_dir():
             return f"the {item!r} item is missing"
     first = messages[0] if messages else "unknown error"
     return first[:300] + ("..." if len(first) > 300 else "")
@@ -229,7 +235,23 @@ def describe_damage(step_dir: str, err: BaseException) -> str:
 
 def _json_files(step_dir: str) -> list[str]:
     out = ["_CHECKPOINT_METADATA", "state/_METADATA", "state/_sharding"]
-    data = os.path.join(step_dir, "data")
-    if os.path.isdir(data):
-        out += [f"data/{name}" for name in sorted(os.listdir(data)) if name.endswith(".json")]
-    return [rel for rel in out if os.path.exists(os.path.join(step_dir, rel))]
+    data = epath.Path(_join(step_dir, "data"))
+    if data.is_dir():
+        out += [f"data/{name}" for name in sorted(p.name for p in data.iterdir()) if name.endswith(".json")]
+    return [rel for rel in out if epath.Path(_join(step_dir, rel)).exists()]
+
+
+def _join(folder: str, *names: str) -> str:
+    """`folder/name` for a local folder or a bucket prefix."""
+    return os.fspath(epath.Path(folder).joinpath(*names))
+
+
+def _relative(path: str, folder: str) -> str:
+    """`path` relative to `folder` (tensorstore names a bucket object `gs://...` or by its key)."""
+    if is_remote(folder):
+        key = folder.removeprefix("gs://").split("/", 1)[-1]
+        for prefix in (folder + "/", key + "/"):
+            if prefix in path:
+                return path.split(prefix, 1)[1]
+        return path
+    return os.path.relpath(path, folder)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable
 
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 
 from mmjax.data.records import STREAMS
+from mmjax.paths import copy_tree, is_remote
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.evaluators import run_evaluators
 from mmjax.train.flops import mfu
@@ -146,7 +149,7 @@ class Preemption:
         if not r.stop_signalled:
             return False
         seconds = _timed_pause(self.run, lambda: (self.run.ckpt.save(r.step, self.run.state, self.run.data_iter),
-                                                  self.run.ckpt.wait()))
+                                                  self.run.ckpt.wait(), self.run.writer.flush()))
         log(f"{self.run.stop_signal.signal_name or 'stop signal on another process'} received: saved step "
             f"{r.step} in {seconds:.1f}s and stopped; run the same command to resume")
         self.run.summary["preempted_at"] = r.step
@@ -155,14 +158,16 @@ class Preemption:
 
 class Checkpointing:
     """A checkpoint every `train.checkpoint_every` steps (the last step is
-    saved by the loop); save time is not step time."""
+    saved by the loop); save time is not step time. Each save also copies the
+    metrics to a bucket workdir (`MetricsWriter.flush`)."""
 
     def __init__(self, run: Run, total_steps: int):
         self.run, self.every, self.total = run, run.config.train.checkpoint_every, total_steps
 
     def after_step(self, r: StepResult) -> bool:
         if r.step % self.every == 0 and r.step != self.total:
-            _timed_pause(self.run, lambda: self.run.ckpt.save(r.step, self.run.state, self.run.data_iter))
+            _timed_pause(self.run, lambda: (self.run.ckpt.save(r.step, self.run.state, self.run.data_iter),
+                                            self.run.writer.flush()))
         return False
 
 
@@ -192,14 +197,16 @@ def write_evaluation(run: Run, step: int, evaluators: dict) -> dict:
 
 class Profiler:
     """A JAX profiler trace of steps `train.profile_steps=(first, last)` under
-    WORKDIR/profile (per process when there are several)."""
+    WORKDIR/profile (per process when there are several). On a bucket
+    workdir the trace is written to a local folder and copied up when it stops."""
 
     def __init__(self, run: Run):
         window = tuple(run.config.train.profile_steps) if run.config.train.profile_steps else (0, 0)
         self.first, self.last = window
-        self.dir = os.path.join(run.workdir, "profile")
+        self.target = os.path.join(run.workdir, "profile")
         if jax.process_count() > 1:
-            self.dir = os.path.join(self.dir, f"process_{jax.process_index()}")
+            self.target = os.path.join(self.target, f"process_{jax.process_index()}")
+        self.dir = tempfile.mkdtemp(prefix="mmjax-profile-") if is_remote(self.target) and self.first else self.target
         self.active = False
 
     def before_step(self, step: int) -> None:
@@ -217,6 +224,9 @@ class Profiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+            if self.dir != self.target:
+                copy_tree(self.dir, self.target)
+                shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class StepWatchdog:

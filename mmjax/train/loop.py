@@ -28,6 +28,7 @@ from mmjax.parallel import get_layout, make_mesh
 from mmjax.train import hooks
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.errors import ConfigError
+from mmjax.paths import is_remote, workdir_path, write_text
 from mmjax.train.config_checks import check_config
 from mmjax.train.init_from import apply_init_from
 from mmjax.train.evaluators import make_evaluators
@@ -45,10 +46,9 @@ from mmjax.train.timing import StepTimer
 HOST_SYNC_EVERY = 10
 
 
-def _write_config(config, workdir: str) -> None:
+def _write_config(config, workdir) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
 
 def build_step(config, mesh, rules) -> tuple:
@@ -65,12 +65,14 @@ def build_step(config, mesh, rules) -> tuple:
     return setup, train_step
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir) -> dict:
     """Runs (or resumes) training; returns the summary (also summary.json):
     final metrics, timing, and the evaluators' results at the start of a
-    fresh run and at the end (`eval`: {"initial": ..., "final": ...})."""
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    fresh run and at the end (`eval`: {"initial": ..., "final": ...}).
+    `workdir`: a local folder or a bucket path `gs://BUCKET/FOLDER` (`mmjax.paths`)."""
+    workdir = workdir_path(workdir)
+    if not is_remote(workdir):
+        os.makedirs(workdir, exist_ok=True)
     check_config(config, jax.device_count(), jax.process_count())
     finished = finished_run(workdir, config.train.steps)
     if finished is not None:  # outputs stay untouched: nothing is opened for writing
@@ -145,25 +147,24 @@ def train(config, workdir: str) -> dict:
     return run.summary
 
 
-def finished_run(workdir: str, total_steps: int) -> dict | None:
+def finished_run(workdir, total_steps: int) -> dict | None:
     """The summary of a run in `workdir` that already reached `total_steps`
     (committed checkpoint of that step, summary.json not preempted), else None."""
     from mmjax.train.checkpoint import COMMIT_MARKER
 
-    marker = os.path.join(workdir, "checkpoints", str(total_steps), COMMIT_MARKER)
+    workdir = workdir_path(workdir, check=False)
+    marker = workdir / "checkpoints" / str(total_steps) / COMMIT_MARKER
     try:
-        with open(os.path.join(workdir, "summary.json")) as f:
-            summary = json.load(f)
+        summary = json.loads((workdir / "summary.json").read_text())
     except (OSError, ValueError):
         return None
-    done = os.path.exists(marker) and summary.get("preempted_at") is None and "final" in summary
+    done = marker.exists() and summary.get("preempted_at") is None and "final" in summary
     return summary if done and summary.get("steps", total_steps) == total_steps else None
 
 
-def _write_summary(workdir: str, summary: dict) -> None:
+def _write_summary(workdir, summary: dict) -> None:
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_text(workdir / "summary.json", json.dumps(summary, indent=2))
 
 
 def _step_inputs(local: dict, setup) -> tuple[dict, np.ndarray]:

@@ -13,6 +13,8 @@ from typing import Mapping
 
 import jax
 
+from mmjax.paths import Mirror, is_remote, workdir_path
+
 
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -33,20 +35,33 @@ def _jsonable(value):
 
 class MetricsWriter:
     """Appends one JSON object per record to `WORKDIR/metrics.jsonl` and
-    mirrors scalar values to TensorBoard event files under `WORKDIR/tensorboard`."""
+    mirrors scalar values to TensorBoard event files under `WORKDIR/tensorboard`.
 
-    def __init__(self, workdir: str, enable_tensorboard: bool = True):
+    On a bucket workdir (`gs://...`) both are written to a local staging
+    folder and copied up (`mmjax.paths.Mirror`) at most every `sync_every_s`
+    seconds at a write, at every `flush()` (the loop flushes at each
+    checkpoint save) and at `close()`; an existing metrics.jsonl is copied
+    down first so that a resumed run appends to it."""
+
+    def __init__(self, workdir, enable_tensorboard: bool = True, sync_every_s: float = 30.0):
         self.is_writer = jax.process_index() == 0
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        root = workdir_path(workdir, check=False)
+        self.path = root / "metrics.jsonl"
         self._jsonl = None
         self._tb = None
+        self._mirror = None
         if self.is_writer:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(self.path, "a", buffering=1)
+            if is_remote(root):
+                self._mirror = Mirror(root, download=("metrics.jsonl",), every_s=sync_every_s)
+                local = self._mirror.local
+            else:
+                os.makedirs(root, exist_ok=True)
+                local = root
+            self._jsonl = open(local / "metrics.jsonl", "a", buffering=1)
             if enable_tensorboard:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(os.fspath(local / "tensorboard"))
 
     def write(self, record: Mapping) -> None:
         if not self.is_writer:
@@ -57,12 +72,25 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, record["step"])
+        self.flush(force=False)
+
+    def flush(self, force: bool = True) -> None:
+        """Copies the records to a bucket workdir (without `force`: only when
+        `sync_every_s` passed since the last copy); local files are line-buffered already."""
+        if self._mirror is None or not (force or self._mirror.due()):
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        self._mirror.sync()
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._mirror is not None:
+            self._mirror.close()
+            self._mirror = None
 
 
 def progress_line(step: int, total: int, record: Mapping, eta_s: float) -> str:
