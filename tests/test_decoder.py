@@ -1,5 +1,7 @@
 """Decoder masking and options: packed segments, bidirectional image
-attention, scan/remat equivalence, QK-norm."""
+attention, scan/remat equivalence, remat policies, QK-norm."""
+
+import importlib.util
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +89,52 @@ def test_qk_norm_adds_head_dim_scales_and_changes_the_output():
     tokens = jnp.arange(8)[None] + 4
     seg, pos = jnp.ones((1, 8), jnp.int32), jnp.arange(8)[None]
     assert not np.allclose(_run(plain, tokens, seg, pos), _run(normed, tokens, seg, pos))
+
+
+@pytest.mark.parametrize("remat,named", [
+    ("full", set()), ("dots_no_batch", set()),
+    ("qkv_proj", {"query_proj", "key_proj", "value_proj"}),
+    ("attention", {"query_proj", "key_proj", "value_proj", "attention_context"}),
+])
+def test_remat_policies_keep_the_activations_they_name(remat, named):
+    """What the backward pass keeps per layer (listed stack, 2 layers): the
+    named policies keep exactly their tagged activations, one per layer
+    each, and nothing else is recomputed differently from `full`; offload
+    variants keep the same residuals (in host memory on TPU)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    tokens = jnp.arange(10)[None] + 4
+    seg, pos = jnp.ones((1, 10), jnp.int32), jnp.arange(10)[None]
+
+    def residuals(policy):
+        graphdef, params = nnx.split(Decoder(_decoder_cfg(remat=policy), rngs=nnx.Rngs(0)))
+
+        def loss(p):
+            m = nnx.merge(graphdef, p)
+            return jnp.sum(jnp.sin(m(m.embed(tokens), seg, pos)))
+
+        return saved_residuals(loss, params)
+
+    saved = residuals(remat)
+    names = [d.split("named '")[1].split("'")[0] for _, d in saved if "named '" in d]
+    assert set(names) == named and len(names) == 2 * len(named)
+    assert len(saved) == len(residuals("full")) + len(names) + (12 if remat == "dots_no_batch" else 0)
+    if remat != "full":
+        assert len(residuals(remat + "_offload")) == len(saved)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (jax[tpu]) is not installed")
+def test_offload_policy_moves_the_kept_activations_to_host_memory_on_tpu():
+    """Compiled ahead of time for v5p: the offload policy's program holds
+    arrays in the host memory space (`S(5)`), the plain one none."""
+    from mmjax.bench import aot
+
+    def hlo(policy):
+        c = small_config()
+        c.model.dtype = "bfloat16"
+        c.model.vit.remat = c.model.decoder.remat = policy
+        return aot.compile_for_topology(c, "v5p:2x2x2").hlo_text
+
+    assert "S(5)" in hlo("attention_offload")
+    assert "S(5)" not in hlo("attention")

@@ -77,8 +77,18 @@ def frozen_vit_config():
     return c
 
 
-@pytest.mark.parametrize("make_config", [dense_config, moe_config, moe_grouped_config, frozen_vit_config],
-                         ids=["dense_remat", "moe_capacity", "moe_capacity_groups", "frozen_vit"])
+def named_remat_config():
+    """The dense config keeping, by name, the ViT's q/k/v projections and the
+    decoder's projections plus attention context."""
+    c = dense_config()
+    c.model.vit.remat = "qkv_proj"
+    c.model.decoder.remat = "attention"
+    return c
+
+
+@pytest.mark.parametrize("make_config", [dense_config, moe_config, moe_grouped_config, frozen_vit_config,
+                                         named_remat_config],
+                         ids=["dense_remat", "moe_capacity", "moe_capacity_groups", "frozen_vit", "named_remat"])
 def test_hardware_flops_match_xla_cost_analysis(make_config):
     c = make_config()
     analytic = train_flops(c, num_devices=1)
@@ -161,3 +171,25 @@ def test_frozen_modules_and_missing_images_lower_the_useful_flops():
     assert base.model_flops_at(half) == pytest.approx(base.model_flops - 1.5 * (vit + connector))
     assert frozen.model_flops_at(half) == pytest.approx(frozen.model_flops - 0.5 * vit - 1.5 * connector)
     assert base.model_flops_at(base.images_per_step) == base.model_flops
+
+
+def test_every_remat_policy_has_a_recompute_rule_and_named_ones_recompute_less():
+    from mmjax.models.stack import REMAT_POLICIES
+    from mmjax.train.flops import _SAVED_BY_POLICY
+
+    assert set(_SAVED_BY_POLICY) == {""} | set(REMAT_POLICIES)
+    c = dense_config()
+    remat = {}
+    for policy in ("full", "qkv_proj", "attention", "attention_offload", "dots"):
+        c.model.vit.remat = c.model.decoder.remat = policy
+        remat[policy] = train_flops(c, num_devices=1).remat
+    full, qkv, attention = remat["full"], remat["qkv_proj"], remat["attention"]
+    d = c.model.decoder
+    b, s = c.data.global_batch, c.data.seq_len
+    qkv_proj = 2.0 * b * s * d.embed * (d.heads + 2 * d.kv_heads) * d.head_dim
+    assert full["decoder/attention_proj"] - qkv["decoder/attention_proj"] == pytest.approx(qkv_proj)
+    assert qkv["decoder/attention_scores"] == full["decoder/attention_scores"]
+    # a kept context spares the values' matmul, not q k^T (the softmax's backward needs it)
+    assert attention["decoder/attention_scores"] == pytest.approx(full["decoder/attention_scores"] / 2)
+    assert attention["decoder/mlp"] == full["decoder/mlp"] > 0
+    assert remat["attention_offload"] == attention and sum(remat["dots"].values()) == 0

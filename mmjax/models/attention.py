@@ -13,6 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mmjax.models.layers import Dense, RMSNorm
 
@@ -173,7 +174,8 @@ class Attention(nnx.Module):
     def qkv(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x `[b, s, embed]` -> q `[b, s, heads, d]`, k/v `[b, s, kv_heads, d]`
         (QK-norm and RoPE applied): what a key/value cache stores."""
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        q, k, v = (checkpoint_name(self.query(x), "query_proj"), checkpoint_name(self.key(x), "key_proj"),
+                   checkpoint_name(self.value(x), "value_proj"))  # names for the remat policies
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
@@ -187,7 +189,7 @@ class Attention(nnx.Module):
         name = self.implementation
         if name in SEGMENT_ONLY and not (mask is None or isinstance(mask, SegmentMask)):
             name = "xla"  # generation with a key/value cache
-        return self.out(ATTENTION[name](q, k, v, mask))
+        return self.out(checkpoint_name(ATTENTION[name](q, k, v, mask), "attention_context"))
 
     def cross(self, queries: jax.Array, context: jax.Array) -> jax.Array:
         """Unmasked cross-attention: queries `[b, t, embed]` attend to

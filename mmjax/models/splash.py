@@ -52,7 +52,8 @@ def _kernel(heads: int, seq: int, causal: bool, interpret: bool):
     with jax.ensure_compile_time_eval():  # concrete mask tables, safe to reuse across traces
         return kernel_lib.make_splash_mha(
             mask_lib.MultiHeadMask([head_mask] * heads), head_shards=1, q_seq_shards=1,
-            block_sizes=_block_sizes(seq), interpret=interpret)
+            block_sizes=_block_sizes(seq), interpret=interpret,
+            residual_checkpoint_name="attention_context")  # kept by the `attention` remat policies
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:

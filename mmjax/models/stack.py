@@ -14,12 +14,29 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+_CP = jax.checkpoint_policies
+# Activations `Attention` tags with `checkpoint_name`: the q/k/v projections
+# `[b, s, heads, d]` and the attention context before the output projection.
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+ATTENTION_NAMES = QKV_NAMES + ("attention_context",)
+_HOST = dict(offload_src="device", offload_dst="pinned_host")
+
 # remat policy name -> what the backward pass may keep instead of recomputing
 REMAT_POLICIES = {
     "full": None,  # keep nothing: recompute the whole layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": _CP.checkpoint_dots,
+    "dots_no_batch": _CP.dots_with_no_batch_dims_saveable,  # matmul outputs without batch dims
+    "qkv_proj": _CP.save_only_these_names(*QKV_NAMES),  # recompute attention and MLP
+    "attention": _CP.save_only_these_names(*ATTENTION_NAMES),  # recompute only the MLP
+    # the same activations kept in host memory between the passes
+    "qkv_proj_offload": _CP.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(QKV_NAMES), **_HOST),
+    "attention_offload": _CP.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=list(ATTENTION_NAMES), **_HOST),
+    "dots_no_batch_offload": _CP.offload_dot_with_no_batch_dims(**_HOST),
 }
+# Policies that move activations to host memory (`pinned_host`).
+OFFLOAD_POLICIES = frozenset(name for name in REMAT_POLICIES if name.endswith("_offload"))
 
 
 def _prepend_layers_axis(stack: nnx.Module) -> None:

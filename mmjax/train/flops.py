@@ -78,12 +78,19 @@ from mmjax.errors import ConfigError
 
 # Operation kinds and which remat policy keeps (does not recompute) them.
 _DOT, _BATCHED_DOT, _RAGGED, _CONV = "dot", "batched_dot", "ragged_dot", "conv"
+# Tags of the activations the named policies keep (`models/stack.py`).
+_QKV, _CONTEXT = "qkv", "context"
 _SAVED_BY_POLICY = {
     "": None,  # no remat: nothing is recomputed
     "full": frozenset(),
     "dots": frozenset({_DOT, _BATCHED_DOT}),
     "dots_no_batch": frozenset({_DOT}),
+    "qkv_proj": frozenset({_QKV}),
+    "attention": frozenset({_QKV, _CONTEXT}),
 }
+# Host offload changes where the kept activations live, not what is recomputed.
+_SAVED_BY_POLICY.update({f"{name}_offload": _SAVED_BY_POLICY[name] for name in
+                         ("qkv_proj", "attention", "dots_no_batch")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +107,9 @@ class _Op:
     entry: bool = False        # reads the previous component's output (the connector's first op)
     stack: str = ""     # "vit" / "decoder": inside a rematerialisable layer stack
     residual: bool = True  # the backward needs its output (False: never recomputed)
+    tag: str = ""       # what a named remat policy may keep: "qkv" projections, attention "context"
+    kernel: bool = False  # attention as a fused kernel: its lse is kept with the context, and the
+    #                       backward recomputes the scores inside (half the forward again)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,10 +209,16 @@ def _vit_ops(vit, n_img: int) -> list[_Op]:
     ops = [_Op("vit/patch_embed", *(2.0 * n_img * patches * p * p * 3 * e,) * 2, grads=1, weight_only=True)]
     proj = 2.0 * rows * e * e
     scores = 2.0 * n_img * tokens * tokens * e  # all heads: heads * head_dim = e
+    hw_scores, kernel = scores, vit.get("attention", "xla") == "splash"
+    if kernel:  # sequences padded to the kernel's block, head_dim to the lane width
+        head_dim = e // vit.heads
+        hw_scores = 2.0 * n_img * _splash_pad(tokens) ** 2 * vit.heads * _splash_lanes(head_dim)
     mlp = 2.0 * rows * e * m
     for _ in range(blocks):
-        ops += [_Op("vit/attention_proj", 4 * proj, 4 * proj, stack="vit"),
-                _Op("vit/attention_scores", 2 * scores, 2 * scores, kind=_BATCHED_DOT, stack="vit", weights=False),
+        ops += [_Op("vit/attention_proj", 3 * proj, 3 * proj, stack="vit", tag=_QKV),
+                _Op("vit/attention_proj", proj, proj, stack="vit"),
+                _Op("vit/attention_scores", 2 * scores, 2 * hw_scores, kind=_BATCHED_DOT, stack="vit",
+                    weights=False, tag=_CONTEXT, kernel=kernel),
                 _Op("vit/mlp", mlp, mlp, stack="vit"),
                 _Op("vit/mlp", mlp, mlp, stack="vit", residual=False)]
     # The MAP head only feeds `ViT.pooled`; MM1 takes patch features, so it
@@ -282,12 +298,19 @@ def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: in
     q_out, kv_out = dec.heads * hd, dec.kv_heads * hd
     causal_pairs = s * (s + 1) / 2
     ops: list[_Op] = []
+    kernel = dec.get("attention", "xla") == "splash"
+    # The kernel skips key blocks above the diagonal: (n + 1) / 2 of n blocks per query block.
+    blocks = _splash_pad(s) // _splash_block(s) if kernel else 1
+    executed_pairs = _splash_pad(s) ** 2 * (blocks + 1) / (2 * blocks) if kernel else s * s
     for i in range(dec.layers):
-        proj = 2.0 * t * m * (2 * q_out + 2 * kv_out)  # q, o: heads; k, v: kv_heads (GQA)
-        ops.append(_Op("decoder/attention_proj", proj, proj, stack="decoder"))
+        qkv = 2.0 * t * m * (q_out + 2 * kv_out)  # q: heads; k, v: kv_heads (GQA)
+        out = 2.0 * t * m * q_out
+        ops += [_Op("decoder/attention_proj", qkv, qkv, stack="decoder", tag=_QKV),
+                _Op("decoder/attention_proj", out, out, stack="decoder")]
         per_pair = 2.0 * 2 * b * dec.heads * hd  # scores + weighted values
-        ops.append(_Op("decoder/attention_scores", per_pair * causal_pairs, per_pair * s * s,
-                       kind=_BATCHED_DOT, stack="decoder", weights=False))
+        hw_pair = per_pair * (_splash_lanes(hd) / hd if kernel else 1)
+        ops.append(_Op("decoder/attention_scores", per_pair * causal_pairs, hw_pair * executed_pairs,
+                       kind=_BATCHED_DOT, stack="decoder", weights=False, tag=_CONTEXT, kernel=kernel))
         if not is_moe_layer(dec, i):
             up = 2.0 * t * m * dec.mlp
             ops += [_Op("decoder/mlp", 2 * up, 2 * up, stack="decoder"),  # gate, up
@@ -326,16 +349,39 @@ def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: in
     return ops
 
 
+def _splash_block(s: int) -> int:
+    from mmjax.models.splash import MAX_BLOCK
+    return math.gcd(_splash_pad(s), MAX_BLOCK)
+
+
+def _splash_pad(s: int) -> int:
+    from mmjax.models.splash import SEQ_MULTIPLE
+    return -(-s // SEQ_MULTIPLE) * SEQ_MULTIPLE
+
+
+def _splash_lanes(head_dim: int) -> int:
+    from mmjax.models.splash import LANES
+    return -(-head_dim // LANES) * LANES
+
+
 def _recompute(op: _Op, policies: Mapping[str, str]) -> float:
+    """Forward FLOPs the backward pass runs again under the stack's policy."""
+    inside_kernel = op.hardware / 2 if op.kernel else 0.0  # a fused backward recomputes its scores
     if not op.stack or not op.residual:
-        return 0.0
+        return inside_kernel
     policy = policies.get(op.stack) or ""
     if policy is True:
         policy = "full"
     if policy not in _SAVED_BY_POLICY:
         raise ValueError(f"remat policy {policy!r} is unknown; choose one of {sorted(_SAVED_BY_POLICY)}.")
     saved = _SAVED_BY_POLICY[policy]
-    return 0.0 if saved is None or op.kind in saved else op.hardware
+    if saved is None or op.kind in saved:
+        return inside_kernel
+    if op.tag and op.tag in saved:
+        # A kept context spares the kernel's forward; the XLA path still
+        # recomputes the scores (q k^T, half the work) for the softmax's backward.
+        return inside_kernel if op.kernel else (op.hardware / 2 if op.tag == _CONTEXT else 0.0)
+    return op.hardware + inside_kernel
 
 
 def train_flops(config, num_devices: int | None = None, ragged_dot: str | None = None) -> FlopsBreakdown:
