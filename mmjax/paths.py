@@ -131,6 +131,27 @@ def write_bytes(path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def write_csv(path, fieldnames, rows) -> None:
+    """A CSV file of `rows` (mappings) with the header `fieldnames`."""
+    import csv
+    import io
+
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def save_figure(fig, path, **kwargs) -> None:
+    """A matplotlib figure as PNG at `path` (a local file or an object)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **kwargs)
+    write_bytes(path, buffer.getvalue())
+
+
 def copy_tree(source, target) -> None:
     """Copies every file under the folder `source` to `target` (either may be a bucket path)."""
     source, target = epath.Path(source), epath.Path(target)

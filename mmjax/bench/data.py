@@ -6,7 +6,8 @@
 
 Generates (`mmjax.bench.data_shards`; once, reused while the generation
 settings match) WebDataset tar shards of the three streams under
-`<workdir>/shards` (or `bench.data_dir`): caption samples (a JPEG of a
+`<workdir>/shards` (or `bench.data_dir`; a local temporary folder when
+--workdir is a gs:// bucket): caption samples (a JPEG of a
 smooth picture with shapes and mild noise, and a 15-30 word caption),
 interleaved documents (2-6 JPEGs with paragraphs between, 100-400 words)
 and text documents (300-800 words). Points
@@ -40,19 +41,21 @@ profile.prof (cProfile of the in-process pipeline, costs per image).
 from __future__ import annotations
 
 import cProfile
-import csv
 import json
+import marshal
 import os
 import platform
 import pstats
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 
 import numpy as np
 
 from mmjax.bench.data_shards import STREAMS, prepare_shards, read_images
+from mmjax.paths import is_remote, workdir_path, write_bytes, write_csv, write_text
 
 TARGET_RATIO = 0.80
 MODES = ("bare", "inprocess", "workers")
@@ -339,11 +342,15 @@ def run(config, workdir: str, *, modes: Iterable[str] = MODES, profile_batches: 
     from mmjax.data.pipeline import default_tokenizer
     from mmjax.data.sources import resolve_paths
 
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdir_path(workdir)
+    if not is_remote(workdir):
+        os.makedirs(workdir, exist_ok=True)
     bench, data = config.bench, config.data
     size, seq_len = int(data.image_size), int(data.seq_len)
     rounds = max(int(bench.rounds), 1)
-    shard_dir = bench.data_dir or os.path.join(workdir, "shards")
+    # The shards are read as local files: on a bucket workdir they are made in a local temporary folder.
+    shard_dir = bench.data_dir or (tempfile.mkdtemp(prefix="mmjax-bench-shards-") if is_remote(workdir)
+                                   else os.path.join(workdir, "shards"))
     specs = prepare_shards(shard_dir, bench, log=log, accept_existing=bool(bench.data_dir))
     for stream, spec in specs.items():
         config.data.sources[stream] = spec
@@ -446,15 +453,11 @@ def run(config, workdir: str, *, modes: Iterable[str] = MODES, profile_batches: 
         log(f"\n[profile] cProfile of {profile_batches} in-process batches")
         profile_text, stats = profile_pipeline(config, tokenizer, profile_batches, profile_top)
         log(profile_text)
-        with open(os.path.join(workdir, "profile.txt"), "w") as f:
-            f.write(profile_text + "\n")
-        stats.dump_stats(os.path.join(workdir, "profile.prof"))
+        write_text(workdir / "profile.txt", profile_text + "\n")
+        write_bytes(workdir / "profile.prof", marshal.dumps(stats.stats))  # what Stats.dump_stats writes
 
-    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(_CSV_FIELDS))
-        writer.writeheader()
-        for r in results.values():
-            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in _CSV_FIELDS})
+    write_csv(workdir / "results.csv", _CSV_FIELDS,
+              [{k: ("" if r.get(k) is None else r.get(k)) for k in _CSV_FIELDS} for r in results.values()])
     summary = dict(
         target_ratio=TARGET_RATIO,
         verdicts=verdicts,
@@ -469,9 +472,8 @@ def run(config, workdir: str, *, modes: Iterable[str] = MODES, profile_batches: 
         machine=dict(_machine(), load_average_before=load_before, load_average_after=load_after),
         profile=profile_text,
     )
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
-    log(f"wrote {os.path.join(workdir, 'results.csv')} and summary.json")
+    write_text(workdir / "summary.json", json.dumps(summary, indent=1, default=str))
+    log(f"wrote {workdir / 'results.csv'} and summary.json")
     return summary
 
 

@@ -28,12 +28,12 @@ identical tokens. Writes `results.csv` (one row per decoding mode) and
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import statistics
 import time
+
+from mmjax.paths import workdir_path, write_csv, write_text
 
 COLUMNS = ("decoding", "compile_s", "prefill_s", "total_s", "new_tokens_per_s", "per_token_ms")
 BOS, IMAGE = 1, 3
@@ -225,13 +225,10 @@ def report(cached: dict, uncached: dict, match: bool, log=print) -> float:
 
 def write_results(workdir: str, cached: dict, uncached: dict, summary: dict) -> None:
     """`results.csv` (one row per decoding mode) and `summary.json`."""
-    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in (cached, uncached):
-            writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    workdir = workdir_path(workdir)
+    write_csv(workdir / "results.csv", COLUMNS,
+              [{k: "" if row[k] is None else row[k] for k in COLUMNS} for row in (cached, uncached)])
+    write_text(workdir / "summary.json", json.dumps(summary, indent=2))
 
 
 def public(row: dict) -> dict:
@@ -254,7 +251,7 @@ def main(argv=None) -> int:
 
     from mmjax.models.registry import build_model, model_spec
 
-    os.makedirs(args.workdir, exist_ok=True)
+    workdir_path(args.workdir)  # a bucket that cannot be reached is refused before the model is built
     model = build_model(config.model, nnx.Rngs(config.train.seed))
     prompts = make_prompts(config, args.batch, args.prompt_len, config.train.seed)
     device = jax.devices()[0]

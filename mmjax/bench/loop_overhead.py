@@ -20,11 +20,11 @@ CPU time there; it shows as a longer step instead. Writes `results.csv` and
 
 from __future__ import annotations
 
-import csv
 import json
-import os
 import statistics
 import time
+
+from mmjax.paths import workdir_path, write_csv, write_text
 
 
 
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
 
     from mmjax.train.loop import train
 
-    os.makedirs(args.workdir, exist_ok=True)
+    workdir = workdir_path(args.workdir)
     config.train.steps = args.steps + 1  # the first step pays one-off runtime warm-up; dropped below
     config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, config.train.steps)  # LR is not timed
     config.train.log_every = 1
@@ -96,14 +96,14 @@ def main(argv=None) -> int:
     depth = config.train.prefetch
     runs = {}
     for name, prefetch in (("without prefetch", 0), (f"prefetch {depth}", depth)):
-        run_dir = os.path.join(args.workdir, f"loop_run_prefetch{prefetch}")
-        if os.path.exists(os.path.join(run_dir, "checkpoints")):
+        run_dir = workdir / f"loop_run_prefetch{prefetch}"
+        if (run_dir / "checkpoints").exists():
             raise SystemExit(f"{run_dir} already holds a run; choose a fresh --workdir.")
         print(f"mmjax.train {name}, {config.train.steps} steps ...", flush=True)
         config.train.prefetch = prefetch
         train(config, run_dir)
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            records = [r for r in map(json.loads, f) if "step_time_s" in r][1:]
+        records = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                   if "step_time_s" in r][1:]
         runs[name] = (statistics.median(r["step_time_s"] for r in records),
                       statistics.median(r["wall_per_step_s"] for r in records))
     print(f"bare step again, {args.steps} calls ...", flush=True)
@@ -123,16 +123,12 @@ def main(argv=None) -> int:
     print(f"\nloop wall time per step: {ratio:.3f} x the bare step (target <= 1.05: "
           f"{'PASS' if ratio <= 1.05 else 'ABOVE'}); without prefetch "
           f"{runs['without prefetch'][1] / bare_median:.3f} x")
-    with open(os.path.join(args.workdir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["measure", "seconds", "ratio_to_bare"])
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(args.workdir, "summary.json"), "w") as f:
-        json.dump({"config": config.to_dict(), "steps": args.steps, "devices": jax.device_count(),
+    write_csv(workdir / "results.csv", ["measure", "seconds", "ratio_to_bare"], rows)
+    write_text(workdir / "summary.json", json.dumps({"config": config.to_dict(), "steps": args.steps, "devices": jax.device_count(),
                    "bare_median_s": bare_median, "loop_step_median_s": loop_step,
                    "loop_wall_per_step_median_s": loop_wall, "overhead_ratio": ratio,
                    "without_prefetch": {"step_median_s": runs["without prefetch"][0],
-                                        "wall_per_step_median_s": runs["without prefetch"][1]}}, f, indent=2)
+                                        "wall_per_step_median_s": runs["without prefetch"][1]}}, indent=2))
     return 0
 
 

@@ -26,10 +26,10 @@ tpu_estimate_s, tpu_ratio_to_dense.
 
 from __future__ import annotations
 
-import csv
 import os
 
 from mmjax.bench.harness import TimedConfig, first_batch, time_round_robin
+from mmjax.paths import save_figure, workdir_path, write_csv
 
 DISPATCHES = ("capacity", "dropless")
 
@@ -123,20 +123,16 @@ def _plot(rows: list[dict], path: str) -> None:
                         ha="center", va="bottom", fontsize=8)
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
 def write_outputs(rows: list[dict], workdir: str) -> None:
     """`results.csv` (COLUMNS, + TPU_COLUMNS when estimated) and `moe_vs_dense.png`."""
-    os.makedirs(workdir, exist_ok=True)
+    workdir = workdir_path(workdir)
     columns = COLUMNS + (TPU_COLUMNS if rows[0].get("tpu_topology") else ())
-    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in columns})
-    _plot(rows, os.path.join(workdir, "moe_vs_dense.png"))
+    write_csv(workdir / "results.csv", columns, [{k: row.get(k, "") for k in columns} for row in rows])
+    _plot(rows, workdir / "moe_vs_dense.png")
 
 
 def _config_spec(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -197,6 +193,8 @@ def main(argv=None) -> int:
     dense, moe = args.config, moe_args.config
     prepare_runtime(dense)
     prepare_runtime(moe)  # the same runtime; checks the MoE member's config too
+    if args.workdir:
+        workdir_path(args.workdir)  # a bucket that cannot be reached is refused before the runs
     rows = compare(dense, moe, args.steps, args.topology)  # a Refusal ends in one sentence
     print_table(rows, rows[0]["mesh"], args.steps)
     if args.workdir:

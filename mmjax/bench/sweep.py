@@ -28,13 +28,13 @@ empty and `rank` follows the estimate.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import os
 
 from mmjax.bench.harness import (AXES, TimedConfig, first_batch, mesh_name, remat_name, time_round_robin,
                                  tpu_columns, with_candidate)
 from mmjax.errors import ConfigError
+from mmjax.paths import save_figure, workdir_path, write_csv
 
 COLUMNS = ("rank", "mesh", "layout", "remat", "status", "reason", "step_time_s", "step_time_p90_s",
            "compile_s", "peak_bytes_per_device", "argument_bytes", "temp_bytes", "collective_bytes",
@@ -192,12 +192,8 @@ def print_table(rows: list[dict], log=print) -> None:
 
 
 def write_outputs(rows: list[dict], workdir: str) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+    workdir = workdir_path(workdir)
+    write_csv(workdir / "results.csv", COLUMNS, [{k: row.get(k, "") for k in COLUMNS} for row in rows])
     ok = [r for r in rows if r["status"] == "ok"]
     if ok:
         import matplotlib
@@ -219,7 +215,7 @@ def write_outputs(rows: list[dict], workdir: str) -> None:
         for ax in (ax1, ax2):
             ax.tick_params(axis="x", labelsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(workdir, "sweep.png"), dpi=100)
+        save_figure(fig, workdir / "sweep.png", dpi=100)
         plt.close(fig)
 
 
@@ -260,6 +256,7 @@ def main(argv=None) -> int:
     config = args.config
     grid, layouts = parse_grid(args.grid), parse_layouts(args.layouts)  # ConfigError: one sentence
     remats = parse_remats(args.remat)
+    workdir_path(args.workdir)  # a bucket that cannot be reached is refused before the sweep
     prepare_runtime(config)
     import jax
 

@@ -8,6 +8,7 @@ ones the training loop runs at `train.eval_every`), and writes:
   WORKDIR/eval/<step>/<task>.predictions.jsonl one row per scored prompt
   WORKDIR/metrics.jsonl, WORKDIR/tensorboard/  `eval/<task>/<metric>` at that step
 and returns the results; `format_table` renders them for the terminal.
+WORKDIR may be a bucket path (`gs://BUCKET/FOLDER`, `mmjax.paths`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import sys
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mmjax.errors import CheckpointError, ConfigError
 from mmjax.parallel import get_layout, make_mesh
+from mmjax.paths import workdir_path, write_text
 from mmjax.train.config_checks import check_config
 from mmjax.train.evaluators import EVALUATORS, evaluator_spec, load_builtins
 from mmjax.train.init_from import apply_init_from
@@ -50,8 +53,8 @@ def _restore_params(config, setup, workdir: str, step: int):
     """(params, step) from WORKDIR/checkpoints (the latest when `step` is 0)."""
     from mmjax.train.state import abstract_train_state
 
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    directory = os.fspath(workdir_path(workdir) / "checkpoints")
+    if not epath.Path(directory).is_dir():
         raise CheckpointError(f"--workdir {workdir} has no checkpoints/ folder; train first or give --converted.")
     manager = ocp.CheckpointManager(directory, item_names=("state", "data"))
     steps = sorted(manager.all_steps())
@@ -67,7 +70,7 @@ def _restore_params(config, setup, workdir: str, step: int):
         from mmjax.train.checkpoint import describe_damage
 
         raise CheckpointError(f"checkpoint step {step} in {directory} cannot be restored for this config: "
-                              f"{describe_damage(os.path.join(directory, str(step)), err)}") from None
+                              f"{describe_damage(os.fspath(epath.Path(directory) / str(step)), err)}") from None
     finally:
         manager.close()
     return restored["state"]["params"], step
@@ -102,7 +105,7 @@ def evaluate_checkpoint(config, workdir: str, tasks: list[str], step: int = 0,
     setup, params, step = load_params(config, workdir, step, list(converted or ()))
     tokenizer = default_tokenizer(config.data)
     results = {}
-    out_dir = os.path.join(os.path.abspath(workdir), "eval", str(step))
+    out_dir = workdir_path(workdir) / "eval" / str(step)
     for name in tasks:
         made = evaluator_spec(config, name).make(config, setup, tokenizer, name)
         if isinstance(made, str):
@@ -112,19 +115,14 @@ def evaluate_checkpoint(config, workdir: str, tasks: list[str], step: int = 0,
             made.progress_factory = _progress
         results[name] = made(params)
         if jax.process_index() == 0 and getattr(made, "predictions", None) is not None:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, f"{name}.predictions.jsonl"), "w") as f:
-                for row in made.predictions:
-                    f.write(json.dumps(row) + "\n")
+            write_text(out_dir / f"{name}.predictions.jsonl", "".join(json.dumps(row) + "\n" for row in made.predictions))
     if jax.process_index() == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump({"step": step, "tasks": results}, f, indent=2)
+        write_text(out_dir / "results.json", json.dumps({"step": step, "tasks": results}, indent=2))
         writer = MetricsWriter(workdir)
         writer.write({"step": step if isinstance(step, int) else 0,
                       **{f"eval/{task}/{k}": v for task, metrics in results.items() for k, v in metrics.items()}})
         writer.close()
-    return {"step": step, "tasks": results, "output": out_dir}
+    return {"step": step, "tasks": results, "output": os.fspath(out_dir)}
 
 
 def _task_table(task: str, metrics: dict) -> list[str]:
