@@ -156,6 +156,16 @@ def test_init_from_places_converted_weights_on_the_mesh(tmp_path):
     gate = state["params"]["decoder"]["layers"]["layers"][0]["mlp"]["gate"]["kernel"][...]
     np.testing.assert_array_equal(np.asarray(gate), tensors["model.layers.0.mlp.gate_proj.weight"].T)
 
+    # The same listed checkpoint into a scanned decoder: layers stacked on a leading axis.
+    c.model.decoder.scan = True
+    setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
+    state = apply_init_from(init_train_state(c, setup), [str(tmp_path / "llama")])
+    gate = state["params"]["decoder"]["layers"]["layers"]["mlp"]["gate"]["kernel"][...]
+    assert gate.shape[0] == d.layers and gate.sharding.spec[0] is None
+    for i in range(d.layers):
+        np.testing.assert_array_equal(np.asarray(gate[i]), tensors[f"model.layers.{i}.mlp.gate_proj.weight"].T)
+    c.model.decoder.scan = False
+
     # The same dense checkpoint into an MoE decoder: every expert is a copy of the MLP.
     c.model.decoder.moe.update(dict(num_experts=4, moe_every=1, expert_mlp=d.mlp))
     setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
@@ -170,3 +180,15 @@ def test_init_from_places_converted_weights_on_the_mesh(tmp_path):
     setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
     with pytest.raises(InitFromError, match="does not match config.model.decoder"):
         apply_init_from(init_train_state(c, setup), [str(tmp_path / "llama")])
+
+
+def test_listed_layers_stack_for_a_scanned_model_and_back():
+    from mmjax.train.init_from import match_layer_stacking
+
+    listed = {"blocks": {"layers": {"0": {"w": np.zeros((2, 3))}, "1": {"w": np.ones((2, 3))}}}, "norm": np.ones(3)}
+    scanned_target = {"blocks": {"layers": {"w": None}}, "norm": None}
+    stacked = match_layer_stacking(listed, scanned_target)
+    assert stacked["blocks"]["layers"]["w"].shape == (2, 2, 3) and stacked["blocks"]["layers"]["w"][1].sum() == 6
+    back = match_layer_stacking(stacked, {"blocks": {"layers": {0: {"w": None}, 1: {"w": None}}}, "norm": None})
+    np.testing.assert_array_equal(back["blocks"]["layers"][1]["w"], np.ones((2, 3)))
+    assert set(back["blocks"]["layers"]) == {0, 1}

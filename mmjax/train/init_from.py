@@ -5,7 +5,8 @@ Each entry of `config.init_from` is a folder written by
 replace the matching component (`vit` or `decoder`) of a freshly initialised
 model, placed directly onto the run's shardings. Optimizer state starts fresh.
 A dense decoder checkpoint given to an MoE decoder is upcycled: every expert
-starts as a copy of the dense MLP (`mmjax.models.upcycle`).
+starts as a copy of the dense MLP (`mmjax.models.upcycle`). Converted weights
+hold listed layers; a scanned stack receives them stacked (and the reverse).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -25,9 +27,47 @@ class InitFromError(ConfigError):
     """An init_from folder is unreadable or does not match the model config."""
 
 
+def _target_scanned(component: dict) -> bool:
+    """Whether the component's layer stack (`layers` or `blocks`) is scanned."""
+    for name in ("layers", "blocks"):
+        stack = component.get(name)
+        if isinstance(stack, dict) and "layers" in stack:
+            return not _is_layer_list(stack["layers"])
+    return False
+
+
+def _placed(value, abstract: jax.ShapeDtypeStruct) -> jax.Array:
+    if tuple(value.shape) != tuple(abstract.shape):
+        raise ValueError(f"an array of shape {tuple(value.shape)} where the model has {tuple(abstract.shape)}")
+    return jax.device_put(np.asarray(value, abstract.dtype), abstract.sharding)
+
+
 def _has_experts(decoder: dict) -> bool:
     return any("wi_gate" in layer["mlp"] for layer in decoder["layers"]["layers"].values()
                if isinstance(layer, dict) and "mlp" in layer)
+
+
+def _is_layer_list(tree) -> bool:
+    return isinstance(tree, dict) and bool(tree) and all(str(k).isdigit() for k in tree)
+
+
+def match_layer_stacking(source, target):
+    """`source` (a restored pure dict) with each layer stack laid out as in
+    `target`: per-layer dicts `{0: {...}, 1: {...}}` (a listed stack, as
+    `convert_hf` writes) stacked into arrays with a leading `[layers]`
+    dimension where the target is scanned, or unstacked the other way."""
+    if not isinstance(source, dict) or not isinstance(target, dict):
+        return source
+    if _is_layer_list(source) and not _is_layer_list(target):
+        layers = [source[k] for k in sorted(source, key=int)]
+        return match_layer_stacking(jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers),
+                                    target)
+    if _is_layer_list(target) and not _is_layer_list(source):
+        keys = sorted(target, key=int)
+        return {k: match_layer_stacking(jax.tree.map(lambda x, i=i: np.asarray(x)[i], source), target[k])
+                for i, k in enumerate(keys)}
+    return {k: match_layer_stacking(v, target.get(k, target.get(str(k)))) if k in target or str(k) in target
+            else v for k, v in source.items()}
 
 
 def apply_init_from(state: dict, paths) -> dict:
@@ -55,8 +95,11 @@ def apply_init_from(state: dict, paths) -> dict:
                     dense = ckpt.restore(os.path.join(path, "params"))
                     restored = jax.tree.map(lambda v, a: jax.device_put(v, a.sharding),
                                             upcycle_decoder(dense, current), abstract)
-                else:
+                elif bool(meta["config"].get("scan")) == _target_scanned(current):
                     restored = ckpt.restore(os.path.join(path, "params"), abstract)
+                else:  # listed layers into a scanned stack, or the reverse
+                    raw = match_layer_stacking(ckpt.restore(os.path.join(path, "params")), current)
+                    restored = jax.tree.map(lambda v, a: _placed(v, a), raw, abstract)
         except Exception as err:
             raise InitFromError(f"config.init_from entry {path} does not match "
                                 f"config.model.{component}: {err}") from err
