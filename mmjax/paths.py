@@ -159,6 +159,18 @@ def copy_tree(source, target) -> None:
         write_bytes(target / name, (source / name).read_bytes())
 
 
+def move_tree(source, target) -> None:
+    """Moves the folder `source` to `target`: a rename locally; on a bucket,
+    which has no folders to rename, a copy of every object and then a delete."""
+    source, target = epath.Path(source), epath.Path(target)
+    if not is_remote(source) and not is_remote(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(os.fspath(source), os.fspath(target))
+        return
+    copy_tree(source, target)
+    source.rmtree()
+
+
 def files_under(folder) -> list[str]:
     """The files under `folder`, as sorted paths relative to it (a local folder or a bucket prefix)."""
     folder = epath.Path(folder)

@@ -92,3 +92,41 @@ def test_local_workdirs_are_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert paths.workdir_path("run") == tmp_path / "run"
     assert not paths.is_remote(paths.workdir_path("run"))
+
+
+def test_benchmark_outputs_land_in_the_bucket(bucket):
+    """The benchmarks' writers (results.csv, PNG plots, summary.json) on a gs:// workdir."""
+    import csv
+    import io
+    import json
+
+    from mmjax.bench import decode, moe_vs_dense, sweep
+
+    root = paths.workdir_path(f"gs://{BUCKET}/bench")
+    sweep.write_outputs([{"status": "ok", "mesh": "2x2x2x1", "layout": "fsdp", "step_time_s": 0.5,
+                          "collective_bytes": 2**20}], root / "sweep")
+    moe_vs_dense.write_outputs([{"config": "dense", "step_time_s": 1.0}, {"config": "moe", "step_time_s": 1.5}],
+                               root / "moe")
+    row = dict.fromkeys(decode.COLUMNS, 1.0)
+    decode.write_results(root / "decode", row, row, {"speedup": 1.0})
+    assert paths.files_under(root) == ["decode/results.csv", "decode/summary.json", "moe/moe_vs_dense.png",
+                                       "moe/results.csv", "sweep/results.csv", "sweep/sweep.png"]
+    assert (root / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader(io.StringIO((root / "moe" / "results.csv").read_text())))
+    assert [r["config"] for r in rows] == ["dense", "moe"]
+    assert json.loads((root / "decode" / "summary.json").read_text()) == {"speedup": 1.0}
+
+
+def test_a_partial_checkpoint_on_a_bucket_is_moved_aside(bucket):
+    """A bucket has no folders to rename: the partial step is copied to checkpoints_damaged/ and deleted."""
+    from mmjax.train.checkpoint import Checkpointer
+
+    root = paths.workdir_path(f"gs://{BUCKET}/partial")
+    paths.write_text(root / "checkpoints" / "5" / "state" / "_METADATA", "{")
+    lines = []
+    ckpt = Checkpointer(root, async_save=False, log=lines.append)
+    assert ckpt.latest_step() is None
+    assert ckpt.recovered[0]["moved_to"] == f"gs://{BUCKET}/partial/checkpoints_damaged/5"
+    assert paths.files_under(root) == ["checkpoints_damaged/5/state/_METADATA"]
+    assert "has no commit_success.txt (a partial checkpoint)" in lines[0]
+    ckpt.close()

@@ -14,7 +14,12 @@ import pytest
 from conftest import small_config
 from gcs_emulator import BUCKET, storage_emulator
 from mmjax.train.loop import train
-from test_train import ROOT, _cli_command
+from mmjax.eval.__main__ import main as eval_main
+from mmjax.frontend import run_command
+from test_train import ROOT, SMALL_OVERRIDES, _cli_command
+
+EVAL_OVERRIDES = ["--config", "experiments/tiny.py", *SMALL_OVERRIDES[:-1],
+                  "--config.evaluators.shapes_vqa.num_examples=4", "--config.evaluators.shapes_vqa.shots=(0,)"]
 
 
 def _bucket_records(remote):
@@ -72,3 +77,12 @@ def test_sigkill_then_rerun_on_a_bucket_workdir_matches_the_uninterrupted_run(tm
         assert len([n for n in names if n.startswith("tensorboard/events.out.tfevents.")]) == 2  # one per run
         assert {"checkpoints/30/commit_success.txt", "checkpoints/30/state/manifest.ocdbt",
                 "checkpoints/30/data/process_0-of-1.json"} <= set(names)
+
+        # mmjax.eval reads the bucket's checkpoint and writes its results there.
+        monkeypatch.chdir(ROOT)
+        argv = [*EVAL_OVERRIDES, "--workdir", run, "--tasks", "shapes_vqa"]
+        assert run_command(eval_main, argv) == 0
+        results = json.loads((remote / "eval" / "30" / "results.json").read_text())
+        assert results["step"] == 30 and results["tasks"]["shapes_vqa"]["scored@0shot"] == 4
+        assert (remote / "eval" / "30" / "shapes_vqa.predictions.jsonl").exists()
+        assert "eval/shapes_vqa/accuracy@0shot" in _bucket_records(remote)[-1]

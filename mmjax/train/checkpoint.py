@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mmjax.errors import CheckpointError
-from mmjax.paths import is_remote, workdir_path
+from mmjax.paths import is_remote, move_tree, workdir_path
 
 COMMIT_MARKER = "commit_success.txt"
 DAMAGED_DIR = "checkpoints_damaged"
@@ -142,9 +142,7 @@ class Checkpointer:
             target = _join(self.damaged_directory, f"{step}-{n}")
             n += 1
         if jax.process_index() == 0:
-            if not is_remote(target):
-                os.makedirs(self.damaged_directory, exist_ok=True)
-            epath.Path(_join(self.directory, str(step))).rename(target)
+            move_tree(_join(self.directory, str(step)), target)
         return target
 
     def wait(self) -> None:
