@@ -15,7 +15,7 @@ def get_config(arg=None):
     c = base_config()
     c.model.name = "text_lm"
     c.runtime.cpu_devices = 8
-    c.mesh = dict(data=2, fsdp=2, expert=2, model=1)
+    c.mesh.update(data=2, fsdp=2, expert=2, model=1)  # keeps the slice counts (mesh.dcn_*)
     c.data.mix_weights = (0.0, 0.0, 1.0)  # caption : interleaved : text
     c.data.max_images = 0
     c.eval.caption_accuracy = False  # it reads images; this model does not

@@ -14,7 +14,7 @@ from mmjax.eval.task_settings import shapes_tasks
 def get_config(arg=None):
     c = base_config()
     c.runtime.cpu_devices = 8
-    c.mesh = dict(data=2, fsdp=2, expert=2, model=1)
+    c.mesh.update(data=2, fsdp=2, expert=2, model=1)  # keeps the slice counts (mesh.dcn_*)
     c.train.steps = 300
     # Few-shot captioning and VQA on held-out shapes scenes (python -m mmjax.eval, and every
     # train.eval_every steps inside training).

@@ -21,7 +21,9 @@ def base_config() -> mlc.ConfigDict:
     c.runtime = dict(
         cpu_devices=0,  # >0: simulate this many devices on the host CPU
     )
-    c.mesh = dict(data=-1, fsdp=1, expert=1, model=1)
+    # dcn_*: over how many TPU slices each axis is spread (mmjax/parallel/mesh.py); dcn_data=-1
+    # spreads the data axis over every slice (on one slice: 1).
+    c.mesh = dict(data=-1, fsdp=1, expert=1, model=1, dcn_data=-1, dcn_fsdp=1, dcn_expert=1, dcn_model=1)
     c.rules = "fsdp"  # a layout name from mmjax.parallel.rules.LAYOUTS
     # Folders from `python -m mmjax.tools.convert_hf` whose weights replace the
     # matching component (vit or decoder) at the start of a fresh run.

@@ -183,13 +183,13 @@ def _get(config, path: str):
     node = config
     for key in path.split("."):
         node = node[key]
-    return dict(node) if path == "mesh" else node
+    return {k: v for k, v in dict(node).items() if not k.startswith("dcn_")} if path == "mesh" else node
 
 
 def _set(config, path: str, value) -> None:
     if path == "mesh":  # per key: works on a locked config and keeps unknown axes out
-        for axis in list(config.mesh.keys()):
-            if axis not in value:
+        for axis in list(config.mesh.keys()):  # the slice counts (mesh.dcn_*) are not the preset's
+            if axis not in value and not axis.startswith("dcn_"):
                 value = {**value, axis: 1}
         for axis, size in value.items():
             config.mesh[axis] = size

@@ -22,7 +22,7 @@ from mmjax.bench.topology import devices_per_chip, parse_topology
 from mmjax.models.connectors import make_connector
 from mmjax.models.decoder import Decoder, is_moe_layer
 from mmjax.models.vit import ViT, param_count
-from mmjax.parallel.mesh import resolve_mesh_shape
+from mmjax.parallel.mesh import MESH_AXES, resolve_mesh_shape
 from mmjax.parallel.rules import get_layout, logical_to_spec
 from mmjax.train.config_checks import check_config
 from mmjax.train.param_counts import decoder_param_counts, param_counts
@@ -300,7 +300,7 @@ def test_hardware_flag_applies_the_preset():
     c.hardware = "cpu-4"
     apply_hardware_flag(c)
     assert c.runtime.cpu_devices == 4 and c.hardware_applied == "cpu-4"
-    assert dict(c.mesh) == dict(data=2, fsdp=2, expert=1, model=1)
+    assert {k: c.mesh[k] for k in MESH_AXES} == dict(data=2, fsdp=2, expert=1, model=1)
 
 
 def test_apply_and_resolve_hardware():
@@ -310,7 +310,8 @@ def test_apply_and_resolve_hardware():
     c.hardware = "tpu-v5p-256"
     assert hardware.resolve_hardware(c) == []
     assert (c.runtime.cpu_devices, c.model.decoder.remat, c.topology) == (0, "full", "v5p:4x4x8")
-    assert dict(c.mesh) == dict(data=1, fsdp=-1, expert=1, model=1)
+    assert {k: c.mesh[k] for k in MESH_AXES} == dict(data=1, fsdp=-1, expert=1, model=1)
+    assert c.mesh.dcn_data == -1  # the slice counts are not the preset's
     assert hardware.resolve_hardware(c) == []  # nothing left to do
     # a field overridden explicitly (here mesh.data) wins over the new preset
     c = mm1.get_config("3b")

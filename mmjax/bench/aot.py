@@ -5,6 +5,7 @@ step-time ESTIMATE.
       --config.mesh.data=1 --config.mesh.fsdp=4 --config.mesh.expert=1
   python -m mmjax.bench.aot --config experiments/mm1.py:3b --topology v5p:4x4x8 --workdir DIR
   python -m mmjax.bench.aot --config experiments/mm1.py:7b,tpu-v5p-512
+  python -m mmjax.bench.aot --config experiments/tiny.py --topology v5p:2x2x1 --num_slices 2
 
 Without --topology the config's own `topology` field is used (the hardware
 presets of mmjax/hardware.py set it; `--config.hardware=NAME` applies
@@ -48,6 +49,15 @@ Collectives are counted from the compiled HLO (`mmjax.bench.hlo_collectives`:
 bytes received per device) and compared with the analytic FSDP minimum
 (`mmjax.bench.fsdp_analytic`): `collective_ratio` = measured / minimum.
 Topology strings are described in `mmjax.bench.topology`.
+
+Multislice: `--num_slices N` compiles for N identical slices of the
+topology (libtpu's compile-only devices carry their `slice_index`), with the
+mesh spread over the slices as `config.mesh.dcn_*` says (default: the data
+axis spans every slice; `mmjax.parallel.mesh`). The compiled program runs
+per slice: collectives inside a slice are ICI, transfers between slices DCN
+(megascale sends); the report gives both (`ici_collective_bytes`,
+`dcn_collective_bytes`, `dcn_bytes_by_kind`) and the estimate charges DCN
+bytes at the DCN rate per chip (`mmjax.bench.estimate`).
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ from mmjax.bench.fsdp_analytic import FsdpAnalytic, fsdp_collective_breakdown
 from mmjax.bench.hlo_collectives import COLLECTIVE_KINDS, analyse_compiled
 from mmjax.bench.hlo_precision import analyse_precision
 from mmjax.bench.topology import topology_devices, topology_mesh
+from mmjax.parallel.mesh import slice_mesh_shape
 
 FIT_FRACTION = 0.95
 
@@ -103,6 +114,13 @@ class AotReport:
     fsdp_analytic: FsdpAnalytic
     estimate: StepEstimate
     notes: list[str] = dataclasses.field(default_factory=list)
+    # Multislice: slices each mesh axis spans, and the collective bytes split
+    # into inside slices (ICI) and across slices (DCN; by kind, with counts).
+    dcn_mesh: dict[str, int] = dataclasses.field(default_factory=dict)
+    ici_collective_bytes: float = 0.0
+    dcn_collective_bytes: float = 0.0
+    dcn_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    dcn_bytes_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
     # Matmul FLOPs by operand dtypes and converts (mmjax.bench.hlo_precision).
     precision: dict = dataclasses.field(default_factory=dict)
     hlo_text: str = dataclasses.field(default="", repr=False)  # the compiled module (not in to_dict)
@@ -136,6 +154,8 @@ class AotReport:
     def format(self) -> str:
         gib = 2 ** 30
         mesh = " x ".join(f"{a}={s}" for a, s in self.mesh.items())
+        if self.num_slices > 1:
+            mesh += " (slices: " + " x ".join(f"{a}={s}" for a, s in self.dcn_mesh.items()) + ")"
         lines = [
             f"topology {self.topology}: {self.num_devices} x {self.device_kind} ({self.generation}), "
             f"{self.num_slices} slice(s); mesh {mesh}; layout {self.rules!r}",
@@ -172,6 +192,11 @@ class AotReport:
             for top in self.largest_collectives[:5]:
                 lines.append(f"    {top['bytes'] / 2**20:12.3f} MiB x{top['executions']:<5d} {top['kind']:18s} "
                              f"g={top['group']:<4d} {top['shape'][:32]:32s} {top['op_name'][-60:]}")
+        if self.num_slices > 1:
+            lines.append(f"  inside slices (ICI)     {self.ici_collective_bytes / 2**20:10.3f} MiB (the kinds above)")
+            lines.append(f"  across slices (DCN)     {self.dcn_collective_bytes / 2**20:10.3f} MiB: " + (", ".join(
+                f"{k} {self.dcn_counts.get(k, 0)} ops {v / 2**20:.3f} MiB" for k, v in self.dcn_bytes_by_kind.items())
+                or "none"))
         lines += [
             f"  total {' ' * 21}{self.collective_bytes / 2**20:10.3f} MiB  analytic {a.total / 2**20:10.3f} MiB"
             f"  ratio {self.collective_ratio:.3f}",
@@ -194,10 +219,12 @@ def abstract_batch(config, setup) -> dict:
             for name, row in batch_row_shapes(config).items()}
 
 
-def compile_for_topology(config, topology: str) -> AotReport:
+def compile_for_topology(config, topology: str, num_slices: int = 1) -> AotReport:
     """Compiles the train step of `config` for a TPU topology string
-    ("v5p:4x4x8", "v4:2x2x1", "v5e:2x2", "v6e:2x2"; see `mmjax.bench.topology`)
-    and reports memory, fit, FLOPs, collectives and a step-time estimate.
+    ("v5p:4x4x8", "v4:2x2x1", "v5e:2x2", "v6e:2x2"; see `mmjax.bench.topology`),
+    or for `num_slices` slices of it (multislice: the mesh spread over them by
+    `config.mesh.dcn_*`), and reports memory, fit, FLOPs, collectives (inside
+    and across slices) and a step-time estimate.
 
     Raises TopologyError for an unknown topology or a mesh that does not
     match its device count, ConfigError/LayoutError for other config problems
@@ -208,9 +235,10 @@ def compile_for_topology(config, topology: str) -> AotReport:
     from mmjax.train.loop import build_step
     from mmjax.train.state import abstract_train_state
 
-    gen, devices = topology_devices(topology)
+    gen, devices = topology_devices(topology, num_slices)
     mesh = topology_mesh(config.mesh, devices, topology)
     n = len(devices)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
     check_config(config, n, 1)
     setup, step = build_step(config, mesh, get_layout(config.rules))
     t0 = time.perf_counter()
@@ -219,9 +247,8 @@ def compile_for_topology(config, topology: str) -> AotReport:
     compiled = lowered.compile()
     t2 = time.perf_counter()
     hlo_text = compiled.as_text()
-    stats = analyse_compiled(compiled, n, hlo_text)
+    stats = analyse_compiled(compiled, n // slices, hlo_text)  # the program runs per slice
     chip: ChipSpec = CHIPS[gen]
-    slices = len({getattr(d, "slice_index", 0) for d in devices})
     analytic_flops = train_flops(config, n, ragged_dot="grouped").hardware_flops_per_device
     notes = list(stats.collectives.notes)
     loops = [trips for _, trips in stats.collectives.loops if trips and trips > 1]
@@ -234,7 +261,8 @@ def compile_for_topology(config, topology: str) -> AotReport:
         notes.append(f"loops with {sorted(set(loops))} iterations: the cost analysis counts a loop body "
                      f"once, so the estimate scales its FLOPs and bytes accessed by analytic / compiled "
                      f"FLOPs = {scale:.2f}")
-    estimate = estimate_step_time(flops, accessed, stats.collective_bytes, chip, slices)
+    estimate = estimate_step_time(flops, accessed, stats.collective_bytes, chip, slices,
+                                  dcn_bytes_per_device=stats.collectives.dcn_bytes)
     return AotReport(
         topology=topology, generation=gen, device_kind=devices[0].device_kind, num_devices=n,
         num_slices=slices, mesh=dict(mesh.shape), rules=str(config.rules) if isinstance(config.rules, str)
@@ -253,7 +281,10 @@ def compile_for_topology(config, topology: str) -> AotReport:
         gathers_as_all_reduce_bytes=stats.collectives.gathers_as_all_reduce_bytes,
         largest_collectives=stats.collectives.largest,
         fsdp_analytic=fsdp_collective_breakdown(setup),
-        estimate=estimate, notes=notes, precision=analyse_precision(hlo_text).to_dict(), hlo_text=hlo_text)
+        estimate=estimate, notes=notes, dcn_mesh=slice_mesh_shape(mesh),
+        ici_collective_bytes=stats.collectives.ici_bytes, dcn_collective_bytes=stats.collectives.dcn_bytes,
+        dcn_counts=dict(stats.collectives.dcn_counts), dcn_bytes_by_kind=dict(stats.collectives.dcn_bytes_by_kind),
+        precision=analyse_precision(hlo_text).to_dict(), hlo_text=hlo_text)
 
 
 def write_report(report: AotReport, workdir: str) -> str:
@@ -283,6 +314,10 @@ def _define(fv) -> None:
         "tpu7x:2x2x1 (also 'TPU v5 lite:2x2', v5litepod:4x4, trillium:4x4, v7x:2x2x1, ironwood:4x4x4). "
         "Default: config.topology, which the hardware presets of mmjax/hardware.py set. Needs libtpu, "
         "not a TPU.", flag_values=fv)
+    flags.DEFINE_integer(
+        "num_slices", 1, "Multislice: compile for this many identical slices of --topology, joined by the "
+        "data-center network (DCN); config.mesh.dcn_* says which mesh axes span them (default: data). "
+        "MaxText calls it compile_topology_num_slices.", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("workdir", None, "If set, write aot_report.json here.", flag_values=fv)
 
 
@@ -295,7 +330,7 @@ def main(argv: list[str]) -> int:
     topology = args.topology or config.get("topology", "")
     if not topology:
         raise SystemExit("error: --topology is required (the config names none in config.topology).")
-    report = compile_for_topology(config, topology)  # TopologyError/ConfigError: one sentence
+    report = compile_for_topology(config, topology, args.num_slices)  # TopologyError/ConfigError: one sentence
     print(report.format())
     if args.workdir:
         print(f"wrote {write_report(report, args.workdir)} and the compiled HLO as "

@@ -24,6 +24,17 @@ operand of B bytes per device:
 
 `shape_bytes_by_kind` keeps the plain buffer sizes (all-gather: output;
 reduce-scatter, all-reduce, all-to-all, collective-permute: operand).
+
+Multislice programs (a mesh over several TPU slices) are compiled per
+slice: the collectives above run inside a slice (ICI; their replica groups
+name the slice's devices), and what crosses slices (DCN) becomes `send` /
+`recv` host transfers to libtpu's megascale runtime, marked
+`_xla_megascale_transfer_type` (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, ...)
+and `_xla_megascale_target` (the groups of slices: `"{1,2}x{0:3}"`, slices
+1 and 2 by every device 0..3 of a slice, or `{{100000,200000},...}`, global
+device ids). Each `send` is counted once (its `recv` and `-done` are not)
+in `dcn_counts` / `dcn_bytes_by_kind`, with the same ring formulas over the
+g slices of its group and its operand as B. `collective_bytes` is ICI + DCN.
 """
 
 from __future__ import annotations
@@ -147,6 +158,24 @@ def _group_size(attrs: str, num_devices: int) -> int:
     return num_devices
 
 
+_DCN_KINDS = {"ALL_REDUCE": "all-reduce", "ALL_GATHER": "all-gather", "REDUCE_SCATTER": "reduce-scatter",
+              "ALL_TO_ALL": "all-to-all"}
+
+
+def _dcn_transfer(attrs: str) -> tuple[str, int] | None:
+    """(kind, slices in its group) of a megascale (cross-slice) `send`, or None."""
+    match = re.search(r'_xla_megascale_transfer_type="?([A-Z_]+)', attrs)
+    if not match:
+        return None
+    kind = _DCN_KINDS.get(match.group(1), "collective-permute")
+    target = re.search(r'_xla_megascale_target="?\{(\{[^}]*\}|[^}]*)\}', attrs)
+    group = 2
+    if target:
+        first = target.group(1).strip("{}")
+        group = max(1, len([x for x in first.split(",") if x.strip()]))
+    return kind, group
+
+
 def _kind(opcode: str) -> str | None:
     base = opcode.removesuffix("-start")
     if base == "ragged-all-to-all":
@@ -170,14 +199,28 @@ class CollectiveStats:
     # The largest sources of traffic: collectives grouped by kind, group size,
     # result shape and the JAX operation they come from (`op_name`), by bytes.
     largest: list[dict] = dataclasses.field(default_factory=list)
+    # Cross-slice (DCN) transfers of a multislice program (module doc); the
+    # fields above then hold the collectives inside a slice (ICI).
+    dcn_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    dcn_bytes_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ici_bytes(self) -> float:
+        return float(sum(self.bytes_by_kind.values()))
+
+    @property
+    def dcn_bytes(self) -> float:
+        return float(sum(self.dcn_bytes_by_kind.values()))
 
     @property
     def collective_bytes(self) -> float:
-        return float(sum(self.bytes_by_kind.values()))
+        return self.ici_bytes + self.dcn_bytes
 
     def to_dict(self) -> dict:
         return {"counts": dict(self.counts), "bytes_by_kind": dict(self.bytes_by_kind),
                 "shape_bytes_by_kind": dict(self.shape_bytes_by_kind),
+                "dcn_counts": dict(self.dcn_counts), "dcn_bytes_by_kind": dict(self.dcn_bytes_by_kind),
+                "ici_bytes": self.ici_bytes, "dcn_bytes": self.dcn_bytes,
                 "collective_bytes": self.collective_bytes, "notes": list(self.notes),
                 "loops": [list(loop) for loop in self.loops],
                 "gathers_as_all_reduce": self.gathers_as_all_reduce,
@@ -287,6 +330,8 @@ def collective_stats(hlo_text: str, num_devices: int, top: int | None = TOP_SOUR
     loops: list[tuple[str, int | None]] = []
     tables = {name: {i.name: i.shape for i in instrs} for name, instrs in comps.items()}
     by_name = {name: {i.name: i for i in instrs} for name, instrs in comps.items()}
+    dcn_counts = dict.fromkeys(COLLECTIVE_KINDS, 0)
+    dcn_received = dict.fromkeys(COLLECTIVE_KINDS, 0.0)
     gathers = [0, 0.0]  # all-gathers in all-reduce form: count, bytes received
     sources: dict[tuple, list] = {}  # (kind, group, shape, op_name) -> [executions, bytes received]
 
@@ -294,13 +339,25 @@ def collective_stats(hlo_text: str, num_devices: int, top: int | None = TOP_SOUR
         table = tables.get(comp, {})
         return sum(shape_bytes(table.get(op, "")) for op in instr.operands)
 
-    def add(kind: str, operand: float, group: int, times: int, instr: _Instr) -> None:
+    def add(kind: str, operand: float, group: int, times: int, instr: _Instr, dcn: bool = False) -> None:
         got, size = _received(kind, operand, group)
-        counts[kind] += times
-        received[kind] += got * times
-        shapes[kind] += size * times
+        if dcn:
+            dcn_counts[kind] += times
+            dcn_received[kind] += got * times
+        else:
+            counts[kind] += times
+            received[kind] += got * times
+            shapes[kind] += size * times
         source = re.search(r'op_name="([^"]*)"', instr.attrs)
-        key = (kind, group, re.sub(r"\{[^{}]*\}", "", instr.shape), source.group(1) if source else "")
+        shape = re.sub(r"\{[^{}]*\}", "", instr.shape)
+        if dcn:  # a send's shape is (buffer, context, token); the name says what it serves
+            shape = _ARRAY_RE.search(shape).group(0) if _ARRAY_RE.search(shape) else shape
+            rendezvous = re.search(r'_xla_host_transfer_rendezvous="([^"]*)"', instr.attrs)
+            kind = "dcn " + kind
+            op_name = rendezvous.group(1) if rendezvous else ""
+        else:
+            op_name = source.group(1) if source else ""
+        key = (kind, group, shape, op_name)
         entry = sources.setdefault(key, [0, 0.0])
         entry[0] += times
         entry[1] += got * times
@@ -311,6 +368,12 @@ def collective_stats(hlo_text: str, num_devices: int, top: int | None = TOP_SOUR
         for instr in comps[comp]:
             op = instr.opcode
             if op.endswith(("-done", "-update")):
+                continue
+            if op == "send":
+                transfer = _dcn_transfer(instr.attrs)
+                if transfer is not None:
+                    operand = sum(shape_bytes(tables.get(comp, {}).get(o, "")) for o in instr.operands[:1])
+                    add(transfer[0], operand, transfer[1], times, instr, dcn=True)
                 continue
             kind = _kind(op)
             if kind is not None:
@@ -348,7 +411,9 @@ def collective_stats(hlo_text: str, num_devices: int, top: int | None = TOP_SOUR
     ranked = sorted(sources.items(), key=lambda item: -item[1][1])[:top]
     largest = [{"kind": k[0], "group": k[1], "shape": k[2], "op_name": k[3], "executions": v[0],
                 "bytes": v[1]} for k, v in ranked]
-    return CollectiveStats(counts, received, shapes, notes, loops, gathers[0], gathers[1], largest)
+    return CollectiveStats(counts, received, shapes, notes, loops, gathers[0], gathers[1], largest,
+                           {k: v for k, v in dcn_counts.items() if v},
+                           {k: v for k, v in dcn_received.items() if dcn_counts[k]})
 
 
 @dataclasses.dataclass

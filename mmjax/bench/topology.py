@@ -89,13 +89,19 @@ def _prepare_compile_only_libtpu() -> None:
         os.environ.setdefault(name, value)
 
 
-def topology_devices(topology: str) -> tuple[str, list]:
-    """(generation, compile-only devices of the slice) for a topology string."""
+def topology_devices(topology: str, num_slices: int = 1) -> tuple[str, list]:
+    """(generation, compile-only devices) for a topology string: one slice,
+    or `num_slices` identical slices (multislice; each device's
+    `slice_index` says which, as on a real multislice job)."""
     gen, shape = parse_topology(topology)
+    if not isinstance(num_slices, int) or isinstance(num_slices, bool) or num_slices < 1:
+        raise TopologyError(f"num_slices={num_slices!r} is invalid; use a positive number of slices.")
     _prepare_compile_only_libtpu()
     from jax.experimental import topologies
 
     kwargs = {"chip_config_name": "megacore"} if gen in _MEGACORE else {}
+    if num_slices > 1:
+        kwargs["num_slices"] = num_slices
     dims = [int(d) for d in shape.split("x")] + [1] * (3 - len(shape.split("x")))
     if dims != [2, 2, 1] and all(d <= bound for d, bound in zip(dims, (2, 2, 1), strict=True)):
         kwargs["chips_per_host_bounds"] = tuple(dims)  # smaller than one 2x2x1 host: a sub-host slice
@@ -104,7 +110,8 @@ def topology_devices(topology: str) -> tuple[str, list]:
     except Exception as err:  # noqa: BLE001 (libtpu missing, or a runtime error for a rejected shape)
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         detail = re.sub(r"^[A-Z_]+: ", "", detail).rstrip(".")
-        raise TopologyError(f"topology {topology!r} cannot be built by libtpu ({detail}).") from None
+        slices = f" x {num_slices} slices" if num_slices > 1 else ""
+        raise TopologyError(f"topology {topology!r}{slices} cannot be built by libtpu ({detail}).") from None
     return gen, list(desc.devices)
 
 
@@ -116,7 +123,9 @@ def topology_mesh(mesh_cfg: Mapping[str, int], devices: list, topology: str = ""
     try:
         return make_mesh(dict(mesh_cfg), devices=devices)
     except MeshConfigError as err:
+        slices = len({getattr(d, "slice_index", 0) for d in devices})
         where = f"topology {topology!r}" if topology else "the topology"
+        where += f" x {slices} slices" if slices > 1 else ""
         raise TopologyError(f"{str(err).rstrip('.')} on {where}.") from None
 
 
