@@ -12,6 +12,17 @@
 # The hosts find each other from the TPU_WORKER_* / MEGASCALE_* variables that
 # GKE sets (mmjax/train/distributed.py). CONFIG is relative to the repository root.
 #
+# Multislice (NUM_SLICES > 1; ICI inside a slice, the data-center network
+# between slices): the trainer counts the slices from its devices'
+# slice_index and spreads the mesh over them as config.mesh.dcn_* says
+# (mmjax/parallel/mesh.py). The default, config.mesh.dcn_data=-1, puts the data
+# axis across the slices (MaxText's dcn_data_parallelism=-1), so config.mesh.data
+# (the whole axis) must be a multiple of NUM_SLICES: e.g. --config.mesh.data=-1
+# with the other axes fixed, or --config.mesh.data=NUM_SLICES --config.mesh.fsdp=-1.
+# Other splits: --config.mesh.dcn_fsdp=2 (and dcn_data the remaining slices).
+# Check a layout first on this machine, without TPUs:
+#   python -m mmjax.bench.aot --config CONFIG --topology v5e:4x4 --num_slices NUM_SLICES [overrides]
+#
 # WORKDIR must be one directory that every host sees at the same path (a
 # Cloud Storage bucket through the GCS FUSE CSI driver, Filestore): checkpoints
 # are written by all hosts together and a restarted workload resumes from them.

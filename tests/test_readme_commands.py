@@ -55,6 +55,8 @@ NOT_RUN = {
     "python -m mmjax.train --config experiments/mm1.py:smoke-3b --workdir /tmp/mm1-smoke":
         f"{LONGER}; test_experiments.py checks the smoke configs",
     "python -m mmjax.bench.aot --config experiments/mm1.py:3b-moe": f"{LONGER} (a 512-chip compile)",
+    "python -m mmjax.bench.aot --config experiments/tiny.py --topology v5p:2x2x1 --num_slices 2":
+        "test_multislice.py compiles the same two-slice step and checks its report",
     "python -m mmjax.bench.aot --config experiments/mm1.py:3b --config.hardware=tpu-v5p-256":
         f"{LONGER} (a 256-chip compile)",
     "python -m mmjax.bench.moe_vs_dense --config experiments/moe_pairs.py:tiny --workdir /tmp/moe "
