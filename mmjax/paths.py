@@ -15,7 +15,7 @@ training loop syncs at every checkpoint save, so the bucket's metrics reach
 at least the latest checkpoint (the resumed run logs the steps after it).
 
 A local storage emulator is used when `STORAGE_EMULATOR_HOST` is set (as
-gcsfs and google-cloud-storage read it): `configure_emulator` then points
+gcsfs and google-cloud-storage read it): `configure_gcs` then points
 tensorstore at it too (`TENSORSTORE_GCS_HTTP_URL`, a fixed test token),
 makes gcsfs anonymous and turns off its storage-layout lookup, which speaks
 gRPC to the real service only. Unset, the real service and the machine's
@@ -42,10 +42,17 @@ def is_remote(path) -> bool:
     return os.fspath(path).startswith(REMOTE_SCHEMES)
 
 
-def configure_emulator() -> None:
-    """With `STORAGE_EMULATOR_HOST` set, every client talks to that emulator
-    without credentials (module doc); a no-op otherwise. Variables already set
-    are kept."""
+def configure_gcs() -> None:
+    """Settings for the gcsfs filesystem that epath creates (before it does):
+    no listings cache, since checkpoint arrays are written by tensorstore,
+    past gcsfs, and other processes write the same prefix (a cached listing
+    would miss their objects). With `STORAGE_EMULATOR_HOST` set, every client
+    talks to that emulator without credentials (module doc). Values already
+    set are kept."""
+    import fsspec
+
+    gcs = fsspec.config.conf.setdefault("gcs", {})
+    gcs.setdefault("use_listings_cache", False)
     host = os.environ.get("STORAGE_EMULATOR_HOST", "")
     if not host:
         return
@@ -54,9 +61,7 @@ def configure_emulator() -> None:
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     os.environ.setdefault("NO_GCE_CHECK", "true")
-    import fsspec
-
-    fsspec.config.conf.setdefault("gcs", {}).setdefault("token", "anon")
+    gcs.setdefault("token", "anon")
 
 
 _checked: set[str] = set()
@@ -99,7 +104,7 @@ def workdir_path(path, *, check: bool = True) -> epath.Path:
         raise ConfigError(f"--workdir {text}: only local folders and gs://bucket/... paths are supported.")
     if not is_remote(text):
         return epath.Path(os.path.abspath(text))
-    configure_emulator()
+    configure_gcs()
     bucket = text[len("gs://"):].split("/", 1)[0]
     if not bucket:
         raise ConfigError(f"--workdir {text} names no bucket (expected gs://BUCKET/FOLDER).")

@@ -2,7 +2,7 @@
 tests of gs:// workdirs: started as a subprocess on a free port, in memory,
 with one bucket. The environment it yields points gcsfs and
 google-cloud-storage at it (`STORAGE_EMULATOR_HOST`);
-mmjax.paths.configure_emulator derives tensorstore's settings from it.
+mmjax.paths.configure_gcs derives tensorstore's settings from it.
 
 One fix is applied to the emulator (`python tests/gcs_emulator.py PORT BUCKET`
 runs it so): its media downloads carry no `x-goog-generation` header, which
@@ -60,9 +60,22 @@ def emulated_bucket(monkeypatch, bucket: str = BUCKET):
         from mmjax import paths
 
         paths._checked.clear()
+        fresh_gcs_filesystem()
         yield env
         for key in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING"):
             os.environ.pop(key, None)
+
+
+def fresh_gcs_filesystem() -> None:
+    """gcsfs and epath cache the filesystem (and its endpoint): a new endpoint needs a new one."""
+    from mmjax import paths
+
+    paths.configure_gcs()  # before gcsfs is first imported: it reads GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT then
+    import gcsfs
+    from etils.epath import backend
+
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()
 
 
 def _serve(port: int, bucket: str) -> None:

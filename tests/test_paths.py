@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import free_port
-from gcs_emulator import BUCKET, emulated_bucket
+from gcs_emulator import BUCKET, emulated_bucket, fresh_gcs_filesystem
 from mmjax import paths
 from mmjax.errors import ConfigError
 
@@ -64,19 +64,10 @@ def test_unreachable_or_missing_buckets_are_refused_in_one_sentence(bucket, monk
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setattr(paths, "REACH_TIMEOUT_S", 1.0)
     monkeypatch.setattr(paths, "_checked", set())
-    _fresh_gcs_filesystem()
+    fresh_gcs_filesystem()
     with pytest.raises(ConfigError, match=r"bucket gs://other cannot be reached \(no answer in 1s"):
         paths.workdir_path("gs://other/run")
-    _fresh_gcs_filesystem()
-
-
-def _fresh_gcs_filesystem():
-    """gcsfs and epath cache the filesystem (and its endpoint); a new endpoint needs a new one."""
-    import gcsfs
-    from etils.epath import backend
-
-    gcsfs.GCSFileSystem.clear_instance_cache()
-    backend.fsspec_backend._get_filesystem.cache_clear()
+    fresh_gcs_filesystem()
 
 
 def test_missing_gcsfs_is_refused_in_one_sentence(monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from gcs_emulator import BUCKET, storage_emulator
+from gcs_emulator import BUCKET, emulated_bucket
 from mmjax.train.loop import train
 from mmjax.eval.__main__ import main as eval_main
 from mmjax.frontend import run_command
@@ -36,9 +36,7 @@ def test_sigkill_then_rerun_on_a_bucket_workdir_matches_the_uninterrupted_run(tm
     ref = {json.loads(line)["step"]: json.loads(line)["loss"]
            for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line}
 
-    with storage_emulator() as env:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
+    with emulated_bucket(monkeypatch) as env:
         from mmjax import paths
 
         run = f"gs://{BUCKET}/run"
