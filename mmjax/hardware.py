@@ -24,8 +24,12 @@ A preset names one machine shape (`"cpu-8"`, `"tpu-v5p-256"`, `"gpu-h100-8"`,
   expert_parallel size of the `expert` mesh axis for an MoE model (reduced to
                   a divisor of `num_experts`); `fsdp` takes the rest
   vit_remat, decoder_remat
-                  `model.vit.remat` / `model.decoder.remat` ("" off, "full",
-                  "dots", "dots_no_batch"; see mmjax/models/stack.py)
+                  `model.vit.remat` / `model.decoder.remat` ("" off or a
+                  policy of mmjax/models/stack.py: "full", "attention", ...)
+  decoder_attention
+                  `model.decoder.attention`: "splash" (the Pallas kernel) on
+                  TPU presets, "xla" elsewhere; a config with bidirectional
+                  image attention keeps "xla", which the kernel cannot draw
   rules           a layout name from `mmjax.parallel.rules.LAYOUTS`
   cpu_devices     `runtime.cpu_devices` (simulated devices; 0 on real
                   accelerators)
@@ -72,6 +76,7 @@ class Hardware:
     expert_parallel: int = 1
     vit_remat: str = "full"
     decoder_remat: str = "full"
+    decoder_attention: str = "xla"
     rules: str = "fsdp"
     cpu_devices: int = 0
     data_workers: int = 0
@@ -100,7 +105,7 @@ def _tpu(name: str, devices: int, topology: str, kind: str, hbm: float, *, mesh:
     return Hardware(name=name, platform="tpu", devices=devices, topology=topology, device_kind=kind,
                     hbm_gib=hbm, mesh=mesh or dict(data=1, fsdp=-1, expert=1, model=1),
                     chip_config="megacore" if megacore else "", expert_parallel=expert_parallel,
-                    data_workers=workers)
+                    data_workers=workers, decoder_attention="splash")
 
 
 def _gpu(name: str, devices: int, kind: str, hbm: float, per_node: int = 8) -> Hardware:
@@ -174,6 +179,8 @@ def preset_values(config, name: str) -> dict[str, Any]:
         "rules": hw.rules,
         "model.vit.remat": hw.vit_remat,
         "model.decoder.remat": hw.decoder_remat,
+        "model.decoder.attention": ("xla" if config.model.get("bidirectional_image_attention")
+                                    else hw.decoder_attention),
         "runtime.cpu_devices": hw.cpu_devices if hw.platform == "cpu" else 0,
         "data.workers": hw.data_workers,
     }

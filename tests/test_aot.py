@@ -68,6 +68,12 @@ def test_tiny_fsdp_step_on_v5p(report, tmp_path):
     assert saved["fits"] is True and saved["estimate"]["label"] == "estimate (not measured)"
     assert saved["collective_ratio"] == pytest.approx(report.collective_ratio)
     assert "peak" in report.format() and "ESTIMATE" in report.format()
+    # Estimated MFU: the useful FLOPs (all image slots filled here) over the estimate and peak.
+    useful = train_flops(c, 4).model_flops / 4
+    assert report.image_fill == 1.0 and report.model_flops_per_device == pytest.approx(useful)
+    assert report.estimated_mfu == pytest.approx(useful / est.step_s / CHIPS["v5p"].peak_flops)
+    assert 0 < report.estimated_mfu <= report.estimated_mfu_overlapped
+    assert f"ESTIMATED MFU {report.estimated_mfu:.1%}" in report.format()
 
 
 @needs_libtpu
@@ -239,3 +245,17 @@ def test_cli_help_exits_zero():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "--topology" in out.stdout and "peak_bytes = argument + output + temp - alias" in out.stdout
+
+
+def test_image_fill_is_measured_on_the_configs_data_or_given():
+    from mmjax.bench.image_fill import measured_image_fill
+    from mmjax.errors import ConfigError
+
+    c = small_config()
+    fill, sentence = measured_image_fill(c, sequences=8, batch_size=4)
+    assert 0.0 < fill <= 1.0 and "image slots filled" in sentence
+    assert aot._image_fill("0.5", c) == 0.5
+    with pytest.raises(ConfigError, match="--image_fill='lots'"):
+        aot._image_fill("lots", c)
+    with pytest.raises(ConfigError, match="--image_fill='1.5'"):
+        aot._image_fill("1.5", c)

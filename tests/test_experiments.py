@@ -312,6 +312,11 @@ def test_apply_and_resolve_hardware():
     assert (c.runtime.cpu_devices, c.model.decoder.remat, c.topology) == (0, "full", "v5p:4x4x8")
     assert {k: c.mesh[k] for k in MESH_AXES} == dict(data=1, fsdp=-1, expert=1, model=1)
     assert c.mesh.dcn_data == -1  # the slice counts are not the preset's
+    assert c.model.decoder.attention == "splash"  # TPU presets draw the decoder's attention with the kernel
+    c.model.bidirectional_image_attention = True  # which cannot draw image blocks: back to xla
+    hardware.apply_hardware(c, "tpu-v5p-128")
+    assert c.model.decoder.attention == "xla"
+    assert hardware.apply_hardware(mm1.get_config("3b"), "gpu-h100-8").model.decoder.attention == "xla"
     assert hardware.resolve_hardware(c) == []  # nothing left to do
     # a field overridden explicitly (here mesh.data) wins over the new preset
     c = mm1.get_config("3b")

@@ -58,6 +58,14 @@ per slice: collectives inside a slice are ICI, transfers between slices DCN
 (megascale sends); the report gives both (`ici_collective_bytes`,
 `dcn_collective_bytes`, `dcn_bytes_by_kind`) and the estimate charges DCN
 bytes at the DCN rate per chip (`mmjax.bench.estimate`).
+
+Estimated MFU: useful FLOPs per device (`train_flops(...).model_flops_at`:
+3 passes for trained components, fewer for frozen ones, the ViT and
+connector scaled by the image slots the data fills) / the estimated step
+(no overlap; also shown with perfect overlap) / the chip's peak. The fill
+comes from packing 32 sequences of the config's own data on the host
+(`--image_fill auto`, `mmjax.bench.image_fill`) or is given as a number.
+It is an estimate from published rates, not a measurement.
 """
 
 from __future__ import annotations
@@ -123,6 +131,12 @@ class AotReport:
     dcn_bytes_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
     # Matmul FLOPs by operand dtypes and converts (mmjax.bench.hlo_precision).
     precision: dict = dataclasses.field(default_factory=dict)
+    # Estimated MFU: useful FLOPs (`model_flops_at` the images present: a
+    # fraction `image_fill` of the slots) / the estimated step / peak FLOP/s.
+    image_fill: float = 1.0
+    model_flops_per_device: float = 0.0
+    estimated_mfu: float = 0.0
+    estimated_mfu_overlapped: float = 0.0
     hlo_text: str = dataclasses.field(default="", repr=False)  # the compiled module (not in to_dict)
 
     @property
@@ -201,6 +215,9 @@ class AotReport:
             f"  total {' ' * 21}{self.collective_bytes / 2**20:10.3f} MiB  analytic {a.total / 2**20:10.3f} MiB"
             f"  ratio {self.collective_ratio:.3f}",
             self.estimate.summary() + f" on {self.generation} (published rates; mmjax/bench/estimate.py)",
+            f"ESTIMATED MFU {self.estimated_mfu:.1%} ({self.estimated_mfu_overlapped:.1%} with perfect overlap): "
+            f"model FLOPs {self.model_flops_per_device:.4e} per device with {self.image_fill:.1%} of the "
+            "image slots filled, no backward pass for frozen modules, over the estimated step and peak",
         ]
         lines += [f"note: {n}" for n in self.notes + list(self.estimate.notes)]
         return "\n".join(lines)
@@ -219,7 +236,7 @@ def abstract_batch(config, setup) -> dict:
             for name, row in batch_row_shapes(config).items()}
 
 
-def compile_for_topology(config, topology: str, num_slices: int = 1) -> AotReport:
+def compile_for_topology(config, topology: str, num_slices: int = 1, image_fill: float = 1.0) -> AotReport:
     """Compiles the train step of `config` for a TPU topology string
     ("v5p:4x4x8", "v4:2x2x1", "v5e:2x2", "v6e:2x2"; see `mmjax.bench.topology`),
     or for `num_slices` slices of it (multislice: the mesh spread over them by
@@ -249,7 +266,9 @@ def compile_for_topology(config, topology: str, num_slices: int = 1) -> AotRepor
     hlo_text = compiled.as_text()
     stats = analyse_compiled(compiled, n // slices, hlo_text)  # the program runs per slice
     chip: ChipSpec = CHIPS[gen]
-    analytic_flops = train_flops(config, n, ragged_dot="grouped").hardware_flops_per_device
+    breakdown = train_flops(config, n, ragged_dot="grouped")
+    analytic_flops = breakdown.hardware_flops_per_device
+    useful = breakdown.model_flops_at(image_fill * breakdown.images_per_step) / n
     notes = list(stats.collectives.notes)
     loops = [trips for _, trips in stats.collectives.loops if trips and trips > 1]
     flops, accessed = stats.flops, stats.bytes_accessed
@@ -284,7 +303,10 @@ def compile_for_topology(config, topology: str, num_slices: int = 1) -> AotRepor
         estimate=estimate, notes=notes, dcn_mesh=slice_mesh_shape(mesh),
         ici_collective_bytes=stats.collectives.ici_bytes, dcn_collective_bytes=stats.collectives.dcn_bytes,
         dcn_counts=dict(stats.collectives.dcn_counts), dcn_bytes_by_kind=dict(stats.collectives.dcn_bytes_by_kind),
-        precision=analyse_precision(hlo_text).to_dict(), hlo_text=hlo_text)
+        precision=analyse_precision(hlo_text).to_dict(), hlo_text=hlo_text,
+        image_fill=image_fill, model_flops_per_device=useful,
+        estimated_mfu=useful / estimate.step_s / chip.peak_flops if estimate.step_s else 0.0,
+        estimated_mfu_overlapped=useful / estimate.overlapped_s / chip.peak_flops if estimate.overlapped_s else 0.0)
 
 
 def write_report(report: AotReport, workdir: str) -> str:
@@ -319,6 +341,32 @@ def _define(fv) -> None:
         "data-center network (DCN); config.mesh.dcn_* says which mesh axes span them (default: data). "
         "MaxText calls it compile_topology_num_slices.", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("workdir", None, "If set, write aot_report.json here.", flag_values=fv)
+    flags.DEFINE_string(
+        "image_fill", "auto", "Fraction of the image slots the batches fill, for the estimated MFU's useful "
+        "FLOPs: 'auto' measures it by packing 32 sequences of the config's own data on the host "
+        "(mmjax.bench.image_fill); a number in [0, 1] takes it as given.", flag_values=fv)
+
+
+def _image_fill(text: str, config) -> float:
+    """--image_fill: 'auto' (measured on the config's data) or a fraction."""
+    from mmjax.errors import ConfigError
+    from mmjax.models import model_spec
+
+    if text == "auto":
+        if not model_spec(config.model).uses_images:
+            return 1.0
+        from mmjax.bench.image_fill import measured_image_fill
+
+        fill, sentence = measured_image_fill(config)
+        print(sentence)
+        return fill
+    try:
+        fill = float(text)
+    except ValueError:
+        fill = math.nan
+    if not 0.0 <= fill <= 1.0:
+        raise ConfigError(f"--image_fill={text!r} is neither 'auto' nor a fraction in [0, 1].")
+    return fill
 
 
 def main(argv: list[str]) -> int:
@@ -330,7 +378,8 @@ def main(argv: list[str]) -> int:
     topology = args.topology or config.get("topology", "")
     if not topology:
         raise SystemExit("error: --topology is required (the config names none in config.topology).")
-    report = compile_for_topology(config, topology, args.num_slices)  # TopologyError/ConfigError: one sentence
+    fill = _image_fill(args.image_fill, config)
+    report = compile_for_topology(config, topology, args.num_slices, fill)  # TopologyError/ConfigError: one sentence
     print(report.format())
     if args.workdir:
         print(f"wrote {write_report(report, args.workdir)} and the compiled HLO as "
