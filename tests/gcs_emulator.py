@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -31,8 +32,9 @@ def storage_emulator(bucket: str = BUCKET):
     from conftest import free_port
 
     port = free_port()
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would stall the server's request log
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), bucket],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 30
     while True:
         with socket.socket() as s:
@@ -40,13 +42,15 @@ def storage_emulator(bucket: str = BUCKET):
                 break
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            raise RuntimeError(f"the storage emulator did not start: {proc.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"the storage emulator did not start: {log.read().decode()[-2000:]}")
         time.sleep(0.05)
     try:
         yield {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}"}
     finally:
         proc.kill()
         proc.wait()
+        log.close()
 
 
 @contextlib.contextmanager
@@ -96,7 +100,9 @@ def _serve(port: int, bucket: str) -> None:
         response["x-goog-metageneration"] = obj["metageneration"]
 
     objects.download = download_with_generation  # before the server module binds its routes
-    from gcp_storage_emulator.server import create_server
+    from gcp_storage_emulator.server import RequestHandler, create_server
+
+    RequestHandler.log_message = lambda self, *args: None  # no line per request
 
     logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
