@@ -86,7 +86,7 @@ def test_local_workdirs_are_absolute_paths(tmp_path, monkeypatch):
 
 
 def test_benchmark_outputs_land_in_the_bucket(bucket):
-    """The benchmarks' writers (results.csv, PNG plots, summary.json) on a gs:// workdir."""
+    """The benchmarks' writers (results.csv, PNG plots, summary.json, the AOT report) on a gs:// workdir."""
     import csv
     import io
     import json
@@ -100,8 +100,16 @@ def test_benchmark_outputs_land_in_the_bucket(bucket):
                                root / "moe")
     row = dict.fromkeys(decode.COLUMNS, 1.0)
     decode.write_results(root / "decode", row, row, {"speedup": 1.0})
-    assert paths.files_under(root) == ["decode/results.csv", "decode/summary.json", "moe/moe_vs_dense.png",
+    from types import SimpleNamespace
+
+    from mmjax.bench import aot
+
+    report = SimpleNamespace(hlo_text="HloModule m", to_dict=lambda: {"fits": True})
+    assert aot.write_report(report, f"gs://{BUCKET}/bench/aot") == f"gs://{BUCKET}/bench/aot/aot_report.json"
+    assert paths.files_under(root) == ["aot/aot_report.json", "aot/compiled_hlo.txt", "decode/results.csv",
+                                       "decode/summary.json", "moe/moe_vs_dense.png",
                                        "moe/results.csv", "sweep/results.csv", "sweep/sweep.png"]
+    assert json.loads((root / "aot" / "aot_report.json").read_text()) == {"fits": True}
     assert (root / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     rows = list(csv.DictReader(io.StringIO((root / "moe" / "results.csv").read_text())))
     assert [r["config"] for r in rows] == ["dense", "moe"]

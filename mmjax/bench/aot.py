@@ -73,7 +73,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 
 from mmjax.bench.estimate import CHIPS, ChipSpec, StepEstimate, estimate_step_time
@@ -312,15 +311,14 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, image_fill:
 def write_report(report: AotReport, workdir: str) -> str:
     """Writes `aot_report.json` (and the compiled HLO as `compiled_hlo.txt`)
     under `workdir`; returns the JSON path."""
-    os.makedirs(workdir, exist_ok=True)
+    from mmjax.paths import workdir_path, write_text
+
+    folder = workdir_path(workdir)  # a local folder or gs://bucket/...
     if report.hlo_text:
-        with open(os.path.join(workdir, "compiled_hlo.txt"), "w") as f:
-            f.write(report.hlo_text)
-    path = os.path.join(workdir, "aot_report.json")
-    with open(path, "w") as f:
-        json.dump(report.to_dict(), f, indent=2, default=float)
-        f.write("\n")
-    return path
+        write_text(folder / "compiled_hlo.txt", report.hlo_text)
+    path = folder / "aot_report.json"
+    write_text(path, json.dumps(report.to_dict(), indent=2, default=float) + "\n")
+    return str(path)
 
 
 # ---------------------------------------------------------------------------
@@ -383,7 +381,7 @@ def main(argv: list[str]) -> int:
     print(report.format())
     if args.workdir:
         print(f"wrote {write_report(report, args.workdir)} and the compiled HLO as "
-              f"{os.path.join(args.workdir, 'compiled_hlo.txt')}")
+              f"{str(args.workdir).rstrip('/')}/compiled_hlo.txt")
     return 0
 
 
