@@ -36,8 +36,19 @@ MAX_BLOCK = 512
 LANES = 128
 
 
+def padded(n: int, multiple: int) -> int:
+    """`n` rounded up to a multiple of `multiple` (SEQ_MULTIPLE for sequences,
+    LANES for head_dim): the sizes the kernel runs on."""
+    return -(-n // multiple) * multiple
+
+
+def block_size(seq: int) -> int:
+    """The kernel's block along both sequence axes for an unpadded length `seq`."""
+    return math.gcd(padded(seq, SEQ_MULTIPLE), MAX_BLOCK)
+
+
 def _block_sizes(seq: int) -> kernel_lib.BlockSizes:
-    block = math.gcd(seq, MAX_BLOCK)
+    block = block_size(seq)
     return kernel_lib.BlockSizes(
         block_q=block, block_kv=block, block_kv_compute=block,
         block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
@@ -57,7 +68,7 @@ def _kernel(heads: int, seq: int, causal: bool, interpret: bool):
 
 
 def _pad_to(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
-    extra = -x.shape[axis] % multiple
+    extra = padded(x.shape[axis], multiple) - x.shape[axis]
     if not extra:
         return x
     widths = [(0, 0)] * x.ndim

@@ -212,7 +212,9 @@ def _vit_ops(vit, n_img: int) -> list[_Op]:
     hw_scores, kernel = scores, vit.get("attention", "xla") == "splash"
     if kernel:  # sequences padded to the kernel's block, head_dim to the lane width
         head_dim = e // vit.heads
-        hw_scores = 2.0 * n_img * _splash_pad(tokens) ** 2 * vit.heads * _splash_lanes(head_dim)
+        from mmjax.models.splash import LANES, SEQ_MULTIPLE, padded
+
+        hw_scores = 2.0 * n_img * padded(tokens, SEQ_MULTIPLE) ** 2 * vit.heads * padded(head_dim, LANES)
     mlp = 2.0 * rows * e * m
     for _ in range(blocks):
         ops += [_Op("vit/attention_proj", 3 * proj, 3 * proj, stack="vit", tag=_QKV),
@@ -300,15 +302,20 @@ def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: in
     ops: list[_Op] = []
     kernel = dec.get("attention", "xla") == "splash"
     # The kernel skips key blocks above the diagonal: (n + 1) / 2 of n blocks per query block.
-    blocks = _splash_pad(s) // _splash_block(s) if kernel else 1
-    executed_pairs = _splash_pad(s) ** 2 * (blocks + 1) / (2 * blocks) if kernel else s * s
+    executed_pairs, lanes = s * s, hd
+    if kernel:
+        from mmjax.models.splash import LANES, SEQ_MULTIPLE, block_size, padded
+
+        blocks = padded(s, SEQ_MULTIPLE) // block_size(s)
+        executed_pairs = padded(s, SEQ_MULTIPLE) ** 2 * (blocks + 1) / (2 * blocks)
+        lanes = padded(hd, LANES)
     for i in range(dec.layers):
         qkv = 2.0 * t * m * (q_out + 2 * kv_out)  # q: heads; k, v: kv_heads (GQA)
         out = 2.0 * t * m * q_out
         ops += [_Op("decoder/attention_proj", qkv, qkv, stack="decoder", tag=_QKV),
                 _Op("decoder/attention_proj", out, out, stack="decoder")]
         per_pair = 2.0 * 2 * b * dec.heads * hd  # scores + weighted values
-        hw_pair = per_pair * (_splash_lanes(hd) / hd if kernel else 1)
+        hw_pair = per_pair * lanes / hd
         ops.append(_Op("decoder/attention_scores", per_pair * causal_pairs, hw_pair * executed_pairs,
                        kind=_BATCHED_DOT, stack="decoder", weights=False, tag=_CONTEXT, kernel=kernel))
         if not is_moe_layer(dec, i):
@@ -347,21 +354,6 @@ def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: in
     head = 2.0 * t * m * dec.vocab_size  # lm_head or tied embedding.attend
     ops.append(_Op("decoder/lm_head", head, head))
     return ops
-
-
-def _splash_block(s: int) -> int:
-    from mmjax.models.splash import MAX_BLOCK
-    return math.gcd(_splash_pad(s), MAX_BLOCK)
-
-
-def _splash_pad(s: int) -> int:
-    from mmjax.models.splash import SEQ_MULTIPLE
-    return -(-s // SEQ_MULTIPLE) * SEQ_MULTIPLE
-
-
-def _splash_lanes(head_dim: int) -> int:
-    from mmjax.models.splash import LANES
-    return -(-head_dim // LANES) * LANES
 
 
 def _recompute(op: _Op, policies: Mapping[str, str]) -> float:
