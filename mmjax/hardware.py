@@ -61,6 +61,7 @@ import math
 from typing import Any
 
 from mmjax.errors import ConfigError
+from mmjax.parallel.mesh import axis_settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,13 +191,13 @@ def _get(config, path: str):
     node = config
     for key in path.split("."):
         node = node[key]
-    return {k: v for k, v in dict(node).items() if not k.startswith("dcn_")} if path == "mesh" else node
+    return axis_settings(node) if path == "mesh" else node
 
 
 def _set(config, path: str, value) -> None:
     if path == "mesh":  # per key: works on a locked config and keeps unknown axes out
-        for axis in list(config.mesh.keys()):  # the slice counts (mesh.dcn_*) are not the preset's
-            if axis not in value and not axis.startswith("dcn_"):
+        for axis in axis_settings(config.mesh):  # the slice counts (mesh.dcn_*) are not the preset's
+            if axis not in value:
                 value = {**value, axis: 1}
         for axis, size in value.items():
             config.mesh[axis] = size

@@ -34,6 +34,11 @@ DCN_PREFIX = "dcn_"
 DCN_KEYS = tuple(DCN_PREFIX + a for a in MESH_AXES)  # config.mesh.dcn_data, ...
 
 
+def axis_settings(mesh_cfg: Mapping[str, int]) -> dict[str, int]:
+    """`config.mesh` without the slice counts (`dcn_*`): the axis sizes as set."""
+    return {k: v for k, v in dict(mesh_cfg).items() if not k.startswith(DCN_PREFIX)}
+
+
 class MeshConfigError(ConfigError):
     """The requested mesh cannot be built from the available devices."""
 

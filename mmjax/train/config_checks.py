@@ -16,7 +16,7 @@ import math
 import os
 
 from mmjax.errors import ConfigError
-from mmjax.parallel.mesh import resolve_mesh_shape
+from mmjax.parallel.mesh import axis_settings, resolve_mesh_shape
 from mmjax.parallel.rules import get_layout
 from mmjax.train.config_schema import field_problems, lookup
 
@@ -46,8 +46,7 @@ def check_static(config) -> None:
 
 def _any_device_count(mesh_cfg) -> int:
     """A device count the mesh's fixed axes can fill (checks sizes and -1s only)."""
-    return math.prod(max(int(v), 1) if isinstance(v, int) else 1
-                     for k, v in dict(mesh_cfg).items() if not k.startswith("dcn_"))  # not the slice counts
+    return math.prod(max(int(v), 1) if isinstance(v, int) else 1 for v in axis_settings(mesh_cfg).values())
 
 
 def _check_model(config) -> None:

@@ -390,7 +390,9 @@ def train_flops(config, num_devices: int | None = None, ragged_dot: str | None =
         backend). Default: by `jax.default_backend()`.
     """
     if num_devices is None:
-        fixed = [int(v) for v in dict(config.mesh).values()]
+        from mmjax.parallel.mesh import axis_settings
+
+        fixed = [int(v) for v in axis_settings(config.mesh).values()]
         num_devices = math.prod(fixed) if all(v > 0 for v in fixed) else jax.device_count()
     num_devices = int(num_devices)
     if ragged_dot is None:
