@@ -28,8 +28,8 @@ A preset names one machine shape (`"cpu-8"`, `"tpu-v5p-256"`, `"gpu-h100-8"`,
                   policy of mmjax/models/stack.py: "full", "attention", ...)
   decoder_attention
                   `model.decoder.attention`: "splash" (the Pallas kernel) on
-                  TPU presets, "xla" elsewhere; a config with bidirectional
-                  image attention keeps "xla", which the kernel cannot draw
+                  TPU presets (bidirectional image blocks included), "xla"
+                  elsewhere
   rules           a layout name from `mmjax.parallel.rules.LAYOUTS`
   cpu_devices     `runtime.cpu_devices` (simulated devices; 0 on real
                   accelerators)
@@ -180,8 +180,7 @@ def preset_values(config, name: str) -> dict[str, Any]:
         "rules": hw.rules,
         "model.vit.remat": hw.vit_remat,
         "model.decoder.remat": hw.decoder_remat,
-        "model.decoder.attention": ("xla" if config.model.get("bidirectional_image_attention")
-                                    else hw.decoder_attention),
+        "model.decoder.attention": hw.decoder_attention,
         "runtime.cpu_devices": hw.cpu_devices if hw.platform == "cpu" else 0,
         "data.workers": hw.data_workers,
     }

@@ -1,7 +1,7 @@
 """Attention implementations chosen by config agree: outputs and gradients
 of the XLA einsum path, `jax.nn.dot_product_attention` and the Pallas
 splash kernel (Pallas' interpreter on CPU), with packed documents,
-bidirectional image blocks (not splash) and grouped-query heads, sharded
+bidirectional image blocks and grouped-query heads, sharded
 over a mesh, and whole models built with each."""
 
 import importlib.util
@@ -25,7 +25,7 @@ def _inputs():
     segments = jnp.asarray([[1] * 5 + [2] * 4 + [0] * 3, [1] * 12])  # packed documents, padding
     image_ids = jnp.asarray([[-1, 0, 0, 0, -1, -1, 1, 1, -1, -1, -1, -1], [-1] * 12])  # two image blocks
     return q, k, v, {"causal_segments": SegmentMask(segments),
-                     "image_blocks": SegmentMask(segments, image_ids), "none": None}
+                     "image_blocks": SegmentMask(segments, image_ids, image_span=3), "none": None}
 
 
 def _outputs_and_grads(fn, q, k, v, mask):
@@ -46,18 +46,37 @@ def _assert_agree(got, want, what):
 @pytest.mark.parametrize("mask_name", ["causal_segments", "image_blocks", "none"])
 @pytest.mark.parametrize("implementation", ["dot_product_attention", "splash"])
 def test_outputs_and_gradients_agree(mask_name, implementation):
-    if implementation == "splash" and mask_name == "image_blocks":
-        pytest.skip("splash refuses image blocks (test_splash_refuses_image_blocks)")
     q, k, v, masks = _inputs()
     mask = masks[mask_name]
     want = _outputs_and_grads(ATTENTION["xla"], q, k, v, mask)
     _assert_agree(_outputs_and_grads(ATTENTION[implementation], q, k, v, mask), want, implementation)
 
 
-def test_splash_refuses_image_blocks():
-    q, k, v, masks = _inputs()
-    with pytest.raises(ValueError, match="bidirectional image blocks"):
-        ATTENTION["splash"](q, k, v, masks["image_blocks"])
+def test_image_query_positions_reach_the_end_of_their_image():
+    from mmjax.models.splash import image_query_positions
+
+    ids = jnp.asarray([[-1, 0, 0, 0, 1, 1, -1, 2, -1, 3, 3, 3]])  # adjacent images 0 and 1
+    np.testing.assert_array_equal(image_query_positions(ids)[0], [0, 3, 3, 3, 5, 5, 6, 7, 8, 11, 11, 11])
+
+
+@pytest.mark.parametrize("span", [0, 80])
+def test_splash_image_blocks_across_kernel_blocks(span):
+    """Images that straddle the kernel's 128-token blocks: a query early in an
+    image sees keys in the next key block, which the causal block table
+    would skip. span=80 is the longest image (blocks past the diagonal
+    partial); 0 means unknown (every key block evaluated)."""
+    rng = np.random.default_rng(3)
+    b, s, h, kv, d = 2, 300, 2, 1, 8
+    q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in
+               ((b, s, h, d), (b, s, kv, d), (b, s, kv, d)))
+    segments = np.ones((b, s), np.int32)
+    segments[0, 200:] = 2
+    segments[1, 290:] = 0
+    image_ids = np.full((b, s), -1, np.int32)
+    image_ids[0, 100:180], image_ids[0, 201:250], image_ids[1, 120:200], image_ids[1, 200:256] = 0, 1, 2, 3
+    mask = SegmentMask(jnp.asarray(segments), jnp.asarray(image_ids), image_span=span)
+    _assert_agree(_outputs_and_grads(ATTENTION["splash"], q, k, v, mask),
+                  _outputs_and_grads(ATTENTION["xla"], q, k, v, mask), f"image blocks, span {span}")
 
 
 def test_splash_sharded_over_the_mesh_agrees():
@@ -88,7 +107,7 @@ def test_splash_sharded_over_the_mesh_agrees():
 @pytest.mark.parametrize("implementation", ["dot_product_attention", "splash"])
 def test_models_built_with_either_implementation_agree(implementation):
     c = small_config()
-    c.model.bidirectional_image_attention = implementation != "splash"
+    c.model.bidirectional_image_attention = True
     model = build_model(c.model, nnx.Rngs(0))
     other_cfg = c.model.copy_and_resolve_references()
     other_cfg.vit.attention = other_cfg.decoder.attention = implementation
@@ -128,7 +147,8 @@ def test_cached_generation_with_either_implementation_gives_the_same_tokens():
 def test_splash_train_step_compiles_for_v5p():
     """The whole train step with splash in the ViT and the decoder, compiled
     ahead of time for a v5p slice of 8 chips: the attention runs as Mosaic
-    kernels (forward, dq and dkv for each stack), and it fits."""
+    kernels (forward, dq and dkv for each stack), and it fits, with and
+    without bidirectional image blocks."""
     from mmjax.bench import aot
 
     c = small_config()
@@ -137,5 +157,8 @@ def test_splash_train_step_compiles_for_v5p():
     report = aot.compile_for_topology(c, "v5p:2x2x2")
     assert report.fits and report.num_devices == 8
     assert report.hlo_text.count('custom_call_target="tpu_custom_call"') == 6
+    c.model.bidirectional_image_attention = True  # image blocks: per-example query positions
+    report = aot.compile_for_topology(c, "v5p:2x2x2")
+    assert report.fits and report.hlo_text.count('custom_call_target="tpu_custom_call"') == 6
     c.model.vit.attention = c.model.decoder.attention = "xla"
     assert 'custom_call_target="tpu_custom_call"' not in aot.compile_for_topology(c, "v5p:2x2x2").hlo_text

@@ -313,9 +313,9 @@ def test_apply_and_resolve_hardware():
     assert {k: c.mesh[k] for k in MESH_AXES} == dict(data=1, fsdp=-1, expert=1, model=1)
     assert c.mesh.dcn_data == -1  # the slice counts are not the preset's
     assert c.model.decoder.attention == "splash"  # TPU presets draw the decoder's attention with the kernel
-    c.model.bidirectional_image_attention = True  # which cannot draw image blocks: back to xla
+    c.model.bidirectional_image_attention = True  # the kernel draws image blocks too
     hardware.apply_hardware(c, "tpu-v5p-128")
-    assert c.model.decoder.attention == "xla"
+    assert c.model.decoder.attention == "splash"
     assert hardware.apply_hardware(mm1.get_config("3b"), "gpu-h100-8").model.decoder.attention == "xla"
     assert hardware.resolve_hardware(c) == []  # nothing left to do
     # a field overridden explicitly (here mesh.data) wins over the new preset

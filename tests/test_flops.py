@@ -4,6 +4,7 @@ peak FLOP/s table, CPU calibration and MFU."""
 import math
 
 import jax
+import numpy as np
 import pytest
 from conftest import small_config
 
@@ -98,6 +99,29 @@ def test_hardware_flops_match_xla_cost_analysis(make_config):
     # XLA also counts elementwise work (1-2 % here), the analytic count only matmuls: within
     # 2 %, as the README says.
     assert 0.98 <= ratio <= 1.02, f"analytic/XLA = {ratio:.4f} (XLA {measured:.6g})\n{analytic.table()}"
+
+
+@pytest.mark.parametrize("seq, reach", [(384, 0), (384, 129), (4096, 143)])
+def test_splash_block_count_is_the_kernels_table(seq, reach):
+    """The FLOPs model's key blocks for the splash kernel are the blocks its
+    mask table runs (forward and dkv), causal and with image reach."""
+    from mmjax.models.splash import _kernel, evaluated_blocks
+
+    kernel = _kernel(1, seq, True, True, reach)
+    for info in (kernel.fwd_mask_info, kernel.dkv_mask_info):
+        assert int((np.asarray(info.block_mask) > 0).sum()) == evaluated_blocks(seq, reach)
+
+
+def test_splash_with_image_blocks_counts_the_blocks_past_the_diagonal():
+    c = dense_config()
+    c.model.decoder.attention = "splash"
+    c.data.seq_len = 1024  # two 512-token key blocks: 3 causal, 4 once an image's queries look ahead
+    plain = train_flops(c, num_devices=1)
+    c.model.bidirectional_image_attention = True
+    images = train_flops(c, num_devices=1)
+    key = "decoder/attention_scores"
+    assert images.hardware_forward[key] == pytest.approx(plain.hardware_forward[key] * 4 / 3)
+    assert images.forward[key] == plain.forward[key]  # the useful count is unchanged
 
 
 def test_model_and_hardware_counts_differ_where_documented():

@@ -87,8 +87,6 @@ CASES = [
     (TRAIN, ("--config.data.seq_len=1",), "config.data.seq_len=1"),
     (TRAIN, ("--config.train.watchdog_s=-1.0",), "config.train.watchdog_s=-1.0"),
     (TRAIN, ("--config.data.pack_window=0",), "config.data.pack_window=0"),
-    (TRAIN, ("--config.model.decoder.attention=splash", "--config.model.bidirectional_image_attention=True"),
-     "config.model.decoder.attention='splash' cannot draw bidirectional image blocks"),
     (TRAIN, ("--config.model.vit.attention=flash",), "config.model.vit.attention='flash'"),
     (SWEEP, ("--config.data.global_batch=0",), "config.data.global_batch=0"),
     (SWEEP, ("--config.model.decoder.moe.dispatch=sparse",), "config.model.decoder.moe.dispatch='sparse'"),

@@ -64,10 +64,13 @@ class SegmentMask(NamedTuple):
     """The decoder's training mask, kept as ids rather than `[b, s, s]`:
     causal within each packed document (`segment_ids` `[b, s]`, 0 =
     padding), and with `image_ids` `[b, s]` (-1 for text) the tokens of one
-    image also see each other. Kernels read the ids; the XLA paths call
-    `dense_mask`."""
+    image also see each other. `image_span` (a Python int, 0 if unknown) is
+    the most tokens one image block holds: the splash kernel skips the key
+    blocks further than that past the diagonal. Kernels read the ids; the
+    XLA paths call `dense_mask`."""
     segment_ids: jax.Array
     image_ids: jax.Array | None = None
+    image_span: int = 0
 
 
 def dense_mask(mask) -> jax.Array | None:

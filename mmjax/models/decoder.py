@@ -95,17 +95,18 @@ class Decoder(nnx.Module):
         return self.embedder(tokens)
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                 image_ids: jax.Array | None = None) -> jax.Array:
+                 image_ids: jax.Array | None = None, image_span: int = 0) -> jax.Array:
         """x `[b, s, embed]`, segment_ids/positions `[b, s]` -> logits `[b, s, vocab]` (float32).
 
         image_ids `[b, s]` (optional; -1 for text): tokens of the same image
-        also attend to each other bidirectionally."""
-        return self.forward(x, segment_ids, positions, image_ids)[0]
+        also attend to each other bidirectionally; image_span: the most tokens
+        one image holds (0 if unknown; lets attention kernels skip work)."""
+        return self.forward(x, segment_ids, positions, image_ids, image_span)[0]
 
     def forward(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                image_ids: jax.Array | None = None) -> tuple[jax.Array, dict]:
+                image_ids: jax.Array | None = None, image_span: int = 0) -> tuple[jax.Array, dict]:
         """(logits, aux): aux values are stacked over the MoE layers `[n_moe, ...]`."""
-        x, aux = self.layers(x, SegmentMask(segment_ids, image_ids), positions)
+        x, aux = self.layers(x, SegmentMask(segment_ids, image_ids, image_span), positions)
         return self.logits(x), aux
 
     def logits(self, x: jax.Array) -> jax.Array:

@@ -77,7 +77,7 @@ class MM1Model(nnx.Module):
         image_ids = None
         if self.bidirectional_image_attention:
             image_ids = jnp.where(image_slots >= 0, image_slots // self.tokens_per_image, -1)
-        return self.decoder.forward(x, segment_ids, positions, image_ids)
+        return self.decoder.forward(x, segment_ids, positions, image_ids, self.tokens_per_image)
 
     def forward_batch(self, batch) -> tuple[jax.Array, dict]:
         """`forward` on a batch dict (the fields `mm1` is registered with)."""

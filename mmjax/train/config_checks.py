@@ -68,10 +68,6 @@ def _check_model(config) -> None:
         _fail("model.connector.heads", conn.heads, f"does not divide config.model.vit.embed={vit.embed}")
     if dec.heads % dec.kv_heads:
         _fail("model.decoder.heads", dec.heads, f"is not a multiple of config.model.decoder.kv_heads={dec.kv_heads}")
-    if dec.attention == "splash" and m.bidirectional_image_attention:
-        _fail("model.decoder.attention", "splash", "cannot draw bidirectional image blocks (its mask is "
-              "static; segment ids carry only the packed documents); set config.model.decoder.attention="
-              "'xla' or 'dot_product_attention', or config.model.bidirectional_image_attention=False")
     if dec.head_dim % 2:
         _fail("model.decoder.head_dim", dec.head_dim, "must be even (rotary embeddings rotate pairs of dimensions)")
     if moe.num_experts:

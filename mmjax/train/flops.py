@@ -290,7 +290,7 @@ def _batch_shards(config, sizes: Mapping[str, int]) -> int:
     return math.prod(sizes.get(a, 1) for a in names)
 
 
-def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: int,
+def _decoder_ops(dec, b: int, s: int, image_reach: int, sizes: Mapping[str, int], batch_shards: int,
                  ragged_dot: str) -> list[_Op]:
     from mmjax.models.decoder import is_moe_layer
     from mmjax.models.moe import capacity, dispatch_groups
@@ -301,13 +301,13 @@ def _decoder_ops(dec, b: int, s: int, sizes: Mapping[str, int], batch_shards: in
     causal_pairs = s * (s + 1) / 2
     ops: list[_Op] = []
     kernel = dec.get("attention", "xla") == "splash"
-    # The kernel skips key blocks above the diagonal: (n + 1) / 2 of n blocks per query block.
+    # The kernel skips key blocks above the diagonal ((n + 1) / 2 of n blocks
+    # per query block) except those an image's queries reach.
     executed_pairs, lanes = s * s, hd
     if kernel:
-        from mmjax.models.splash import LANES, SEQ_MULTIPLE, block_size, padded
+        from mmjax.models.splash import LANES, block_size, evaluated_blocks, padded
 
-        blocks = padded(s, SEQ_MULTIPLE) // block_size(s)
-        executed_pairs = padded(s, SEQ_MULTIPLE) ** 2 * (blocks + 1) / (2 * blocks)
+        executed_pairs = evaluated_blocks(s, image_reach) * block_size(s) ** 2
         lanes = padded(hd, LANES)
     for i in range(dec.layers):
         qkv = 2.0 * t * m * (q_out + 2 * kv_out)  # q: heads; k, v: kv_heads (GQA)
@@ -406,9 +406,11 @@ def train_flops(config, num_devices: int | None = None, ragged_dot: str | None =
     n_img = b * data.max_images if model_spec(model).uses_images else 0  # text-only models encode no image
     sizes = _mesh_sizes(config, num_devices)
     num_patches = (model.vit.image_size // model.vit.patch_size) ** 2
+    # how far past the diagonal a query of a bidirectional image block sees
+    image_reach = data.tokens_per_image - 1 if n_img and model.get("bidirectional_image_attention") else 0
     ops = (_vit_ops(model.vit, n_img)
            + _connector_ops(model.connector, model.vit.embed, num_patches, model.decoder.embed, n_img)
-           + _decoder_ops(model.decoder, b, s, sizes, _batch_shards(config, sizes), ragged_dot))
+           + _decoder_ops(model.decoder, b, s, image_reach, sizes, _batch_shards(config, sizes), ragged_dot))
     policies = {"vit": model.vit.get("remat", ""), "decoder": model.decoder.get("remat", "")}
     frozen = frozen_components(config)
     forward: dict[str, float] = {}
