@@ -35,8 +35,10 @@ def base_config() -> mlc.ConfigDict:
     c.model.vit = dict(flavour="siglip", image_size=image_size, patch_size=4, embed=64, depth=2, heads=4,
                        mlp=256, layer_norm_eps=1e-5, feature_layer=-1, map_head=False, scan=False,
                        remat="", attention="xla")
-    # kind: c_abstractor | avg_pool | attention_pool (hidden/depth: C-Abstractor; heads: attention pool)
-    c.model.connector = dict(kind="c_abstractor", num_tokens=tokens_per_image, hidden=64, depth=1, heads=4)
+    # kind: c_abstractor | avg_pool | attention_pool (hidden/depth: C-Abstractor; heads: attention pool;
+    # scan: the C-Abstractor's ResBlocks stacked and scanned per stage)
+    c.model.connector = dict(kind="c_abstractor", num_tokens=tokens_per_image, hidden=64, depth=1, heads=4,
+                             scan=False)
     c.model.decoder = dict(vocab_size=vocab_size, embed=128, layers=2, heads=4, kv_heads=2, head_dim=32,
                            mlp=512, rope_theta=10_000.0, norm_eps=1e-6, qk_norm=False, tie_embeddings=False,
                            scan=False, remat="", attention="xla")

@@ -47,12 +47,12 @@ def _flat(tree) -> dict:
 
 # ------------------------------------------------------------------ weight decay
 
-_NORMS = ["decoder.final_norm.scale", "vit.ln_post.scale", "connector.stage1.blocks.0.norm1.scale"]
+_NORMS = ["decoder.final_norm.scale", "vit.ln_post.scale", "connector.stage1.blocks.layers.0.norm1.scale"]
 _BIASES = ["vit.ln_post.bias", "vit.blocks.layers.0.fc1.bias", "vit.blocks.layers.0.attn.query.bias",
            "connector.readout1.bias"]
 _EMBEDDINGS = ["decoder.embedder.embedding", "decoder.lm_head.kernel", "vit.pos_embed", "connector.pos_embed"]
 _MATRICES = ["decoder.layers.layers.0.mlp.gate.kernel", "vit.patch_embed.kernel",
-             "connector.stage1.blocks.0.conv2.kernel", "decoder.layers.layers.0.attn.query.kernel"]
+             "connector.stage1.blocks.layers.0.conv2.kernel", "decoder.layers.layers.0.attn.query.kernel"]
 
 
 @pytest.mark.parametrize("no_decay", [(), ("norms",), ("biases",), ("embeddings",),
@@ -76,10 +76,14 @@ def test_scanned_layers_keep_their_categories_and_bad_categories_fail():
     cfg = small_config().model
     cfg.decoder.scan = True
     cfg.vit.scan = True
+    cfg.connector.scan = True
     _, params = abstract_model(cfg)
     mask = _flat(opt.weight_decay_mask(params))
     scanned = [n for n in mask if n.startswith("decoder.layers.layers.")]
     assert not mask["decoder.layers.layers.attn_norm.scale"] and not mask["vit.blocks.layers.fc1.bias"]
+    assert not mask["connector.stage1.blocks.layers.norm1.scale"]
+    assert not mask["connector.stage2.blocks.layers.conv1.bias"]
+    assert mask["connector.stage1.blocks.layers.conv2.kernel"]
     assert mask["decoder.layers.layers.mlp.up.kernel"] and len(scanned) > 3
     with pytest.raises(ValueError, match="no_decay"):
         opt.weight_decay_mask(params, ("norms", "gains"))

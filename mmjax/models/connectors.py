@@ -16,6 +16,7 @@ from flax import nnx
 from mmjax.models.attention import Attention
 from mmjax.models.layers import Conv2D, Dense, LayerNorm, make_param
 from mmjax.models.partitioning import constrain
+from mmjax.models.stack import LayerStack
 from mmjax.models.vit import interpolate_pos_embed
 from mmjax.errors import ConfigError
 
@@ -69,25 +70,33 @@ class ResBlock(nnx.Module):
 
 
 class ResStage(nnx.Module):
-    """Optional input projection followed by `depth` ResBlocks."""
+    """Optional input projection followed by `depth` ResBlocks, listed or
+    (`scan=True`) stacked with a leading `layers` axis and applied with
+    `jax.lax.scan`, so the compiled program holds one block.
 
-    def __init__(self, in_channels: int, channels: int, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    A scanned block keeps only its input and its convolutions' outputs for
+    the backward pass (remat policy "dots") and recomputes the LayerNorms and
+    SiLUs from them, as XLA's fusions do for listed blocks; otherwise the scan
+    would stack every float32 LayerNorm intermediate of every block."""
+
+    def __init__(self, in_channels: int, channels: int, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 scan: bool = False):
         self.proj = Conv2D(in_channels, channels, 1, rngs=rngs, dtype=dtype) if in_channels != channels else None
-        self.blocks = nnx.List([ResBlock(channels, rngs=rngs, dtype=dtype) for _ in range(depth)])
+        self.blocks = LayerStack(lambda r: ResBlock(channels, rngs=r, dtype=dtype), depth, rngs=rngs, scan=scan,
+                                 remat="dots" if scan else "")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.proj is not None:
             x = self.proj(x)
-        for block in self.blocks:
-            x = block(x)
-        return x
+        return self.blocks(x)
 
 
 class CAbstractor(nnx.Module):
     """Honeybee C-Abstractor: pos-emb -> ResNet stage -> adaptive average pool
     to sqrt(k) x sqrt(k) -> ResNet stage -> MLP readout.
 
-    Config fields: num_tokens (a perfect square), hidden, depth.
+    Config fields: num_tokens (a perfect square), hidden, depth, scan (each
+    stage's ResBlocks stacked and scanned; default False).
     """
 
     def __init__(self, cfg, *, vit_embed: int, num_patches: int, embed: int,
@@ -101,8 +110,9 @@ class CAbstractor(nnx.Module):
         self.side, self.grid = side, grid
         self.pos_embed = make_param(rngs, nnx.initializers.normal(0.02), (num_patches, vit_embed),
                                     ("patches", "vit_embed"))
-        self.stage1 = ResStage(vit_embed, cfg.hidden, cfg.depth, rngs=rngs, dtype=dtype)
-        self.stage2 = ResStage(cfg.hidden, cfg.hidden, cfg.depth, rngs=rngs, dtype=dtype)
+        scan = bool(cfg.get("scan", False))
+        self.stage1 = ResStage(vit_embed, cfg.hidden, cfg.depth, rngs=rngs, dtype=dtype, scan=scan)
+        self.stage2 = ResStage(cfg.hidden, cfg.hidden, cfg.depth, rngs=rngs, dtype=dtype, scan=scan)
         self.readout1 = Dense(cfg.hidden, embed, ("conv_out", "embed"), rngs=rngs, use_bias=True, dtype=dtype)
         self.readout2 = Dense(embed, embed, ("embed_in", "embed"), rngs=rngs, use_bias=True, dtype=dtype)
 

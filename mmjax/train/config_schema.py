@@ -169,6 +169,7 @@ FIELDS: dict[str, Rule] = {
     "model.connector.hidden": integer(1),
     "model.connector.depth": integer(1),
     "model.connector.heads": integer(1),
+    "model.connector.scan": boolean,
     "model.decoder.vocab_size": integer(4),
     "model.decoder.embed": integer(1),
     "model.decoder.layers": integer(1),

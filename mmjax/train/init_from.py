@@ -28,12 +28,24 @@ class InitFromError(ConfigError):
 
 
 def _target_scanned(component: dict) -> bool:
-    """Whether the component's layer stack (`layers` or `blocks`) is scanned."""
+    """Whether the component's layer stacks (a `layers` or `blocks` entry
+    holding `layers`: the decoder's, the ViT's, or nested like the
+    C-Abstractor's `stage1.blocks`) are scanned; the first one found decides."""
+    return bool(_find_stack_scanned(component))
+
+
+def _find_stack_scanned(tree) -> bool | None:
+    if not isinstance(tree, dict) or _is_layer_list(tree):
+        return None
     for name in ("layers", "blocks"):
-        stack = component.get(name)
+        stack = tree.get(name)
         if isinstance(stack, dict) and "layers" in stack:
             return not _is_layer_list(stack["layers"])
-    return False
+    for value in tree.values():
+        found = _find_stack_scanned(value)
+        if found is not None:
+            return found
+    return None
 
 
 def _placed(value, abstract: jax.ShapeDtypeStruct) -> jax.Array:
