@@ -233,7 +233,8 @@ def parse_args(argv: list[str]):
         flags.DEFINE_string("layouts", "fsdp,data_parallel", "comma-separated layout names", flag_values=fv)
         flags.DEFINE_bool("with_model", False, "also enumerate a model (tensor) axis", flag_values=fv)
         flags.DEFINE_string("remat", "", "comma-separated remat policies for the ViT and decoder to sweep "
-                            "(none, full, dots, dots_no_batch); default: the config's own", flag_values=fv)
+                            "(none or a policy of mmjax/models/stack.py: full, dots, dots_no_batch, qkv_proj, attention, "
+                            "their _offload variants); default: the config's own", flag_values=fv)
         flags.DEFINE_string("topology", None, "also compile each candidate for this TPU topology ahead of "
                             "time, e.g. v5p:2x2x1 (needs the `tpu` extra)", flag_values=fv)
         flags.DEFINE_bool("aot_only", False, "only compile for --topology (a pod not at hand): enumerate "
