@@ -44,7 +44,8 @@ def base_config() -> mlc.ConfigDict:
                            scan=False, remat="", attention="xla")
     # Mixture of experts (num_experts=0: dense). MM1 3B-MoE: 64 experts, moe_every=2, top_k=2.
     c.model.decoder.moe = dict(num_experts=0, top_k=2, moe_every=2, renormalize=True, capacity_factor=2.0,
-                               group_size=0, dispatch="capacity", expert_mlp=512, shared_expert=False,
+                               group_size=0, dispatch="capacity", grouped_matmul="ragged_dot",
+                               expert_mlp=512, shared_expert=False,
                                load_balance_weight=0.01, router_z_weight=0.001)
     c.model.bidirectional_image_attention = False
 

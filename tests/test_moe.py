@@ -21,7 +21,7 @@ from mmjax.train.step import model_forward, moe_losses
 
 def moe_cfg(**kw):
     cfg = mlc.ConfigDict(dict(num_experts=4, top_k=2, moe_every=1, renormalize=True, capacity_factor=2.0,
-                              dispatch="capacity", expert_mlp=32, shared_expert=False,
+                              dispatch="capacity", grouped_matmul="ragged_dot", expert_mlp=32, shared_expert=False,
                               load_balance_weight=0.01, router_z_weight=0.001))
     cfg.update(kw)
     return cfg
@@ -129,14 +129,41 @@ def test_aux_losses_are_nonzero_and_reach_the_gradient(batch_np):
     assert np.abs(router(g_with) - router(g_without)).max() > 1e-7
 
 
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_megablox_and_ragged_dot_agree():
+    """The Pallas grouped-matmul kernel (Pallas' interpreter here) against
+    `ragged_dot`: same outputs and gradients, with an expert left empty."""
+    x = jnp.abs(jax.random.normal(jax.random.key(5), (2, 12, 16)))  # positive: the push below lowers every logit
+    results = {}
+    for impl in ("ragged_dot", "megablox"):
+        layer = MoEFeedForward(16, moe_cfg(dispatch="dropless", grouped_matmul=impl), rngs=nnx.Rngs(0))
+        layer.router[...] = layer.router[...].at[:, 3].add(-50.0)  # nobody picks expert 3
+        loss = lambda m: jnp.sum(jnp.sin(m(x)[0]))  # noqa: E731
+        results[impl] = nnx.jit(nnx.value_and_grad(loss))(layer)
+    (lr, gr), (lm, gm) = results["ragged_dot"], results["megablox"]
+    assert float(lm) == pytest.approx(float(lr), rel=1e-6)
+    for name in ("wi_gate", "wi_up", "wo", "router"):
+        np.testing.assert_allclose(getattr(gm, name)[...], getattr(gr, name)[...], atol=1e-5)
+    assert float(jnp.abs(gm.wi_gate[...][3]).max()) == 0.0  # the empty expert gets no gradient
+
+
+def test_unknown_grouped_matmul_is_refused():
+    from mmjax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="grouped_matmul='cutlass'"):
+        MoEFeedForward(16, moe_cfg(dispatch="dropless", grouped_matmul="cutlass"), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless", "dropless-megablox"])
 def test_same_results_for_expert_parallel_meshes(dispatch):
     """The MoE layer alone, sharded by the fsdp layout on meshes with
-    expert = 1, 2, 4: same output, aux losses and gradients."""
+    expert = 1, 2, 4: same output, aux losses and gradients. Dropless
+    exchanges tokens with a ragged all-to-all (its dense emulation on CPU)."""
     from mmjax.models.partitioning import activation_sharding
     from mmjax.parallel import activation_resolver, batch_sharding, tree_shardings
 
-    layer = MoEFeedForward(32, moe_cfg(num_experts=8, dispatch=dispatch), rngs=nnx.Rngs(0))
+    dispatch, _, impl = dispatch.partition("-")
+    layer = MoEFeedForward(32, moe_cfg(num_experts=8, dispatch=dispatch, grouped_matmul=impl or "ragged_dot"),
+                           rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer, nnx.Param)
     x = jax.random.normal(jax.random.key(3), (8, 16, 32))
     results = {}

@@ -43,7 +43,12 @@ percent for unscanned stacks). The cost analysis counts a `while` body once,
 so with a scanned layer stack (`scan=True`) the compiled figures fall short
 by about the trip count; the report keeps them as compiled, and the
 step-time estimate (`mmjax.bench.estimate`) then uses the analytic FLOPs and
-scales bytes accessed by the same factor (noted in the report).
+scales bytes accessed by the same factor (noted in the report). Pallas
+kernels (splash attention, megablox grouped matmuls) reach the cost
+analysis only through the cost estimate they were given (megablox: every
+row of its worst-case buffer); with any in the program the estimate's
+compute uses the analytic FLOPs (which count what the kernels run) and the
+report says so.
 
 Collectives are counted from the compiled HLO (`mmjax.bench.hlo_collectives`:
 bytes received per device) and compared with the analytic FSDP minimum
@@ -73,6 +78,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import time
 
 from mmjax.bench.estimate import CHIPS, ChipSpec, StepEstimate, estimate_step_time
@@ -80,6 +86,7 @@ from mmjax.bench.fsdp_analytic import FsdpAnalytic, fsdp_collective_breakdown
 from mmjax.bench.hlo_collectives import COLLECTIVE_KINDS, analyse_compiled
 from mmjax.bench.hlo_precision import analyse_precision
 from mmjax.bench.topology import topology_devices, topology_mesh
+from mmjax.errors import Refusal
 from mmjax.parallel.mesh import slice_mesh_shape
 
 FIT_FRACTION = 0.95
@@ -222,6 +229,35 @@ class AotReport:
         return "\n".join(lines)
 
 
+class DoesNotFit(Refusal):
+    """libtpu refused to compile the step: it needs more HBM than the chip has."""
+
+    label = "does not fit"
+
+    def __init__(self, message: str, needed_bytes: float):
+        super().__init__(message)
+        self.needed_bytes = needed_bytes
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_HBM_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
+
+
+def _compile(lowered, topology: str):
+    """`lowered.compile()`; libtpu's compile-time out-of-memory error (the
+    step cannot fit at all) becomes a `DoesNotFit` sentence."""
+    try:
+        return lowered.compile()
+    except Exception as err:  # jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED
+        match = _HBM_OOM.search(str(err))
+        if match is None:
+            raise
+        needed = float(match.group(1)) * _UNITS[match.group(2)]
+        hbm = float(match.group(3)) * _UNITS[match.group(4)]
+        raise DoesNotFit(f"the step needs {needed / 2**30:.2f} GiB of HBM temporaries per chip on {topology}, "
+                         f"which has {hbm / 2**30:.2f} GiB (libtpu refused to compile it).", needed) from None
+
+
 def abstract_batch(config, setup) -> dict:
     """ShapeDtypeStructs (with the step's batch shardings) of one global batch."""
     import jax
@@ -260,7 +296,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, image_fill:
     t0 = time.perf_counter()
     lowered = step.lower(abstract_train_state(setup), abstract_batch(config, setup))
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = _compile(lowered, topology)  # DoesNotFit: one sentence
     t2 = time.perf_counter()
     hlo_text = compiled.as_text()
     stats = analyse_compiled(compiled, n // slices, hlo_text)  # the program runs per slice
@@ -279,6 +315,14 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, image_fill:
         notes.append(f"loops with {sorted(set(loops))} iterations: the cost analysis counts a loop body "
                      f"once, so the estimate scales its FLOPs and bytes accessed by analytic / compiled "
                      f"FLOPs = {scale:.2f}")
+    kernels = hlo_text.count('custom_call_target="tpu_custom_call"')
+    if kernels and flops != analytic_flops:
+        # XLA sees a Pallas kernel only through the cost estimate it was given
+        # (megablox: every row of its buffer, routed or not; or none at all).
+        notes.append(f"{kernels} Pallas kernel call(s): the cost analysis cannot count their work, so the "
+                     f"estimate's compute uses the analytic FLOPs ({analytic_flops:.4e}) instead of the "
+                     f"compiled figure ({flops:.4e})")
+        flops = analytic_flops
     estimate = estimate_step_time(flops, accessed, stats.collective_bytes, chip, slices,
                                   dcn_bytes_per_device=stats.collectives.dcn_bytes)
     return AotReport(

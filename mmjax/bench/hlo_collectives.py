@@ -20,6 +20,10 @@ operand of B bytes per device:
   reduce-scatter      B x (g - 1) / g      (B: the full, unreduced input)
   all-reduce          2 x B x (g - 1) / g  (a reduce-scatter + an all-gather)
   all-to-all          B x (g - 1) / g
+  ragged-all-to-all   B x (g - 1) / g, B the smaller of its input and output
+                      buffers (the routed rows; the other is sized for the
+                      worst case), as if spread evenly over the peers;
+                      counted as "all-to-all"
   collective-permute  B
 
 `shape_bytes_by_kind` keeps the plain buffer sizes (all-gather: output;
@@ -337,7 +341,12 @@ def collective_stats(hlo_text: str, num_devices: int, top: int | None = TOP_SOUR
 
     def operand_bytes(comp: str, instr: _Instr) -> float:
         table = tables.get(comp, {})
-        return sum(shape_bytes(table.get(op, "")) for op in instr.operands)
+        sizes = [shape_bytes(table.get(op, "")) for op in instr.operands]
+        if instr.opcode.startswith("ragged-all-to-all") and len(sizes) >= 2:
+            # (input, output, offsets and sizes): the rows that travel are the
+            # smaller buffer (the other is the worst-case receive buffer)
+            return min(sizes[:2])
+        return sum(sizes)
 
     def add(kind: str, operand: float, group: int, times: int, instr: _Instr, dcn: bool = False) -> None:
         got, size = _received(kind, operand, group)

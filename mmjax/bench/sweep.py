@@ -140,7 +140,7 @@ def run_sweep(config, candidates_: list[tuple[dict, str]], steps: int, topology:
 def run_aot_sweep(config, candidates_: list[tuple[dict, str]], topology: str, log=print) -> list[dict]:
     """Compiles every candidate ahead of time for `topology` only; ranks the
     ones that fit by estimated step time, then those that do not fit."""
-    from mmjax.bench.aot import compile_for_topology
+    from mmjax.bench.aot import DoesNotFit, compile_for_topology
 
     rows = []
     for i, candidate in enumerate(candidates_, 1):
@@ -150,6 +150,11 @@ def run_aot_sweep(config, candidates_: list[tuple[dict, str]], topology: str, lo
                "tpu_topology": topology}
         try:
             report = compile_for_topology(cfg, topology)
+        except DoesNotFit as err:  # libtpu would not compile it: listed after the ranked candidates
+            row.update(status="does not fit", tpu_fits=False, tpu_peak_bytes=err.needed_bytes, reason=str(err))
+            log(f"[{i}/{len(candidates_)}] mesh {row['mesh']} layout {layout}: does not fit: {err}")
+            rows.append(row)
+            continue
         except ValueError as err:  # TopologyError, ConfigError, LayoutError: one sentence each
             row.update(status="skipped", reason=str(err))
             log(f"[{i}/{len(candidates_)}] mesh {row['mesh']} layout {layout}: skipped: {err}")
@@ -172,7 +177,7 @@ def print_table(rows: list[dict], log=print) -> None:
         remat = r.get("remat", "")
         if r["status"] != "ok":
             log(f"{'-':>4s} {r['mesh']:>13s} {r['layout']:>14s} {remat:>13s} {'':>8s} {'':>8s} {'':>9s} {'':>9s} "
-                f"{'':>9s}  skipped: {r['reason']}")
+                f"{'':>9s}  {'skipped' if r['status'] == 'skipped' else r['status']}: {r['reason']}")
             continue
         if "step_time_s" not in r:  # compiled for the topology only
             log(f"{r['rank']:>4d} {r['mesh']:>13s} {r['layout']:>14s} {remat:>13s} {'':>8s} {'':>8s} "

@@ -14,11 +14,12 @@ shared_expert, load_balance_weight, router_z_weight.
   them). The `[E, G, C, M]` buffers are constrained group-sharded next to the
   dispatch/combine einsums and expert-sharded around the experts, so the
   exchange between the two layouts is an all-to-all (forward and backward).
-- dropless: tokens sorted by expert and multiplied with `jax.lax.ragged_dot`
-  (grouped matmul), then un-sorted; nothing is dropped. On a mesh with an
-  `expert` axis this runs inside `jax.shard_map`: each expert shard all-gathers
-  the tokens of its expert-axis peers, applies its local experts, and the
-  partial outputs are reduce-scattered back (`psum_scatter`).
+- dropless: tokens sorted by expert and multiplied with a grouped matmul
+  (`moe.grouped_matmul`: `ragged_dot` or the Pallas megablox kernel), then
+  un-sorted; nothing is dropped. On a mesh with an `expert` axis this runs
+  inside `jax.shard_map`: each device sends every expert shard only the rows
+  routed to its experts with a ragged all-to-all and gets the results back
+  the same way (`mmjax/models/moe_dropless.py`).
 
 aux: `load_balance_loss` (Switch/GShard: E * sum_e f_e * P_e, 1.0 when
 balanced), `router_z_loss` (mean logsumexp(logits)^2), both unweighted, and
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmjax.models.layers import SwiGLU, fan_in_init, make_param
+from mmjax.models.moe_dropless import GROUPED_MATMULS, expert_parallel_experts, local_experts
 from mmjax.models.partitioning import constrain, current_resolver, num_shards
 from mmjax.errors import ConfigError
 
@@ -106,29 +108,6 @@ def capacity_dispatch_masks(weights: jax.Array, experts: jax.Array, num_experts:
     return dispatch, combine, kept.any(axis=-1)
 
 
-def grouped_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, params, first_expert) -> jax.Array:
-    """Dropless SwiGLU experts with `ragged_dot`.
-
-    x `[b, s, M]`, weights/experts `[b, s, k]`, params = (wi_gate, wi_up `[E_l, M, H]`,
-    wo `[E_l, H, M]`) for experts `first_expert .. first_expert + E_l - 1`.
-    Assignments to other experts contribute nothing. Returns `[b, s, M]`."""
-    wi_gate, wi_up, wo = params
-    b, s, m = x.shape
-    k, n_local = experts.shape[-1], wi_gate.shape[0]
-    local = experts.reshape(-1) - first_expert                       # [T*k]
-    is_local = (local >= 0) & (local < n_local)
-    group = jnp.where(is_local, local, n_local)                      # others sort last
-    order = jnp.argsort(group, stable=True)
-    x_sorted = jnp.take(x.reshape(b * s, m), order // k, axis=0)     # [T*k, M]
-    sizes = jnp.bincount(group, length=n_local + 1)[:n_local].astype(jnp.int32)
-    gate = jax.lax.ragged_dot(x_sorted, wi_gate, sizes)
-    up = jax.lax.ragged_dot(x_sorted, wi_up, sizes)
-    out_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, wo, sizes)
-    out = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
-    out = jnp.where(is_local[:, None], out, 0.0).reshape(b * s, k, m)
-    return jnp.einsum("tkm,tk->tm", out, weights.reshape(b * s, k).astype(out.dtype)).reshape(b, s, m)
-
-
 class MoEFeedForward(nnx.Module):
     """Routed SwiGLU experts (+ optional always-on shared expert). The router
     stays float32; the experts compute in `dtype`."""
@@ -139,6 +118,9 @@ class MoEFeedForward(nnx.Module):
         e, h = cfg.num_experts, cfg.expert_mlp
         if cfg.dispatch not in DISPATCHES:
             raise ConfigError(f"config.model.decoder.moe.dispatch={cfg.dispatch!r}; choose one of {DISPATCHES}.")
+        if cfg.get("grouped_matmul", "ragged_dot") not in GROUPED_MATMULS:
+            raise ConfigError(f"config.model.decoder.moe.grouped_matmul={cfg.grouped_matmul!r}; "
+                              f"choose one of {GROUPED_MATMULS}.")
         if not 1 <= cfg.top_k <= e:
             raise ConfigError(f"config.model.decoder.moe.top_k={cfg.top_k} must be in 1..num_experts={e}.")
         self.cfg, self.dtype = cfg, dtype
@@ -184,24 +166,27 @@ class MoEFeedForward(nnx.Module):
     def _dropless(self, x, weights, experts):
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
         params = (w(self.wi_gate), w(self.wi_up), w(self.wo))
+        impl = self.cfg.get("grouped_matmul", "ragged_dot")
+        b, s, m = x.shape
         resolver = current_resolver()
         mesh = None if resolver is None else resolver.mesh
+        platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
         if mesh is None or mesh.shape.get("expert", 1) == 1:
-            y = grouped_experts(x, weights, experts, params, first_expert=0)
-            return y, jnp.zeros((), jnp.float32)
-        # Expert parallelism: each expert shard gathers the tokens of its
-        # expert-axis peers, runs its own experts on them, and the partial
-        # outputs are summed and scattered back (psum_scatter).
+            y = local_experts(x.reshape(b * s, m), weights.reshape(b * s, -1), experts.reshape(b * s, -1),
+                              params, impl, platform)
+            return y.reshape(b, s, m), jnp.zeros((), jnp.float32)
+        # Expert parallelism: each device sends every expert shard only the
+        # rows routed to its experts (ragged all-to-all) and gets the results back.
         batch_axes = resolver(("batch", None, None), x.shape).spec[0]
         batch_spec = jax.sharding.PartitionSpec(batch_axes, None, None)
         expert_spec = jax.sharding.PartitionSpec("expert", None, None)
-        local_experts = self.cfg.num_experts // mesh.shape["expert"]
 
-        def per_shard(x, weights, experts, wi_gate, wi_up, wo):
-            gather = lambda a: jax.lax.all_gather(a, "expert", axis=0, tiled=True)  # noqa: E731
-            first = jax.lax.axis_index("expert") * local_experts
-            y = grouped_experts(gather(x), gather(weights), gather(experts), (wi_gate, wi_up, wo), first)
-            return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+        def per_shard(x, weights, experts, *params):
+            bl, sl, _ = x.shape
+            flat = lambda a: a.reshape(bl * sl, -1)  # noqa: E731
+            y = expert_parallel_experts(flat(x), flat(weights), flat(experts), params, impl,
+                                        axis="expert", platform=platform)
+            return y.reshape(bl, sl, m)
 
         y = jax.shard_map(per_shard, mesh=mesh, in_specs=(batch_spec,) * 3 + (expert_spec,) * 3,
                           out_specs=batch_spec, check_vma=False)(x, weights, experts, *params)

@@ -122,6 +122,11 @@ def _dispatches():
     return DISPATCHES
 
 
+def _grouped_matmuls():
+    from mmjax.models.moe_dropless import GROUPED_MATMULS
+    return GROUPED_MATMULS
+
+
 def _remat():
     from mmjax.models.stack import REMAT_POLICIES
     return REMAT_POLICIES
@@ -191,6 +196,7 @@ FIELDS: dict[str, Rule] = {
     "model.decoder.moe.capacity_factor": number(0, low_open=True),
     "model.decoder.moe.group_size": integer(0),
     "model.decoder.moe.dispatch": one_of(_dispatches),
+    "model.decoder.moe.grouped_matmul": one_of(_grouped_matmuls),
     "model.decoder.moe.expert_mlp": integer(1),
     "model.decoder.moe.shared_expert": boolean,
     "model.decoder.moe.load_balance_weight": number(0),

@@ -28,8 +28,9 @@ Two totals:
       one group per batch shard of the mesh, split into groups of at most
       `moe.group_size` tokens when set), and the one-hot dispatch and
       combine einsums are matmuls of their own (2 * T * E * C * embed each);
-    * dropless MoE uses `jax.lax.ragged_dot`, executed as a grouped matmul on
-      TPU/GPU but, on the CPU backend, as a dense matmul against every
+    * dropless MoE uses `jax.lax.ragged_dot` or the megablox kernel,
+      executed as a grouped matmul (the routed rows only) on TPU/GPU but, for
+      `ragged_dot` on the CPU backend, as a dense matmul against every
       expert (E times the active work);
     * the backward pass is counted per operation: an operation with one
       differentiable operand (the patch embedding, whose input is pixels; the
