@@ -6,8 +6,9 @@
       [--config.FIELD=VALUE ...]   (applied to both configurations)
 
 Builds the dense config and the MoE config with each dispatch path
-(`capacity`: GShard einsum with all-to-alls; `dropless`: sort + ragged_dot,
-all-gather + reduce-scatter of tokens along `expert`), compiles each train
+(`capacity`: GShard einsum with all-to-alls; `dropless`: sort + grouped
+matmul, the routed rows sent along `expert` by ragged all-to-all, emulated
+densely on CPU), compiles each train
 step for the same mesh (`mmjax.bench.harness`), then times `--steps` steps of
 each on one fixed batch, interleaving the configurations round by round so
 machine noise hits all of them alike. Each step is timed to device
