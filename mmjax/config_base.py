@@ -69,11 +69,13 @@ def base_config() -> mlc.ConfigDict:
     c.data.worker_buffer = 2  # batches prefetched per worker
 
     # lr_rule / weight_decay_rule: "fixed" (lr, weight_decay) or "mm1" (peak LR from the decoder size,
-    # decoupled decay 0.1 x peak LR); no_decay: any of norms, biases, embeddings; module_lr_scale:
-    # "module.path=scale,..." (0 freezes), e.g. "vit=0.0,connector=2.0". See mmjax/train/optimizer.py.
-    c.optimizer = dict(lr=1e-3, lr_rule="fixed", warmup_steps=20, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                       weight_decay=0.01, weight_decay_rule="fixed", no_decay=("norms", "biases", "embeddings"),
-                       module_lr_scale="", grad_clip=1.0)
+    # decoupled decay 0.1 x peak LR); lr_moe_count: the size "mm1" gives an MoE decoder, "dense" (its
+    # dense twin's, as MM1), "active" or "total"; no_decay: any of norms, biases, embeddings;
+    # module_lr_scale: "module.path=scale,..." (0 freezes), e.g. "vit=0.0,connector=2.0".
+    # See mmjax/train/optimizer.py.
+    c.optimizer = dict(lr=1e-3, lr_rule="fixed", lr_moe_count="dense", warmup_steps=20, min_lr_ratio=0.1,
+                       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, weight_decay_rule="fixed",
+                       no_decay=("norms", "biases", "embeddings"), module_lr_scale="", grad_clip=1.0)
     c.loss = dict(z_loss=1e-4)
     c.train = dict(steps=300, log_every=10, checkpoint_every=100, keep_checkpoints=2, seed=0,
                    async_checkpoint=True, grad_accum_steps=1)  # micro-batches per step (gradient accumulation)

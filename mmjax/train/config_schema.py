@@ -122,6 +122,11 @@ def _dispatches():
     return DISPATCHES
 
 
+def _moe_lr_counts():
+    from mmjax.train.optimizer import MOE_LR_COUNTS
+    return MOE_LR_COUNTS
+
+
 def _remat():
     from mmjax.models.stack import REMAT_POLICIES
     return REMAT_POLICIES
@@ -212,6 +217,7 @@ FIELDS: dict[str, Rule] = {
     "data.worker_buffer": integer(1),
     "optimizer.lr": number(0, low_open=True),
     "optimizer.lr_rule": one_of(lambda: ("fixed", "mm1")),
+    "optimizer.lr_moe_count": one_of(_moe_lr_counts),
     "optimizer.warmup_steps": integer(0),
     "optimizer.min_lr_ratio": number(0, 1),
     "optimizer.b1": number(0, 1, high_open=True),

@@ -54,10 +54,11 @@ def _write_config(config, workdir) -> None:
 def build_step(config, mesh, rules) -> tuple:
     """(TrainSetup, jitted train step) exactly as `train` runs them."""
     total_steps = config.train.steps
+    decoder = config.model.decoder
     setup = build_train_setup(config, mesh, rules,
-                              lambda params: make_optimizer(config.optimizer, total_steps, params))
-    moe = config.model.decoder.moe
-    schedule = learning_rate_schedule(config.optimizer, total_steps, setup.abstract_params)
+                              lambda params: make_optimizer(config.optimizer, total_steps, params, decoder))
+    moe = decoder.moe
+    schedule = learning_rate_schedule(config.optimizer, total_steps, setup.abstract_params, decoder)
     train_step = make_train_step(setup, schedule, config.loss.z_loss, moe.load_balance_weight,
                                  moe.router_z_weight, grad_accum_steps=config.train.grad_accum_steps,
                                  trainable=trainable_mask(config.optimizer, setup.abstract_params),
