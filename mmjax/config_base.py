@@ -43,9 +43,13 @@ def base_config() -> mlc.ConfigDict:
                            mlp=512, rope_theta=10_000.0, norm_eps=1e-6, qk_norm=False, tie_embeddings=False,
                            scan=False, remat="", attention="xla")
     # Mixture of experts (num_experts=0: dense). MM1 3B-MoE: 64 experts, moe_every=2, top_k=2.
+    # balance: "aux_loss" (the load-balance loss alone) or "bias" (DeepSeek-V3: a per-expert selection
+    # bias moved by bias_update_rate after each step towards balance; load_balance_weight still applies,
+    # 0.01 unless set: 0 for no balance loss).
     c.model.decoder.moe = dict(num_experts=0, top_k=2, moe_every=2, renormalize=True, capacity_factor=2.0,
                                group_size=0, dispatch="capacity", expert_mlp=512, shared_expert=False,
-                               load_balance_weight=0.01, router_z_weight=0.001)
+                               load_balance_weight=0.01, router_z_weight=0.001, balance="aux_loss",
+                               bias_update_rate=0.001)
     c.model.bidirectional_image_attention = False
 
     c.data = mlc.ConfigDict()

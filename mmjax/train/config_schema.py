@@ -122,6 +122,11 @@ def _dispatches():
     return DISPATCHES
 
 
+def _balances():
+    from mmjax.models.moe import BALANCES
+    return BALANCES
+
+
 def _moe_lr_counts():
     from mmjax.train.optimizer import MOE_LR_COUNTS
     return MOE_LR_COUNTS
@@ -200,6 +205,8 @@ FIELDS: dict[str, Rule] = {
     "model.decoder.moe.shared_expert": boolean,
     "model.decoder.moe.load_balance_weight": number(0),
     "model.decoder.moe.router_z_weight": number(0),
+    "model.decoder.moe.balance": one_of(_balances),
+    "model.decoder.moe.bias_update_rate": number(0),
     "data.seq_len": integer(2),
     "data.global_batch": integer(1),
     "data.max_images": integer(0),

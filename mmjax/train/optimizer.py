@@ -74,8 +74,11 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def _map_params(fn, params: nnx.State):
-    """`fn(path_names, variable)` for every parameter; the result keeps the
-    params' structure (each Variable holds fn's value)."""
+    """`fn(path_names, variable)` for every `nnx.Param`; the result keeps the
+    params' structure (each Variable holds fn's value). Other variables (MoE
+    router biases) are left out: the optimizer never sees them."""
+    if isinstance(params, nnx.State):
+        params = nnx.split_state(params, nnx.Param, ...)[0]
     return jax.tree_util.tree_map_with_path(lambda p, v: v.replace(fn(_path_names(p), v)), params,
                                             is_leaf=_is_variable)
 
@@ -263,9 +266,10 @@ def _scale_updates(scales) -> optax.GradientTransformation:
 
 def make_optimizer(opt_cfg, total_steps: int, params: nnx.State,
                    decoder_cfg=None) -> optax.GradientTransformation:
-    """The optimizer for `params` (abstract is enough) per `config.optimizer`
-    (see module doc): clip -> AdamW (masked decay) -> per-module LR scale.
-    `decoder_cfg`: see `learning_rate_schedule`.
+    """The optimizer for the `nnx.Param`s of `params` (abstract is enough;
+    its init and update take the Params alone, `state.split_params`) per
+    `config.optimizer` (see module doc): clip -> AdamW (masked decay) ->
+    per-module LR scale. `decoder_cfg`: see `learning_rate_schedule`.
 
     Frozen modules get `optax.set_to_zero()` through `optax.partition`, so
     they hold no moments and are left out of the clipping norm. Without
