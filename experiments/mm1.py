@@ -37,7 +37,29 @@ factor 2.0, load-balance loss 0.01, router z-loss 0.001:
   7b-moe   32 experts on every 4th layer  (8 of 32)   40,040,140,800 total, 7,576,227,840 active
 
 (decoder parameters; active: each token passes 2 of the experts). The
-encoder side is the same for every size: ViT-H/14 at 378 (729 patches + a
+whole models (ViT-H, C-Abstractor and decoder;
+`mmjax.train.param_counts.param_counts`) against the MM1 paper's totals:
+
+  size     here             paper
+  3b-moe   56,939,490,816   64B
+  7b-moe   40,763,998,208   47B
+
+The experts and their placement are the paper's (64 on every 2nd layer, 32
+on every 4th, of 32 layers) and hold almost every parameter (16 x 64 x 53.1M
+= 54.4B; 8 x 32 x 135.3M = 34.6B); MoE on every layer or every other would
+double or halve that, not close an 11-13 % gap, and the vocabulary tables
+(100,352 tokens, untied: 0.51B and 0.82B) are far too small to. The gap is
+the decoder dims, which MM1 does not publish (the dims here are the usual
+3B / 7B shapes): at 32 layers the paper's totals need experts 13 % and 18 %
+wider (hidden 7,810 instead of 6,912; 12,990 instead of 11,008).
+
+Peak LR of the MoE sizes: MM1 trains them with the dense backbone's
+hyper-parameters, so `optimizer.lr_moe_count="dense"` (the default) sizes
+the MM1 rule by the dense twin's decoder: 3b-moe gets the 3b's 6.65e-5 and
+7b-moe the 7b's 4.46e-5 ("total", counting every expert: 1.70e-5 and
+1.97e-5; "active", 2 experts per token: 5.79e-5 and 4.14e-5).
+
+The encoder side is the same for every size: ViT-H/14 at 378 (729 patches + a
 class token) 631,371,520 parameters, C-Abstractor (hidden 1024, 3 ResBlocks
 per stage) 77.8M-130.2M depending on the decoder width. Dense decoders are
 scanned (`decoder.scan=True`, compile time independent of depth); MoE

@@ -43,10 +43,14 @@ def base_config() -> mlc.ConfigDict:
                            mlp=512, rope_theta=10_000.0, norm_eps=1e-6, qk_norm=False, tie_embeddings=False,
                            scan=False, remat="", attention="xla")
     # Mixture of experts (num_experts=0: dense). MM1 3B-MoE: 64 experts, moe_every=2, top_k=2.
+    # balance: "aux_loss" (the load-balance loss alone) or "bias" (DeepSeek-V3: a per-expert selection
+    # bias moved by bias_update_rate after each step towards balance; load_balance_weight still applies,
+    # 0.01 unless set: 0 for no balance loss).
     c.model.decoder.moe = dict(num_experts=0, top_k=2, moe_every=2, renormalize=True, capacity_factor=2.0,
                                group_size=0, dispatch="capacity", grouped_matmul="ragged_dot",
                                expert_mlp=512, shared_expert=False,
-                               load_balance_weight=0.01, router_z_weight=0.001)
+                               load_balance_weight=0.01, router_z_weight=0.001, balance="aux_loss",
+                               bias_update_rate=0.001)
     c.model.bidirectional_image_attention = False
 
     c.data = mlc.ConfigDict()
@@ -70,11 +74,13 @@ def base_config() -> mlc.ConfigDict:
     c.data.worker_buffer = 2  # batches prefetched per worker
 
     # lr_rule / weight_decay_rule: "fixed" (lr, weight_decay) or "mm1" (peak LR from the decoder size,
-    # decoupled decay 0.1 x peak LR); no_decay: any of norms, biases, embeddings; module_lr_scale:
-    # "module.path=scale,..." (0 freezes), e.g. "vit=0.0,connector=2.0". See mmjax/train/optimizer.py.
-    c.optimizer = dict(lr=1e-3, lr_rule="fixed", warmup_steps=20, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-                       weight_decay=0.01, weight_decay_rule="fixed", no_decay=("norms", "biases", "embeddings"),
-                       module_lr_scale="", grad_clip=1.0)
+    # decoupled decay 0.1 x peak LR); lr_moe_count: the size "mm1" gives an MoE decoder, "dense" (its
+    # dense twin's, as MM1), "active" or "total"; no_decay: any of norms, biases, embeddings;
+    # module_lr_scale: "module.path=scale,..." (0 freezes), e.g. "vit=0.0,connector=2.0".
+    # See mmjax/train/optimizer.py.
+    c.optimizer = dict(lr=1e-3, lr_rule="fixed", lr_moe_count="dense", warmup_steps=20, min_lr_ratio=0.1,
+                       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, weight_decay_rule="fixed",
+                       no_decay=("norms", "biases", "embeddings"), module_lr_scale="", grad_clip=1.0)
     c.loss = dict(z_loss=1e-4)
     c.train = dict(steps=300, log_every=10, checkpoint_every=100, keep_checkpoints=2, seed=0,
                    async_checkpoint=True, grad_accum_steps=1)  # micro-batches per step (gradient accumulation)

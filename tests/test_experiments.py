@@ -8,6 +8,7 @@ from the analytic helpers, which are checked against abstract params."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import types
@@ -109,7 +110,8 @@ def test_mm1_sizes_on_every_preset():
 def test_analytic_counts_match_abstract_params():
     for module, arg in [(mm1, "smoke-3b"), (mm1, "smoke-3b-moe"), (moe_pairs, "tiny-moe"), (mm1, "3b")]:
         config = module.get_config(arg)
-        assert param_counts(config, "decoder") == decoder_param_counts(config.model.decoder)
+        counts = decoder_param_counts(config.model.decoder)
+        assert param_counts(config, "decoder") == {"total": counts["total"], "active": counts["active"]}
     assert param_counts(mm1.get_config("3b"), "vit")["total"] == param_count(mm1.get_config("3b").model.vit)
 
 
@@ -225,6 +227,26 @@ def test_connector_sweep():
         seen.add(key)
     assert len(seen) == 12
     assert connector_ablation.to_flags(overrides[0])[0].startswith("--config.model.connector.kind=")
+
+
+def test_documented_moe_totals_match_the_param_counts():
+    """The 3b-moe / 7b-moe rows of experiments/mm1.py's docstring: decoder
+    total and active, and the whole model's total beside the paper's."""
+    decoder_rows, model_rows = {}, {}
+    for line in mm1.__doc__.splitlines():
+        parts = line.split()
+        if parts and parts[0] in ("3b-moe", "7b-moe"):
+            numbers = [int(n.replace(",", "")) for n in re.findall(r"\d{1,3}(?:,\d{3})+", line)]
+            if "active" in parts:
+                decoder_rows[parts[0]] = tuple(numbers)
+            elif parts[-1].endswith("B"):
+                model_rows[parts[0]] = (numbers[0], parts[-1])
+    assert model_rows == {"3b-moe": (model_rows["3b-moe"][0], "64B"), "7b-moe": (model_rows["7b-moe"][0], "47B")}
+    for size in ("3b-moe", "7b-moe"):
+        config = mm1.get_config(size)
+        counts = decoder_param_counts(config.model.decoder)
+        assert decoder_rows[size] == (counts["total"], counts["active"]), size
+        assert model_rows[size][0] == param_counts(config)["total"], size
 
 
 def test_moe_pairs_match_active_params():

@@ -74,6 +74,8 @@ CASES = {
     "moe_capacity_listed": dict(moe=dict(num_experts=4, top_k=2, moe_every=2, capacity_factor=1.0, expert_mlp=64)),
     "moe_dropless_scanned": dict(scan=True, moe=dict(num_experts=4, top_k=2, moe_every=1, dispatch="dropless",
                                                      expert_mlp=64)),
+    # router biases (aux-loss-free balancing) are model state that decoding must carry
+    "moe_bias_listed": dict(moe=dict(num_experts=4, top_k=2, moe_every=2, expert_mlp=64, balance="bias")),
 }
 
 
@@ -82,6 +84,9 @@ CASES = {
 def test_cached_greedy_equals_uncached_argmax(case):
     c = _text_config(**CASES[case])
     model = build_model(c.model, nnx.Rngs(1))
+    for _, module in model.iter_modules():
+        if getattr(module, "router_bias", None) is not None:
+            module.router_bias[...] = jax.random.normal(jax.random.key(2), module.router_bias.shape)
     batch = _prompts(c.model.decoder.vocab_size)
     tokens, counts = jitted_generate(model, Sampling(max_new_tokens=NEW, stop_ids=()))(batch)
     want = _uncached_greedy(without_capacity_drops(model), batch, NEW)

@@ -166,15 +166,18 @@ def test_init_from_places_converted_weights_on_the_mesh(tmp_path):
         np.testing.assert_array_equal(np.asarray(gate[i]), tensors[f"model.layers.{i}.mlp.gate_proj.weight"].T)
     c.model.decoder.scan = False
 
-    # The same dense checkpoint into an MoE decoder: every expert is a copy of the MLP.
-    c.model.decoder.moe.update(dict(num_experts=4, moe_every=1, expert_mlp=d.mlp))
+    # The same dense checkpoint into an MoE decoder: every expert is a copy of the MLP; the
+    # router biases of aux-loss-free balancing (not in the checkpoint) keep their zeros.
+    c.model.decoder.moe.update(dict(num_experts=4, moe_every=1, expert_mlp=d.mlp, balance="bias"))
     setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))
     state = apply_init_from(init_train_state(c, setup), [str(tmp_path / "llama")])
-    wi_gate = state["params"]["decoder"]["layers"]["layers"][0]["mlp"]["wi_gate"][...]
+    mlp = state["params"]["decoder"]["layers"]["layers"][0]["mlp"]
+    wi_gate = mlp["wi_gate"][...]
     assert wi_gate.sharding.spec == P("expert", "fsdp", None)
     for e in range(4):
         np.testing.assert_array_equal(np.asarray(wi_gate[e]), tensors["model.layers.0.mlp.gate_proj.weight"].T)
-    c.model.decoder.moe.num_experts = 0
+    assert mlp["router_bias"].shape == (4,) and not np.any(np.asarray(mlp["router_bias"][...]))
+    c.model.decoder.moe.update(dict(num_experts=0, balance="aux_loss"))
 
     c.model.decoder.mlp = 128  # a config that no longer matches the checkpoint
     setup = build_train_setup(c, mesh, get_layout(c.rules), lambda p: make_optimizer(c.optimizer, 10, p))

@@ -244,3 +244,150 @@ def test_shared_expert_adds_a_dense_mlp_to_every_token():
     for name in ("router", "wi_gate", "wi_up", "wo"):
         getattr(with_shared, name)[...] = getattr(routed, name)[...]
     np.testing.assert_allclose(with_shared(x)[0], routed(x)[0] + with_shared.shared(x), atol=1e-5)
+
+
+# ------------------------------------------- aux-loss-free balancing (router bias)
+
+def _max_over_mean_load(fraction) -> float:
+    fraction = np.asarray(fraction)
+    return float(fraction.max() * fraction.shape[-1] / fraction.sum())
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.0])
+def test_router_bias_updates_move_a_skewed_router_towards_balance(rate):
+    """Most tokens prefer expert 0; the train step's bias update
+    (`balance_router_biases`) pushes the load towards 1/E per expert, and
+    rate 0 leaves bias and load as they are."""
+    from mmjax.models.moe import RouterBias
+    from mmjax.train.step import balance_router_biases
+
+    layer = MoEFeedForward(16, moe_cfg(balance="bias", dispatch="dropless"), rngs=nnx.Rngs(0))
+    layer.router[...] = layer.router[...].at[:, 0].add(0.2)
+    x = jnp.abs(jax.random.normal(jax.random.key(5), (4, 32, 16)))
+    load = nnx.jit(lambda m, x: m(x)[1]["expert_fraction"])
+    update = jax.jit(lambda b, f: balance_router_biases(b, f[None], rate))
+    before = _max_over_mean_load(load(layer, x))
+    assert before > 1.6  # expert 0 takes nearly every token's first choice: 2.0 is the most with top-2 of 4
+    for _ in range(60):
+        biases, metrics = update(nnx.state(layer, RouterBias), load(layer, x))
+        nnx.update(layer, biases)
+    after = _max_over_mean_load(load(layer, x))
+    if rate:
+        assert after < 1.25 and after < 0.7 * before
+        assert float(layer.router_bias[0]) < 0 and float(metrics["router_bias_range"]) > 0
+    else:
+        assert after == before
+        assert not np.any(np.asarray(layer.router_bias[...])) and float(metrics["router_bias_range"]) == 0
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_router_bias_changes_the_choice_but_not_the_combine_weights(renormalize):
+    from mmjax.models.moe import grouped_experts, route
+
+    logits = jax.random.normal(jax.random.key(6), (64, 4))
+    bias = jnp.array([0.0, 0.0, 0.0, 0.3])
+    weights, experts, probs = jax.jit(route, static_argnums=(1, 2))(logits, 2, renormalize, bias)
+    _, plain, _ = route(logits, 2, renormalize)
+    assert np.mean(np.any(np.asarray(experts) == 3, axis=-1)) > np.mean(np.any(np.asarray(plain) == 3, axis=-1))
+    chosen = np.take_along_axis(np.asarray(probs), np.asarray(experts), axis=-1)
+    expected = chosen / chosen.sum(-1, keepdims=True) if renormalize else chosen
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    # The layer routes with its bias: its output is the experts' for the biased choice.
+    layer = MoEFeedForward(16, moe_cfg(balance="bias", dispatch="dropless", renormalize=renormalize),
+                           rngs=nnx.Rngs(0))
+    layer.router_bias[...] = bias
+    x = jax.random.normal(jax.random.key(7), (2, 8, 16))
+    y, aux = nnx.jit(lambda m, x: m(x))(layer, x)
+    w, e, _ = route(jnp.einsum("bsm,me->bse", x, layer.router[...]), 2, renormalize, bias)
+    want = grouped_experts(x, w, e, (layer.wi_gate[...], layer.wi_up[...], layer.wo[...]), first_expert=0)
+    np.testing.assert_allclose(y, want, atol=1e-5)
+    layer.router_bias[...] = jnp.zeros(4)
+    assert not np.allclose(nnx.jit(lambda m, x: m(x)[0])(layer, x), y, atol=1e-5)
+
+
+def test_balance_settings_are_checked():
+    from mmjax.errors import ConfigError
+    from mmjax.train.config_checks import check_static
+
+    with pytest.raises(ConfigError, match="moe.balance"):
+        MoEFeedForward(16, moe_cfg(balance="loss_free"), rngs=nnx.Rngs(0))
+    for field, value in (("balance", "loss_free"), ("bias_update_rate", -0.1)):
+        c = small_moe_config()
+        c.model.decoder.moe[field] = value
+        with pytest.raises(ConfigError, match=f"config.model.decoder.moe.{field}="):
+            check_static(c)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_router_biases_line_up_with_the_stacked_aux(scan):
+    """A 12-layer decoder, every layer MoE, listed or scanned: layer i's bias
+    forces expert i % E, so row i of both the aux `expert_fraction` and
+    `router_biases` must single out that expert, and the update lowers
+    exactly it (list indices past 9 sort as integers)."""
+    from mmjax.models.decoder import Decoder
+    from mmjax.models.moe import RouterBias, router_biases, set_router_biases, update_router_bias
+
+    d = small_config().model.decoder
+    d.update(dict(layers=12, embed=32, heads=2, kv_heads=1, head_dim=16, mlp=32, scan=scan))
+    d.moe.update(dict(num_experts=4, top_k=1, moe_every=1, expert_mlp=16, balance="bias"))
+    decoder = Decoder(d, rngs=nnx.Rngs(0))
+    forced = jnp.arange(12) % 4
+    biases = nnx.state(decoder, RouterBias)
+    assert router_biases(biases).shape == (12, 4)
+    nnx.update(decoder, set_router_biases(biases, 10.0 * jax.nn.one_hot(forced, 4)))
+    rows = router_biases(nnx.state(decoder, RouterBias))
+    tokens = jnp.arange(16)[None] + 4
+    seg, pos = jnp.ones((1, 16), jnp.int32), jnp.arange(16)[None]
+    fraction = nnx.jit(lambda m, t: m.forward(m.embed(t), seg, pos)[1]["expert_fraction"])(decoder, tokens)
+    np.testing.assert_array_equal(np.argmax(fraction, -1), forced)
+    np.testing.assert_array_equal(np.argmax(rows, -1), forced)
+    moved = np.asarray(update_router_bias(rows, fraction, 0.5) - rows)
+    np.testing.assert_array_equal(moved, np.where(jax.nn.one_hot(forced, 4) > 0, -0.5, 0.5))
+
+
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_router_bias_trains_outside_the_optimizer_and_survives_a_checkpoint(batch_np, tmp_path, scan):
+    """Real train steps (the loop's `build_step`, sharded on data x fsdp x
+    expert) of the tiny MoE config's decoder, 2 layers, as a text model (the
+    vision side plays no part and costs compile time), with
+    balance="bias": listed (MoE on the 2nd layer, as in tiny_moe) or scanned
+    (MoE on both, bias `[2, E]`). The bias moves in steps of the rate, is
+    replicated, has no optimizer slot, and a checkpoint round trip restores it."""
+    from experiments.tiny_moe import get_config as tiny_moe_config
+    from mmjax.models.moe import router_biases
+    from mmjax.train.checkpoint import Checkpointer
+    from mmjax.train.loop import build_step
+    from mmjax.train.state import abstract_train_state, split_params
+
+    c = tiny_moe_config()
+    ref = small_config()
+    c.model.name, c.data = "text_lm", ref.data
+    d = c.model.decoder
+    d.layers, d.scan, d.mlp = 2, scan, 256
+    d.moe.update(dict(moe_every=1 if scan else 2, expert_mlp=128, balance="bias", bias_update_rate=0.01))
+    setup, step = build_step(c, make_mesh(dict(c.mesh)), get_layout(c.rules))
+    state = init_train_state(c, setup)
+    bias = lambda s: np.asarray(router_biases(s["params"]))  # noqa: E731
+    assert bias(state).shape == (2 if scan else 1, d.moe.num_experts) and not bias(state).any()
+    batch = to_global_arrays({k: batch_np[k] for k in setup.batch_shardings}, setup.batch_shardings)
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    b = bias(state)
+    assert np.abs(b).max() > 0 and float(metrics["router_bias_range"]) == pytest.approx(
+        (b.max(-1) - b.min(-1)).max(), abs=1e-6)
+    np.testing.assert_allclose(b / 0.01, np.round(b / 0.01), atol=1e-4)  # three steps of +-rate (or 0)
+    leaves = jax.tree_util.tree_leaves_with_path(state["params"])
+    for path, value in leaves:
+        if "router_bias" in jax.tree_util.keystr(path):
+            assert value.sharding.is_fully_replicated
+    trained = split_params(state["params"])[0]
+    opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state["opt_state"])]
+    assert not [p for p in opt_paths if "router_bias" in p]
+    assert len(opt_paths) == 2 * len(jax.tree.leaves(trained)) + 2  # Adam's mu, nu + two counters
+    ckpt = Checkpointer(str(tmp_path), async_save=False)
+    data = iter(make_dataset(c.data, default_tokenizer(c.data), batch_size=c.data.global_batch))
+    ckpt.save(3, state, data)
+    ckpt.close()
+    restored = Checkpointer(str(tmp_path)).restore(3, abstract_train_state(setup), data)
+    np.testing.assert_array_equal(bias(restored), b)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))

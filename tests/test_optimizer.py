@@ -111,6 +111,57 @@ def test_mm1_rule_sizes_the_peak_lr_by_the_decoder_without_vocab_tables():
     assert float(opt.learning_rate_schedule(c.optimizer, 100)(c.optimizer.warmup_steps)) == pytest.approx(1e-3)
 
 
+def _mm1_peak(config) -> float:
+    """The peak LR the train loop's schedule reaches for `config`."""
+    _, params = abstract_model(config.model)
+    schedule = opt.learning_rate_schedule(config.optimizer, config.train.steps, params, config.model.decoder)
+    return float(schedule(config.optimizer.warmup_steps))
+
+
+@pytest.mark.parametrize("moe_size,dense_size", [("3b-moe", "3b"), ("7b-moe", "7b")])
+def test_mm1_moe_configs_get_their_dense_twins_peak_lr(moe_size, dense_size):
+    """MM1 trains its MoE models with the dense backbone's hyper-parameters:
+    same peak LR. Counting every expert (the old rule) gives a 2-4x lower one."""
+    from experiments import mm1
+
+    moe_cfg, dense_cfg = mm1.get_config(moe_size), mm1.get_config(dense_size)
+    assert moe_cfg.model.decoder.moe.num_experts > 0 and dense_cfg.model.decoder.moe.num_experts == 0
+    assert moe_cfg.optimizer.lr_rule == dense_cfg.optimizer.lr_rule == "mm1"
+    dense_lr, moe_lr = _mm1_peak(dense_cfg), _mm1_peak(moe_cfg)
+    assert moe_lr == pytest.approx(dense_lr, rel=1e-6)
+    moe_cfg.optimizer.lr_moe_count = "total"
+    assert _mm1_peak(moe_cfg) < dense_lr / 2
+    moe_cfg.optimizer.lr_moe_count = "active"  # top-2 experts of the dense MLP's width: more than dense
+    assert _mm1_peak(moe_cfg) < 0.95 * dense_lr
+
+
+def test_decoder_param_count_of_an_moe_decoder_against_closed_forms():
+    """N for `lr_moe_count` = total / active / dense on a small MoE decoder
+    (2 layers, MoE on the 2nd, shared expert on), written out by hand."""
+    c = small_config()
+    d = c.model.decoder
+    d.layers = 2
+    d.moe.update(dict(num_experts=4, top_k=2, moe_every=2, expert_mlp=64, shared_expert=True))
+    _, params = abstract_model(c.model)
+    m, e, k, h = d.embed, 4, 2, 64
+    attention = m * d.head_dim * (2 * d.heads + 2 * d.kv_heads)
+    common = 2 * (attention + 2 * m) + m  # two layers' attention and norms, the final norm
+    dense_mlp = 3 * m * d.mlp
+    expected = {
+        "total": common + dense_mlp + m * e + e * 3 * m * h + 3 * m * h,
+        "active": common + dense_mlp + m * e + k * 3 * m * h + 3 * m * h,
+        "dense": common + 2 * dense_mlp,
+    }
+    for count, n in expected.items():
+        assert opt.decoder_param_count(params, d, count) == n, count
+    assert opt.decoder_param_count(params) == expected["total"]  # without the decoder config
+    d.moe.num_experts = 0
+    _, dense_params = abstract_model(c.model)
+    assert opt.decoder_param_count(dense_params, d) == expected["dense"]
+    with pytest.raises(ValueError, match="lr_moe_count"):
+        opt.decoder_param_count(params, d, "routed")
+
+
 def test_mm1_weight_decay_shrinks_by_a_tenth_of_the_scheduled_lr():
     c = small_config()
     c.optimizer.weight_decay_rule = "mm1"

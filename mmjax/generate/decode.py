@@ -170,12 +170,12 @@ def generate(model, batch: dict, sampling: Sampling, rng: jax.Array | None = Non
 def generate_fn(model, sampling: Sampling, resolver=None, out_sharding=None):
     """`jax.jit`-ed `fn(params, batch, rng) -> (tokens, counts)` for `model`'s
     structure (it may be abstract, e.g. `nnx.merge(graphdef, abstract_params)`)
-    and parameters `params` (its `nnx.Param` state, e.g. the training
-    state's); MoE layers take every token (`without_capacity_drops`). With
+    and variables `params` (its `nnx.State`: parameters and any MoE router
+    biases, e.g. the training state's `params`); MoE layers take every token (`without_capacity_drops`). With
     `resolver` activations and caches are sharded as the module doc says;
     `out_sharding` places the results (e.g. replicated, so every process can
     read them)."""
-    graphdef = nnx.split(without_capacity_drops(model), nnx.Param)[0]
+    graphdef = nnx.split(without_capacity_drops(model))[0]
 
     def run(params, batch, rng):
         with activation_sharding(resolver):
@@ -188,5 +188,5 @@ def jitted_generate(model, sampling: Sampling, resolver=None):
     """`fn(batch, rng) -> (tokens, counts)` for `model` as it is (its own
     parameters), compiled once per batch shape: `generate_fn` bound to
     them."""
-    fn, params = generate_fn(model, sampling, resolver), nnx.state(model, nnx.Param)
+    fn, params = generate_fn(model, sampling, resolver), nnx.state(model)
     return lambda batch, rng=None: fn(params, batch, jax.random.key(0) if rng is None else rng)

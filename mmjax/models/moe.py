@@ -3,7 +3,16 @@
 x `[batch, seq, embed]` -> (y `[batch, seq, embed]`, aux dict). Config
 fields (`config.model.decoder.moe`): num_experts, top_k, renormalize,
 capacity_factor, group_size, dispatch ("capacity" | "dropless"), expert_mlp,
-shared_expert, load_balance_weight, router_z_weight.
+shared_expert, load_balance_weight, router_z_weight, balance ("aux_loss" |
+"bias"), bias_update_rate.
+
+- balance="bias" (DeepSeek-V3's auxiliary-loss-free balancing): the layer
+  holds a per-expert `RouterBias` `[E]` (an `nnx.Variable`, not an
+  `nnx.Param`: no gradient, no optimizer state, no weight decay) that is
+  added to the router probabilities to choose the top-k experts; the combine
+  weights stay the unbiased probabilities of the chosen experts. The train
+  step moves it after each step with `update_router_bias` from the
+  observed load. The load-balance loss keeps its own weight either way.
 
 - capacity: GShard einsum dispatch/combine. Tokens are split into groups
   (one per batch shard of the runtime mesh, via
@@ -41,19 +50,79 @@ from mmjax.models.partitioning import constrain, current_resolver, num_shards
 from mmjax.errors import ConfigError
 
 DISPATCHES = ("capacity", "dropless")
+BALANCES = ("aux_loss", "bias")
 # Logical layouts of the capacity buffers `[E, G, C, M]`: split by group (as the
 # tokens are) or by expert (as the expert weights are).
 _BY_GROUP = (None, "batch", None, "act_embed")
 _BY_EXPERT = ("expert", "batch", None, "act_embed")
 
 
-def route(logits: jax.Array, top_k: int, renormalize: bool):
-    """logits `[..., E]` float32 -> (weights `[..., k]`, experts `[..., k]` int, probs `[..., E]`)."""
+class RouterBias(nnx.Variable):
+    """Per-expert selection bias `[E]` (`[layers, E]` in a scanned stack) of
+    aux-loss-free balancing. Not an `nnx.Param`: gradients, the optimizer and
+    weight decay leave it alone; the train step updates it."""
+
+
+def route(logits: jax.Array, top_k: int, renormalize: bool, bias: jax.Array | None = None):
+    """logits `[..., E]` float32 -> (weights `[..., k]`, experts `[..., k]` int, probs `[..., E]`).
+
+    bias `[E]` (optional) is added to the probabilities for choosing the
+    experts only; weights are the unbiased probabilities of the chosen
+    experts (renormalized to sum to 1 if `renormalize`)."""
     probs = jax.nn.softmax(logits, axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
+    if bias is None:
+        weights, experts = jax.lax.top_k(probs, top_k)
+    else:
+        _, experts = jax.lax.top_k(probs + jax.lax.stop_gradient(bias).astype(probs.dtype), top_k)
+        weights = jnp.take_along_axis(probs, experts, axis=-1)
     if renormalize:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return weights, experts, probs
+
+
+def update_router_bias(bias: jax.Array, expert_fraction: jax.Array, rate: float) -> jax.Array:
+    """DeepSeek-V3's update: `bias_e += rate * sign(mean_load - load_e)`.
+
+    bias `[..., E]`; expert_fraction `[..., E]` is load_e, the share of a
+    step's routed assignments (all tokens of the global batch, all k choices)
+    that went to expert e (the MoE aux `expert_fraction`). Overloaded experts
+    move down, underloaded ones up; rate 0 leaves the bias as it is."""
+    fraction = expert_fraction.astype(bias.dtype)
+    return bias + rate * jnp.sign(jnp.mean(fraction, axis=-1, keepdims=True) - fraction)
+
+
+def _router_bias_leaves(variables) -> list:
+    """(path, RouterBias) pairs of an `nnx.State` in flattening order, which is
+    layer order (list indices sort as integers), the order in which a layer
+    stack stacks the MoE aux."""
+    flat = jax.tree_util.tree_flatten_with_path(variables, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    return [(path, v) for path, v in flat if isinstance(v, RouterBias)]
+
+
+def router_biases(variables) -> jax.Array | None:
+    """Every MoE layer's RouterBias in `variables` (an `nnx.State`) stacked
+    `[n_moe_layers, E]` in layer order, or None when there is none."""
+    leaves = _router_bias_leaves(variables)
+    if not leaves:
+        return None
+    return jnp.concatenate([v.get_value().reshape(-1, v.shape[-1]) for _, v in leaves])
+
+
+def set_router_biases(variables, biases: jax.Array):
+    """`variables` with its RouterBias values replaced by the rows of
+    `biases` `[n_moe_layers, E]` (the layout `router_biases` returns)."""
+    leaves = _router_bias_leaves(variables)
+    rows = sum(math.prod(v.shape[:-1]) for _, v in leaves)
+    if biases.shape[0] != rows:
+        raise ValueError(f"{biases.shape[0]} rows of router biases for {rows} MoE layers.")
+    new, start = {}, 0
+    for path, v in leaves:
+        n = math.prod(v.shape[:-1])
+        new[path] = biases[start:start + n].reshape(v.shape).astype(v.dtype)
+        start += n
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: v.replace(new[path]) if path in new else v, variables,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def routing_aux(logits: jax.Array, probs: jax.Array, experts: jax.Array, num_experts: int) -> dict:
@@ -123,8 +192,14 @@ class MoEFeedForward(nnx.Module):
                               f"choose one of {GROUPED_MATMULS}.")
         if not 1 <= cfg.top_k <= e:
             raise ConfigError(f"config.model.decoder.moe.top_k={cfg.top_k} must be in 1..num_experts={e}.")
+        balance = cfg.get("balance", "aux_loss")
+        if balance not in BALANCES:
+            raise ConfigError(f"config.model.decoder.moe.balance={balance!r}; choose one of {BALANCES}.")
         self.cfg, self.dtype = cfg, dtype
         self.router = make_param(rngs, fan_in_init(embed), (embed, e), ("embed", "router_experts"))
+        # Tiny and replicated: its logical axis is not partitioned by any layout.
+        self.router_bias = (RouterBias(jnp.zeros((e,), jnp.float32), logical_axes=("router_experts",))
+                            if balance == "bias" else None)
         self.wi_gate = make_param(rngs, fan_in_init(embed), (e, embed, h), ("expert", "embed", "mlp"))
         self.wi_up = make_param(rngs, fan_in_init(embed), (e, embed, h), ("expert", "embed", "mlp"))
         self.wo = make_param(rngs, fan_in_init(h), (e, h, embed), ("expert", "mlp", "embed"))
@@ -195,7 +270,8 @@ class MoEFeedForward(nnx.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
         """x `[b, s, embed]` -> (y `[b, s, embed]`, aux)."""
         logits = jnp.einsum("bsm,me->bse", x.astype(jnp.float32), self.router[...].astype(jnp.float32))
-        weights, experts, probs = route(logits, self.cfg.top_k, self.cfg.renormalize)
+        bias = None if self.router_bias is None else self.router_bias[...]
+        weights, experts, probs = route(logits, self.cfg.top_k, self.cfg.renormalize, bias)
         e = self.cfg.num_experts
         aux = routing_aux(logits.reshape(-1, e), probs.reshape(-1, e), experts.reshape(-1, self.cfg.top_k), e)
         dispatch = self._capacity if self.cfg.dispatch == "capacity" else self._dropless

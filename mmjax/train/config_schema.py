@@ -127,6 +127,16 @@ def _grouped_matmuls():
     return GROUPED_MATMULS
 
 
+def _balances():
+    from mmjax.models.moe import BALANCES
+    return BALANCES
+
+
+def _moe_lr_counts():
+    from mmjax.train.optimizer import MOE_LR_COUNTS
+    return MOE_LR_COUNTS
+
+
 def _remat():
     from mmjax.models.stack import REMAT_POLICIES
     return REMAT_POLICIES
@@ -201,6 +211,8 @@ FIELDS: dict[str, Rule] = {
     "model.decoder.moe.shared_expert": boolean,
     "model.decoder.moe.load_balance_weight": number(0),
     "model.decoder.moe.router_z_weight": number(0),
+    "model.decoder.moe.balance": one_of(_balances),
+    "model.decoder.moe.bias_update_rate": number(0),
     "data.seq_len": integer(2),
     "data.global_batch": integer(1),
     "data.max_images": integer(0),
@@ -218,6 +230,7 @@ FIELDS: dict[str, Rule] = {
     "data.worker_buffer": integer(1),
     "optimizer.lr": number(0, low_open=True),
     "optimizer.lr_rule": one_of(lambda: ("fixed", "mm1")),
+    "optimizer.lr_moe_count": one_of(_moe_lr_counts),
     "optimizer.warmup_steps": integer(0),
     "optimizer.min_lr_ratio": number(0, 1),
     "optimizer.b1": number(0, 1, high_open=True),

@@ -96,7 +96,8 @@ def apply_init_from(state: dict, paths) -> dict:
         if component not in state["params"]:
             raise InitFromError(f"config.init_from entry {path} holds a {component!r} component, "
                                 "which this model does not have.")
-        target: nnx.State = state["params"][component]
+        # Only the Params: variables a converted folder does not hold (MoE router biases) keep their values.
+        target, others = nnx.split_state(state["params"][component], nnx.Param, ...)
         current = target.to_pure_dict()
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), current)
         dense_source = not (meta["config"].get("moe") or {}).get("num_experts")
@@ -116,4 +117,5 @@ def apply_init_from(state: dict, paths) -> dict:
             raise InitFromError(f"config.init_from entry {path} does not match "
                                 f"config.model.{component}: {err}") from err
         nnx.replace_by_pure_dict(target, restored)
+        state["params"][component] = nnx.merge_state(target, others)
     return state

@@ -37,7 +37,7 @@ from mmjax.train.guards import PreemptionFlag
 from mmjax.train.metrics import MetricsWriter, format_duration, log
 from mmjax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
 from mmjax.train.prefetch import Prefetcher
-from mmjax.train.state import abstract_train_state, build_train_setup, init_train_state
+from mmjax.train.state import abstract_train_state, build_train_setup, init_train_state, split_params
 from mmjax.train.step import make_train_step
 from mmjax.train.timing import StepTimer
 
@@ -54,14 +54,17 @@ def _write_config(config, workdir) -> None:
 def build_step(config, mesh, rules) -> tuple:
     """(TrainSetup, jitted train step) exactly as `train` runs them."""
     total_steps = config.train.steps
+    decoder = config.model.decoder
     setup = build_train_setup(config, mesh, rules,
-                              lambda params: make_optimizer(config.optimizer, total_steps, params))
-    moe = config.model.decoder.moe
-    schedule = learning_rate_schedule(config.optimizer, total_steps, setup.abstract_params)
+                              lambda params: make_optimizer(config.optimizer, total_steps, params, decoder))
+    moe = decoder.moe
+    schedule = learning_rate_schedule(config.optimizer, total_steps, setup.abstract_params, decoder)
     train_step = make_train_step(setup, schedule, config.loss.z_loss, moe.load_balance_weight,
                                  moe.router_z_weight, grad_accum_steps=config.train.grad_accum_steps,
                                  trainable=trainable_mask(config.optimizer, setup.abstract_params),
-                                 skip_nonfinite=config.train.on_nonfinite == "skip")
+                                 skip_nonfinite=config.train.on_nonfinite == "skip",
+                                 router_bias_rate=moe.get("bias_update_rate", 0.0)
+                                 if moe.get("balance", "aux_loss") == "bias" else 0.0)
     return setup, train_step
 
 
@@ -101,7 +104,7 @@ def train(config, workdir) -> dict:
         f"layout {config.rules!r}; model {config.model.get('name', 'mm1')!r}; workdir {workdir}")
 
     abstract = abstract_train_state(setup)
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract["params"]))
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(split_params(abstract["params"])[0]))
     log(f"model: {n_params:,} parameters")
     run.summary["num_params"] = int(n_params)
     # The newest checkpoint that restores (damaged ones are moved aside, see checkpoint.py), else a fresh init.

@@ -9,6 +9,13 @@ configurable weight-decay exclusions and per-module freezing / LR scaling.
                      `exp(-0.4214 ln N - 0.5535)`, with N the decoder's
                      parameter count without its vocabulary tables (see
                      `decoder_param_count`); `lr` is then ignored.
+  lr_moe_count       what N counts for an MoE decoder under `lr_rule="mm1"`:
+                     "dense" (MM1's choice: its MoE models reuse the dense
+                     backbone's hyper-parameters, so an MoE decoder gets the
+                     LR of the same decoder with `moe.num_experts=0`),
+                     "active" (what one token passes through: top_k routed
+                     experts, the shared expert, the router and everything
+                     outside the experts) or "total" (every expert).
   warmup_steps       linear warmup from 0 to the peak.
   min_lr_ratio       the cosine decay ends at `peak * min_lr_ratio`.
   b1, b2, eps        Adam moments.
@@ -67,8 +74,11 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def _map_params(fn, params: nnx.State):
-    """`fn(path_names, variable)` for every parameter; the result keeps the
-    params' structure (each Variable holds fn's value)."""
+    """`fn(path_names, variable)` for every `nnx.Param`; the result keeps the
+    params' structure (each Variable holds fn's value). Other variables (MoE
+    router biases) are left out: the optimizer never sees them."""
+    if isinstance(params, nnx.State):
+        params = nnx.split_state(params, nnx.Param, ...)[0]
     return jax.tree_util.tree_map_with_path(lambda p, v: v.replace(fn(_path_names(p), v)), params,
                                             is_leaf=_is_variable)
 
@@ -79,18 +89,40 @@ def _opt_get(opt_cfg, name: str, default):
 
 # ----------------------------------------------------------------- learning rate
 
-def decoder_param_count(params: nnx.State) -> int:
-    """N of MM1's LR rule: parameters under the top-level `decoder` module,
-    excluding the vocabulary tables (token embedding, untied LM head). With
-    MoE every expert counts. Works on abstract params."""
+MOE_LR_COUNTS = ("dense", "active", "total")
+
+
+def decoder_param_count(params: nnx.State, decoder_cfg=None, moe_count: str = "dense") -> int:
+    """N of MM1's LR rule: the `nnx.Param`s under the top-level `decoder`
+    module, excluding the vocabulary tables (token embedding, untied LM head).
+    Works on abstract params.
+
+    For an MoE decoder (`decoder_cfg` = `config.model.decoder` with
+    `moe.num_experts > 0`) `moe_count` sets what its MoE layers count
+    (`mmjax.train.param_counts.decoder_param_counts` has the closed forms):
+      "dense": each MoE layer's router, experts and shared expert count as
+        the dense SwiGLU of width `decoder.mlp` they replace (3 * embed * mlp),
+        so N equals the dense twin's (the same decoder with num_experts=0);
+      "active": the router (embed * E), top_k experts (top_k * 3 * embed *
+        expert_mlp) and the shared expert (3 * embed * expert_mlp, if on);
+      "total": all E experts (also what every count is without `decoder_cfg`).
+    Attention, norms and dense layers count in full in every case."""
     if "decoder" not in params:
         raise ValueError("the params have no top-level `decoder` module to size the MM1 learning rate by.")
+    if moe_count not in MOE_LR_COUNTS:
+        raise ConfigError(f"config.optimizer.lr_moe_count={moe_count!r} must be one of {MOE_LR_COUNTS}.")
     total = 0
     for _, v in jax.tree_util.tree_flatten_with_path(params["decoder"], is_leaf=_is_variable)[0]:
         axes = v.get_metadata().get("logical_axes") or ()
-        if "vocab" not in axes:
+        if isinstance(v, nnx.Param) and "vocab" not in axes:
             total += math.prod(v.shape)
-    return total
+    moe = decoder_cfg.get("moe") if decoder_cfg is not None else None
+    if not moe or not moe.num_experts or moe_count == "total":
+        return total
+    from mmjax.train.param_counts import decoder_param_counts
+
+    counts = decoder_param_counts(decoder_cfg)
+    return total - (counts["total"] - counts[moe_count])
 
 
 def peak_learning_rate(opt_cfg, decoder_param_count: int | None = None) -> float:
@@ -117,12 +149,14 @@ def weight_decay_coefficient(opt_cfg) -> float:
     raise ConfigError(f"config.optimizer.weight_decay_rule={rule!r} must be 'fixed' or 'mm1'.")
 
 
-def learning_rate_schedule(opt_cfg, total_steps: int, params: nnx.State | None = None) -> optax.Schedule:
+def learning_rate_schedule(opt_cfg, total_steps: int, params: nnx.State | None = None,
+                           decoder_cfg=None) -> optax.Schedule:
     """Linear warmup to the peak (see `peak_learning_rate`), cosine decay to
     `peak * min_lr_ratio` at `total_steps`. `params` (abstract is enough) is
-    needed for `lr_rule="mm1"`."""
-    count = decoder_param_count(params) if params is not None and \
-        _opt_get(opt_cfg, "lr_rule", "fixed") == "mm1" else None
+    needed for `lr_rule="mm1"`, and `decoder_cfg` (`config.model.decoder`)
+    for an MoE decoder's count (`lr_moe_count`, see `decoder_param_count`)."""
+    count = decoder_param_count(params, decoder_cfg, _opt_get(opt_cfg, "lr_moe_count", "dense")) \
+        if params is not None and _opt_get(opt_cfg, "lr_rule", "fixed") == "mm1" else None
     peak = peak_learning_rate(opt_cfg, count)
     warmup = min(opt_cfg.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
@@ -230,14 +264,17 @@ def _scale_updates(scales) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(opt_cfg, total_steps: int, params: nnx.State) -> optax.GradientTransformation:
-    """The optimizer for `params` (abstract is enough) per `config.optimizer`
-    (see module doc): clip -> AdamW (masked decay) -> per-module LR scale.
+def make_optimizer(opt_cfg, total_steps: int, params: nnx.State,
+                   decoder_cfg=None) -> optax.GradientTransformation:
+    """The optimizer for the `nnx.Param`s of `params` (abstract is enough;
+    its init and update take the Params alone, `state.split_params`) per
+    `config.optimizer` (see module doc): clip -> AdamW (masked decay) ->
+    per-module LR scale. `decoder_cfg`: see `learning_rate_schedule`.
 
     Frozen modules get `optax.set_to_zero()` through `optax.partition`, so
     they hold no moments and are left out of the clipping norm. Without
     frozen or scaled modules the state is `chain(clip, adamw)`'s."""
-    schedule = learning_rate_schedule(opt_cfg, total_steps, params)
+    schedule = learning_rate_schedule(opt_cfg, total_steps, params, decoder_cfg)
     adamw = optax.chain(
         optax.clip_by_global_norm(opt_cfg.grad_clip),
         optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,

@@ -3,7 +3,10 @@
 `param_counts(config)` reads the abstract model (nothing allocated);
 `decoder_param_counts(config.model.decoder)` gives the decoder's counts from
 its dims alone. Expert weights count `top_k / num_experts` of their size
-toward `active`: the parameters one token passes through.
+toward `active`: the parameters one token passes through. The decoder's
+`dense` count is its dense backbone's: every MoE layer's router, experts and
+shared expert replaced by the dense SwiGLU of width `decoder.mlp` (the
+decoder with `moe.num_experts = 0`).
 """
 
 from __future__ import annotations
@@ -38,17 +41,19 @@ def param_counts(config, component: str | None = None) -> dict[str, int]:
 
 
 def decoder_param_counts(dec) -> dict[str, int]:
-    """{"total", "active"} decoder parameters from `config.model.decoder`'s
-    dims (the same numbers `param_counts(config, "decoder")` gives)."""
+    """{"total", "active", "dense"} decoder parameters from
+    `config.model.decoder`'s dims (total and active are the numbers
+    `param_counts(config, "decoder")` gives; dense: see the module doc)."""
     from mmjax.models.decoder import is_moe_layer
 
     m, hd = dec.embed, dec.head_dim
     attention = m * hd * (2 * dec.heads + 2 * dec.kv_heads)
     if dec.get("qk_norm"):
         attention += 2 * hd
-    total = active = (1 if dec.tie_embeddings else 2) * dec.vocab_size * m + m  # tables, final norm
+    total = active = dense = (1 if dec.tie_embeddings else 2) * dec.vocab_size * m + m  # tables, final norm
     for i in range(dec.layers):
         layer = attention + 2 * m  # + two RMSNorms
+        dense += layer + 3 * m * dec.mlp
         if is_moe_layer(dec, i):
             moe = dec.moe
             expert = 3 * m * moe.expert_mlp
@@ -58,4 +63,4 @@ def decoder_param_counts(dec) -> dict[str, int]:
         else:
             total += layer + 3 * m * dec.mlp
             active += layer + 3 * m * dec.mlp
-    return {"total": total, "active": active}
+    return {"total": total, "active": active, "dense": dense}

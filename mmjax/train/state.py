@@ -1,9 +1,12 @@
 """Sharded train state: `{"step", "params", "opt_state"}` created directly on
 the mesh (parameters are never materialised unsharded).
 
-`params` is the model's `nnx.State` of Params; each Param's logical axes go
-through the layout rules to a NamedSharding. Optimizer moments inherit the
-sharding of the parameter they belong to. The model is the one
+`params` is the model's whole `nnx.State`: its `nnx.Param`s and any other
+variables (the MoE router biases of `moe.balance="bias"`); each variable's
+logical axes go through the layout rules to a NamedSharding. Gradients and
+the optimizer see only the `nnx.Param`s (`split_params`); the train step
+updates the other variables itself. Optimizer moments inherit the sharding
+of the parameter they belong to. The model is the one
 `config.model.name` names (`mmjax.models.registry`); the batch fields the step
 receives are the ones it reads plus the loss's `LOSS_INPUTS`.
 """
@@ -44,7 +47,7 @@ class TrainSetup:
     """Static pieces of a run: how to rebuild the model and where arrays live."""
 
     graphdef: Any
-    abstract_params: nnx.State
+    abstract_params: nnx.State  # every variable of the model (`split_params` keeps the trained ones)
     optimizer: optax.GradientTransformation
     mesh: Mesh
     state_shardings: dict
@@ -53,10 +56,15 @@ class TrainSetup:
 
 
 def abstract_model(model_cfg, seed: int = 0) -> tuple[Any, nnx.State]:
-    """(graphdef, abstract params) without allocating any parameter."""
+    """(graphdef, abstract variables: params and the rest) without allocating any."""
     model = nnx.eval_shape(lambda: build_model(model_cfg, nnx.Rngs(seed)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params
+    return nnx.split(model)
+
+
+def split_params(variables: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(the `nnx.Param`s: what gradients and the optimizer see, every other
+    variable), e.g. of the train state's `params`; `nnx.merge_state` joins them."""
+    return nnx.split_state(variables, nnx.Param, ...)
 
 
 def _optimizer_state_shardings(optimizer, abstract_opt, param_shardings, mesh: Mesh):
@@ -76,9 +84,10 @@ def build_train_setup(config, mesh: Mesh, rules: dict,
     """Derives every sharding of the run from the config and layout rules."""
     graphdef, abstract_params = abstract_model(config.model, config.train.seed)
     param_shardings = tree_shardings(abstract_params, mesh, rules)
-    optimizer = make_optimizer(abstract_params)
-    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-    opt_shardings = _optimizer_state_shardings(optimizer, abstract_opt, param_shardings, mesh)
+    trained = split_params(abstract_params)[0]
+    optimizer = make_optimizer(trained)
+    abstract_opt = jax.eval_shape(optimizer.init, trained)
+    opt_shardings = _optimizer_state_shardings(optimizer, abstract_opt, split_params(param_shardings)[0], mesh)
     state_shardings = {
         "step": NamedSharding(mesh, PartitionSpec()),
         "params": param_shardings,
@@ -94,9 +103,9 @@ def init_train_state(config, setup: TrainSetup) -> dict:
 
     def init():
         model = build_model(config.model, nnx.Rngs(config.train.seed))
-        params = nnx.state(model, nnx.Param)
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": setup.optimizer.init(params)}
+        variables = nnx.state(model)
+        return {"step": jnp.zeros((), jnp.int32), "params": variables,
+                "opt_state": setup.optimizer.init(split_params(variables)[0])}
 
     return jax.jit(init, out_shardings=setup.state_shardings)()
 
@@ -104,6 +113,6 @@ def init_train_state(config, setup: TrainSetup) -> dict:
 def abstract_train_state(setup: TrainSetup) -> dict:
     """ShapeDtypeStructs with shardings, the target of a checkpoint restore."""
     shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": setup.abstract_params,
-              "opt_state": jax.eval_shape(setup.optimizer.init, setup.abstract_params)}
+              "opt_state": jax.eval_shape(setup.optimizer.init, split_params(setup.abstract_params)[0])}
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, setup.state_shardings)

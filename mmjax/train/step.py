@@ -17,16 +17,17 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mmjax.models.moe import router_biases, set_router_biases, update_router_bias
 from mmjax.models.partitioning import activation_sharding
 from mmjax.models.precision import cast_weights_once
 from mmjax.parallel import mesh_axes_size
 from mmjax.train.loss import cross_entropy_loss
-from mmjax.train.state import TrainSetup
+from mmjax.train.state import TrainSetup, split_params
 
 
 def model_forward(graphdef, params: nnx.State, batch: dict, resolver=None) -> tuple[jax.Array, dict]:
-    """Rebuilds the model from its params; returns (logits `[b, s, vocab]`,
-    MoE aux stacked over MoE layers). `resolver` (see
+    """Rebuilds the model from its variables (the train state's `params`);
+    returns (logits `[b, s, vocab]`, MoE aux stacked over MoE layers). `resolver` (see
     `mmjax.parallel.activation_resolver`) shards activations. Weights that
     modules compute with in another dtype are cast once here
     (`mmjax.models.precision`)."""
@@ -87,12 +88,33 @@ def split_micro_batches(batch: dict, k: int, setup: TrainSetup) -> dict:
 _TOKEN_WEIGHTED = ("lm_loss", "z_loss", "token_accuracy")
 
 
+def balance_router_biases(variables: nnx.State, expert_fraction: jax.Array | None,
+                          rate: float) -> tuple[nnx.State, dict]:
+    """Aux-loss-free balancing after a step: every MoE layer's RouterBias in
+    `variables` moves by `mmjax.models.moe.update_router_bias` from the
+    step's load `expert_fraction` `[n_moe_layers, E]` (global batch). Returns
+    (variables, metrics): `router_bias_range`, the largest max - min of a
+    layer's bias after the update ({} without router biases)."""
+    biases = router_biases(variables)
+    if biases is None:
+        return variables, {}
+    if rate and expert_fraction is not None:
+        biases = update_router_bias(biases, expert_fraction, rate)
+        variables = set_router_biases(variables, biases)
+    return variables, {"router_bias_range": jnp.max(biases.max(-1) - biases.min(-1))}
+
+
 def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: float,
                     load_balance_weight: float = 0.0, router_z_weight: float = 0.0, *,
-                    grad_accum_steps: int = 1, trainable=None, skip_nonfinite: bool = False) -> Callable:
+                    grad_accum_steps: int = 1, trainable=None, skip_nonfinite: bool = False,
+                    router_bias_rate: float = 0.0) -> Callable:
     """Returns `step(state, batch) -> (state, metrics)` (jitted, state donated).
 
     The loss is next-token CE + z-loss + the weighted MoE aux losses.
+    Gradients and the optimizer update cover the `nnx.Param`s; after the
+    update the MoE router biases (if the model has them, `moe.balance="bias"`)
+    move by `router_bias_rate` towards balance (`balance_router_biases`), on
+    the devices (no host sync).
 
     grad_accum_steps: k > 1 splits the batch into k micro-batches (see
       `split_micro_batches`) and accumulates their gradients with
@@ -108,9 +130,10 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
     skip_nonfinite: a step whose loss or gradient norm is NaN/Inf leaves the
       state unchanged (metric `skipped_step` = 1) instead of applying it.
 
-    metrics: loss, lm_loss, z_loss, token_accuracy, loss_tokens, MoE metrics,
-    grad_norm (global norm of the accumulated gradients, before clipping),
-    learning_rate (the base schedule's value for this step)."""
+    metrics: loss, lm_loss, z_loss, token_accuracy, loss_tokens, MoE metrics
+    (and router_bias_range with router biases), grad_norm (global norm of
+    the accumulated gradients, before clipping), learning_rate (the base
+    schedule's value for this step)."""
     k = int(grad_accum_steps)
     if k < 1:
         raise ValueError(f"grad_accum_steps={grad_accum_steps} must be at least 1.")
@@ -120,11 +143,13 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
             return params
         return jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
 
-    def micro_grads(params, batch, total_tokens):
-        """(weighted loss, metrics), grads for one (micro-)batch."""
+    def micro_grads(params, others, batch, total_tokens):
+        """(weighted loss, metrics), grads of `params` for one (micro-)batch;
+        `others`: the model's variables that are not Params."""
 
         def loss_fn(p):
-            logits, aux = model_forward(setup.graphdef, freeze(p), batch, setup.resolver)
+            variables = nnx.merge_state(freeze(p), others)
+            logits, aux = model_forward(setup.graphdef, variables, batch, setup.resolver)
             loss, metrics = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"], z_loss_weight)
             moe_loss, moe_metrics = moe_losses(aux, load_balance_weight, router_z_weight)
             share = metrics["loss_tokens"] / jnp.maximum(total_tokens, 1.0)
@@ -134,15 +159,15 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    def accumulated_grads(params, batch):
+    def accumulated_grads(params, others, batch):
         total_tokens = batch["loss_mask"].astype(jnp.float32).sum()
         if k == 1:
-            return micro_grads(params, batch, total_tokens)
+            return micro_grads(params, others, batch, total_tokens)
         micro = split_micro_batches(batch, k, setup)
-        grad_shardings = setup.state_shardings["params"]
+        grad_shardings = split_params(setup.state_shardings["params"])[0]
 
         def body(acc, mb):
-            (loss, metrics), grads = micro_grads(params, mb, total_tokens)
+            (loss, metrics), grads = micro_grads(params, others, mb, total_tokens)
             acc = jax.tree.map(jnp.add, acc, grads)
             return jax.lax.with_sharding_constraint(acc, grad_shardings), (loss, metrics)
 
@@ -153,11 +178,15 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
         return (losses.sum(), metrics), grads
 
     def train_step(state, batch):
-        (loss, metrics), grads = accumulated_grads(state["params"], batch)
-        updates, opt_state = setup.optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params, others = split_params(state["params"])
+        (loss, metrics), grads = accumulated_grads(params, others, batch)
+        updates, opt_state = setup.optimizer.update(grads, state["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        others, bias_metrics = balance_router_biases(others, metrics.get("expert_fraction"), router_bias_rate)
+        params = nnx.merge_state(params, others)
         grad_norm = optax.global_norm(grads)
-        metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]))
+        metrics = dict(metrics, **bias_metrics, loss=loss, grad_norm=grad_norm,
+                       learning_rate=schedule(state["step"]))
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         if skip_nonfinite:
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
