@@ -96,6 +96,10 @@ def base_config() -> mlc.ConfigDict:
     c.train.on_bad_checkpoint = "previous"
     c.train.profile_steps = (0, 0)  # (first, last) step of a profiler trace under WORKDIR/profile
     c.train.prefetch = 2  # batches read and placed on the devices ahead of the running step (0: none)
+    # MoE routing health: a warning when an expert's load (per modality) stays under this share of its
+    # fair load 1/E for this many consecutive log windows (0: off). See mmjax/train/routing_health.py.
+    c.train.moe_starved_share = 0.1
+    c.train.moe_starved_windows = 3
     return c
 
 

@@ -1,6 +1,8 @@
 """Mixture of experts: aux losses in the loss and the gradient, dropping,
 dispatch agreement, mesh invariance, expert sharding, end-to-end training."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -213,6 +215,13 @@ def test_tiny_moe_trains_and_logs_routing(tmp_path):
     assert final["moe_aux_loss"] > 0 and 0 <= final["dropped_fraction"] < 1
     assert len(final["expert_fraction"]) == 1 and len(final["expert_fraction"][0]) == 4
     assert sum(final["expert_fraction"][0]) == pytest.approx(1.0, abs=1e-5)
+    # Routing by modality per log step: lists per MoE layer in metrics.jsonl, summaries in TensorBoard.
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.asarray(last["expert_fraction_image"]).shape == (1, 4) and len(last["router_entropy_text"]) == 1
+    assert last["moe_tokens_image"] > 0 and isinstance(last["moe_starved_experts"], int)
+    events = b"".join(p.read_bytes() for p in (tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    for tag in ("moe_layer0/image/load_min_share", "moe_layer0/text/router_entropy", "moe_starved_experts"):
+        assert tag.encode() in events, tag
 
 
 def test_upcycled_moe_computes_the_dense_mlp():
@@ -393,3 +402,179 @@ def test_router_bias_trains_outside_the_optimizer_and_survives_a_checkpoint(batc
     restored = Checkpointer(str(tmp_path)).restore(3, abstract_train_state(setup), data)
     np.testing.assert_array_equal(bias(restored), b)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))
+
+
+# Routing health by modality: token kinds 0 padding, 1 text, 2 image (mmjax.models.moe.TOKEN_KINDS).
+
+def _kinds(shape, seed=5):
+    kind = np.asarray(jax.random.randint(jax.random.key(seed), shape, 0, 3), np.int8)
+    assert {0, 1, 2} <= set(kind.ravel().tolist())
+    return kind
+
+
+def _assert_recombines(aux, kind):
+    """Each overall statistic is the count-weighted mean of the text and image ones."""
+    n_text, n_image = float((kind == 1).sum()), float((kind == 2).sum())
+    assert float(aux["tokens_text"]) == n_text and float(aux["tokens_image"]) == n_image
+    for stat in ("expert_fraction", "dropped_fraction", "router_entropy"):
+        combined = (n_text * np.asarray(aux[f"{stat}_text"]) + n_image * np.asarray(aux[f"{stat}_image"]))
+        np.testing.assert_allclose(combined / (n_text + n_image), aux[stat], atol=1e-6, err_msg=stat)
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_modality_statistics_recombine_to_the_overall_ones_without_padding(dispatch):
+    layer = MoEFeedForward(16, moe_cfg(dispatch=dispatch, capacity_factor=1.0), rngs=nnx.Rngs(0))
+    layer.router[...] = layer.router[...].at[:, 0].add(1.0)  # skewed: the capacity path drops
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16))
+    kind = _kinds((4, 16))
+    call = nnx.jit(lambda m, x, k: m(x, k)[1])
+    aux = jax.tree.map(np.asarray, call(layer, x, jnp.asarray(kind)))
+    _assert_recombines(aux, kind)
+    for key in ("expert_fraction_text", "expert_fraction_image", "expert_fraction"):
+        assert aux[key].shape == (4,) and aux[key].sum() == pytest.approx(1.0, abs=1e-5)
+    # Direct computation: router probabilities and top-2 choices of each modality's tokens only.
+    logits = np.einsum("bsm,me->bse", np.asarray(x), np.asarray(layer.router[...])).reshape(-1, 4)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    top2 = np.argsort(-probs, axis=-1)[:, :2]
+    load = np.zeros_like(probs)
+    np.put_along_axis(load, top2, 0.5, axis=-1)
+    entropy = -(probs * np.log(probs)).sum(-1)
+    for name, mask in (("text", kind.ravel() == 1), ("image", kind.ravel() == 2), ("", kind.ravel() > 0)):
+        suffix = f"_{name}" if name else ""
+        np.testing.assert_allclose(aux["expert_fraction" + suffix], load[mask].mean(0), atol=1e-6)
+        np.testing.assert_allclose(aux["router_entropy" + suffix], entropy[mask].mean(), rtol=1e-5)
+    # Padding is left out: all tokens counted as text give other statistics.
+    everything = jax.tree.map(np.asarray, call(layer, x, None))
+    assert float(everything["tokens_text"]) == 64 and float(everything["tokens_image"]) == 0
+    assert not np.allclose(everything["expert_fraction"], aux["expert_fraction"], atol=1e-3)
+    if dispatch == "capacity":
+        assert aux["dropped_fraction_text"] > 0 and aux["dropped_fraction_image"] > 0
+        assert aux["dropped_fraction_text"] != pytest.approx(aux["dropped_fraction_image"])
+    else:
+        assert aux["dropped_fraction"] == aux["dropped_fraction_text"] == aux["dropped_fraction_image"] == 0
+
+
+def test_modality_statistics_without_image_tokens_are_zero_with_count_zero():
+    layer = MoEFeedForward(16, moe_cfg(), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 16))
+    kind = np.ones((2, 8), np.int8)
+    kind[1, 5:] = 0
+    aux = jax.tree.map(np.asarray, nnx.jit(lambda m, x, k: m(x, k)[1])(layer, x, jnp.asarray(kind)))
+    assert float(aux["tokens_image"]) == 0 and float(aux["tokens_text"]) == 13
+    for stat in ("expert_fraction", "dropped_fraction", "router_entropy"):
+        assert np.all(np.isfinite(aux[f"{stat}_image"])) and not np.any(aux[f"{stat}_image"])
+        np.testing.assert_allclose(aux[f"{stat}_text"], aux[stat], atol=1e-6)
+
+
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_passing_the_modality_leaves_the_aux_losses_and_outputs_unchanged(dispatch):
+    layer = MoEFeedForward(16, moe_cfg(dispatch=dispatch, capacity_factor=1.0), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16))
+    call = nnx.jit(lambda m, x, k: m(x, k))
+    (y_kind, with_kind), (y_none, without) = call(layer, x, jnp.asarray(_kinds((4, 16)))), call(layer, x, None)
+    np.testing.assert_array_equal(y_kind, y_none)
+    for name in ("load_balance_loss", "router_z_loss"):
+        np.testing.assert_array_equal(with_kind[name], without[name])
+    # Both over every token, padding included (Switch/GShard E * sum f_e P_e; mean logsumexp^2).
+    logits = jnp.einsum("bsm,me->bse", x, layer.router[...]).reshape(-1, 4)
+    probs = jax.nn.softmax(logits)
+    f = jax.nn.one_hot(jax.lax.top_k(probs, 2)[1], 4).sum(-2).mean(0) / 2
+    assert float(with_kind["load_balance_loss"]) == pytest.approx(float(4 * jnp.sum(f * probs.mean(0))), rel=1e-6)
+    assert float(with_kind["router_z_loss"]) == pytest.approx(
+        float(jnp.mean(jax.nn.logsumexp(logits, -1) ** 2)), rel=1e-6)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decoder_passes_token_kinds_to_every_moe_layer(scan):
+    """Scanned and listed decoders: per-layer statistics `[n_moe, ...]`
+    recombine, padding (segment_ids 0) is left out by default, and the aux
+    losses do not depend on the token kinds."""
+    from mmjax.models.decoder import Decoder
+
+    cfg = small_config().model.decoder
+    cfg.update(dict(layers=2, scan=scan))
+    cfg.moe.update(dict(num_experts=4, top_k=2, moe_every=1, expert_mlp=64, capacity_factor=1.0))
+    decoder = Decoder(cfg, rngs=nnx.Rngs(0))
+    b, s = 2, 16
+    tokens = jax.random.randint(jax.random.key(0), (b, s), 4, 100)
+    segment_ids = jnp.ones((b, s), jnp.int32).at[1, 10:].set(0)
+    positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    kind = np.where(np.asarray(segment_ids) == 0, 0, 1).astype(np.int8)
+    kind[:, 2:7] = 2
+    kind[1, 10:] = 0
+
+    @nnx.jit
+    def aux_of(m, tokens, kind):
+        return m.forward(m.embed(tokens), segment_ids, positions, token_kind=kind)[1]
+
+    aux = jax.tree.map(np.asarray, aux_of(decoder, tokens, jnp.asarray(kind)))
+    default = jax.tree.map(np.asarray, aux_of(decoder, tokens, None))
+    assert aux["expert_fraction_image"].shape == (2, 4) and aux["router_entropy_text"].shape == (2,)
+    for layer in range(2):
+        _assert_recombines({k: v[layer] for k, v in aux.items()}, kind)
+    assert default["tokens_text"].tolist() == [26.0, 26.0] and default["tokens_image"].tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(default["expert_fraction"], aux["expert_fraction"], atol=1e-6)
+    for name in ("load_balance_loss", "router_z_loss"):
+        np.testing.assert_array_equal(aux[name], default[name])
+
+
+def test_merge_micro_metrics_weights_routing_statistics_by_token_counts():
+    from mmjax.train.step import merge_micro_metrics
+
+    stacked = {"moe_tokens_text": jnp.array([30.0, 10.0]), "moe_tokens_image": jnp.array([0.0, 20.0]),
+               "expert_fraction_image": jnp.array([[[0.0, 0.0]], [[0.8, 0.2]]]),
+               "router_entropy_text": jnp.array([[1.0], [2.0]]),
+               "dropped_fraction": jnp.array([0.1, 0.4]), "lm_loss": jnp.array([1.0, 2.0]),
+               "load_balance_loss": jnp.array([1.0, 3.0])}
+    merged = jax.tree.map(np.asarray, jax.jit(merge_micro_metrics)(stacked))
+    np.testing.assert_allclose(merged["expert_fraction_image"], [[0.8, 0.2]])  # micro-batch 0 has no image token
+    np.testing.assert_allclose(merged["router_entropy_text"], [1.25])
+    assert merged["dropped_fraction"] == pytest.approx(0.25) and merged["load_balance_loss"] == pytest.approx(2.0)
+    assert merged["moe_tokens_image"] == 20 and merged["lm_loss"] == pytest.approx(3.0)
+
+
+def test_tiny_moe_train_step_reports_routing_by_modality(batch_np):
+    """One train step of a small MM1 MoE model (average-pool connector, one
+    device: a quick compile): the per-layer, per-modality metrics, and the
+    image statistics of the first MoE layer equal a direct computation over
+    the image tokens only."""
+    from mmjax.models.attention import SegmentMask
+    from mmjax.train.loop import build_step
+
+    c = small_moe_config(capacity_factor=1.0)
+    c.model.decoder.layers = 2
+    c.model.connector.kind = "avg_pool"
+    mesh = make_mesh(dict(data=1, fsdp=1, expert=1, model=1), jax.devices()[:1])  # one device: a quick compile
+    setup, train_step = build_step(c, mesh, get_layout(c.rules))
+    state = init_train_state(c, setup)
+    batch = to_global_arrays({k: batch_np[k] for k in setup.batch_shardings}, setup.batch_shardings)
+    seg, slots = batch_np["segment_ids"], batch_np["image_slots"]
+    image, text = (seg != 0) & (slots >= 0), (seg != 0) & (slots < 0)
+
+    @jax.jit
+    def first_router_probs(params, batch):
+        model = nnx.merge(setup.graphdef, params)
+        x = model.input_embeddings(batch["tokens"], batch["image_slots"], batch["images"])
+        layer = model.decoder.layers.layer(0)
+        h = x + layer.attn(layer.attn_norm(x), SegmentMask(batch["segment_ids"]), batch["positions"])
+        return jax.nn.softmax(jnp.einsum("bsm,me->bse", layer.mlp_norm(h), layer.mlp.router[...]))
+
+    probs = np.asarray(first_router_probs(state["params"], batch)).reshape(-1, 4)
+    load = np.zeros_like(probs)
+    np.put_along_axis(load, np.argsort(-probs, axis=-1)[:, :2], 0.5, axis=-1)
+    _, metrics = train_step(state, batch)
+    m = jax.tree.map(np.asarray, metrics)
+    for stat in ("expert_fraction_text", "expert_fraction_image"):
+        assert m[stat].shape == (2, 4)
+    for stat in ("dropped_fraction", "router_entropy"):
+        assert m[f"{stat}_text"].shape == m[f"{stat}_image"].shape == (2,)
+    assert m["moe_tokens_image"] == image.sum() > 0 and m["moe_tokens_text"] == text.sum() > 0
+    np.testing.assert_allclose(m["expert_fraction_image"][0], load[image.ravel()].mean(0), atol=1e-5)
+    np.testing.assert_allclose(m["expert_fraction_text"][0], load[text.ravel()].mean(0), atol=1e-5)
+    entropy = -(probs * np.log(np.clip(probs, 1e-9, None))).sum(-1)
+    assert float(m["router_entropy_image"][0]) == pytest.approx(entropy[image.ravel()].mean(), rel=1e-4)
+    n = image.sum() + text.sum()
+    for stat in ("dropped_fraction", "router_entropy"):
+        combined = (image.sum() * m[f"{stat}_image"] + text.sum() * m[f"{stat}_text"]) / n
+        assert float(m[stat]) == pytest.approx(float(combined.mean()), rel=1e-5, abs=1e-7)

@@ -13,7 +13,7 @@ from flax import nnx
 from mmjax.models.attention import Attention, SegmentMask, dense_mask
 from mmjax.models.layers import Dense, Embed, RMSNorm, SwiGLU
 from mmjax.models.partitioning import constrain
-from mmjax.models.moe import MoEFeedForward
+from mmjax.models.moe import MoEFeedForward, token_kinds
 from mmjax.models.precision import compute_dtype
 from mmjax.models.registry import register_model
 from mmjax.models.stack import LayerStack
@@ -42,12 +42,15 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = SwiGLU(cfg.embed, cfg.mlp, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, mask: SegmentMask, positions: jax.Array):
+    def __call__(self, x: jax.Array, mask: SegmentMask, positions: jax.Array,
+                 token_kind: jax.Array | None = None):
+        """token_kind `[b, s]` (see `mmjax.models.moe.TOKEN_KINDS`): for the MoE routing statistics."""
         x = x + self.attn(self.attn_norm(x), mask, positions)
-        return self._feed_forward(x)
+        return self._feed_forward(x, token_kind)
 
-    def _feed_forward(self, x: jax.Array):
-        out = self.mlp(self.mlp_norm(x))
+    def _feed_forward(self, x: jax.Array, token_kind: jax.Array | None = None):
+        h = self.mlp_norm(x)
+        out = self.mlp(h, token_kind) if isinstance(self.mlp, MoEFeedForward) else self.mlp(h)
         y, aux = out if isinstance(out, tuple) else (out, {})
         return constrain(x + y, ("batch", "seq", "act_embed")), aux
 
@@ -104,9 +107,15 @@ class Decoder(nnx.Module):
         return self.forward(x, segment_ids, positions, image_ids, image_span)[0]
 
     def forward(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                image_ids: jax.Array | None = None, image_span: int = 0) -> tuple[jax.Array, dict]:
-        """(logits, aux): aux values are stacked over the MoE layers `[n_moe, ...]`."""
-        x, aux = self.layers(x, SegmentMask(segment_ids, image_ids, image_span), positions)
+                image_ids: jax.Array | None = None, image_span: int = 0,
+                token_kind: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """(logits, aux): aux values are stacked over the MoE layers `[n_moe, ...]`.
+
+        token_kind `[b, s]` (`mmjax.models.moe.token_kinds`) splits the MoE
+        routing statistics by modality; None: text, padding where segment_ids is 0."""
+        if token_kind is None:
+            token_kind = token_kinds(segment_ids)
+        x, aux = self.layers(x, SegmentMask(segment_ids, image_ids, image_span), positions, token_kind)
         return self.logits(x), aux
 
     def logits(self, x: jax.Array) -> jax.Array:

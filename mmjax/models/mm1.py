@@ -19,6 +19,7 @@ from flax import nnx
 
 from mmjax.models.connectors import make_connector
 from mmjax.models.decoder import Decoder
+from mmjax.models.moe import token_kinds
 from mmjax.models.partitioning import constrain
 from mmjax.models.precision import compute_dtype
 from mmjax.models.registry import register_model
@@ -77,7 +78,8 @@ class MM1Model(nnx.Module):
         image_ids = None
         if self.bidirectional_image_attention:
             image_ids = jnp.where(image_slots >= 0, image_slots // self.tokens_per_image, -1)
-        return self.decoder.forward(x, segment_ids, positions, image_ids, self.tokens_per_image)
+        return self.decoder.forward(x, segment_ids, positions, image_ids, self.tokens_per_image,
+                                    token_kinds(segment_ids, image_slots))
 
     def forward_batch(self, batch) -> tuple[jax.Array, dict]:
         """`forward` on a batch dict (the fields `mm1` is registered with)."""

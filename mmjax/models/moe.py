@@ -31,9 +31,12 @@ shared_expert, load_balance_weight, router_z_weight, balance ("aux_loss" |
   the same way (`mmjax/models/moe_dropless.py`).
 
 aux: `load_balance_loss` (Switch/GShard: E * sum_e f_e * P_e, 1.0 when
-balanced), `router_z_loss` (mean logsumexp(logits)^2), both unweighted, and
-routing statistics `expert_fraction` `[E]`, `dropped_fraction`,
-`router_entropy`.
+balanced), `router_z_loss` (mean logsumexp(logits)^2), both unweighted and
+over all tokens, and routing statistics over the non-padding tokens
+`expert_fraction` `[E]`, `dropped_fraction`, `router_entropy`, the same per
+modality (`_text`, `_image` suffixes; 0 when a modality has no tokens) and the
+token counts `tokens_text`, `tokens_image` they are means over. The token
+kinds come from an optional `token_kind` `[b, s]` (TOKEN_KINDS; None: all text).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ BALANCES = ("aux_loss", "bias")
 # tokens are) or by expert (as the expert weights are).
 _BY_GROUP = (None, "batch", None, "act_embed")
 _BY_EXPERT = ("expert", "batch", None, "act_embed")
+# token_kind codes of the routing statistics; 0 is padding (left out of them).
+TOKEN_KINDS = {"text": 1, "image": 2}
 
 
 class RouterBias(nnx.Variable):
@@ -125,17 +130,50 @@ def set_router_biases(variables, biases: jax.Array):
         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def routing_aux(logits: jax.Array, probs: jax.Array, experts: jax.Array, num_experts: int) -> dict:
-    """Aux losses and statistics over all tokens. logits/probs `[T, E]`, experts `[T, k]`."""
+def token_kinds(segment_ids: jax.Array, image_slots: jax.Array | None = None) -> jax.Array:
+    """segment_ids `[b, s]` (0: padding), image_slots `[b, s]` (>= 0: image
+    token; None: text only) -> token_kind `[b, s]` int8 (TOKEN_KINDS, 0 padding)."""
+    kind = jnp.where(segment_ids != 0, TOKEN_KINDS["text"], 0)
+    if image_slots is not None:
+        kind = jnp.where((segment_ids != 0) & (image_slots >= 0), TOKEN_KINDS["image"], kind)
+    return kind.astype(jnp.int8)
+
+
+def _kinds(token_kind: jax.Array | None, tokens: int) -> jax.Array:
+    """token_kind `[T]`, or all text when None."""
+    return jnp.full((tokens,), TOKEN_KINDS["text"], jnp.int8) if token_kind is None else token_kind
+
+
+def modality_means(name: str, values: jax.Array, token_kind: jax.Array | None) -> dict:
+    """Per-token values `[T, ...]` -> {name: mean over non-padding tokens,
+    name_text / name_image: mean over that kind's tokens (0 when there are none)}."""
+    kind = _kinds(token_kind, values.shape[0])
+
+    def mean(mask):
+        w = mask.astype(jnp.float32).reshape(mask.shape + (1,) * (values.ndim - 1))
+        return (w * values.astype(jnp.float32)).sum(axis=0) / jnp.maximum(w.sum(), 1.0)
+
+    out = {name: mean(kind > 0)}
+    out.update({f"{name}_{m}": mean(kind == code) for m, code in TOKEN_KINDS.items()})
+    return out
+
+
+def routing_aux(logits: jax.Array, probs: jax.Array, experts: jax.Array, num_experts: int,
+                token_kind: jax.Array | None = None) -> dict:
+    """Aux losses over all tokens, routing statistics over the non-padding
+    ones, overall and per modality. logits/probs `[T, E]`, experts `[T, k]`,
+    token_kind `[T]` (TOKEN_KINDS, 0 padding; None: all text)."""
     chosen = jax.nn.one_hot(experts, num_experts, dtype=jnp.float32).sum(axis=-2)  # [T, E]
     fraction = chosen.mean(axis=0) / experts.shape[-1]                             # f_e, sums to 1
     mean_prob = probs.mean(axis=0)                                                 # P_e
-    entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-9)), axis=-1).mean()
+    entropy = -jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-9)), axis=-1)            # [T]
+    kind = _kinds(token_kind, experts.shape[0])
     return {
         "load_balance_loss": num_experts * jnp.sum(fraction * mean_prob),
         "router_z_loss": jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1))),
-        "expert_fraction": fraction,
-        "router_entropy": entropy,
+        **modality_means("expert_fraction", chosen / experts.shape[-1], kind),
+        **modality_means("router_entropy", entropy, kind),
+        **{f"tokens_{m}": jnp.sum(kind == code).astype(jnp.float32) for m, code in TOKEN_KINDS.items()},
     }
 
 
@@ -236,7 +274,7 @@ class MoEFeedForward(nnx.Module):
         expert_out = constrain(expert_out, _BY_GROUP)
         y = jnp.einsum("gsec,egcm->gsm", combine.astype(x.dtype), expert_out)
         y = constrain(y, ("batch", None, "act_embed"))
-        return y.reshape(b, s, m), 1.0 - kept.mean()
+        return y.reshape(b, s, m), 1.0 - kept.mean(axis=-1).reshape(tokens)
 
     def _dropless(self, x, weights, experts):
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731
@@ -249,7 +287,7 @@ class MoEFeedForward(nnx.Module):
         if mesh is None or mesh.shape.get("expert", 1) == 1:
             y = local_experts(x.reshape(b * s, m), weights.reshape(b * s, -1), experts.reshape(b * s, -1),
                               params, impl, platform)
-            return y.reshape(b, s, m), jnp.zeros((), jnp.float32)
+            return y.reshape(b, s, m), jnp.zeros(b * s, jnp.float32)
         # Expert parallelism: each device sends every expert shard only the
         # rows routed to its experts (ragged all-to-all) and gets the results back.
         batch_axes = resolver(("batch", None, None), x.shape).spec[0]
@@ -265,18 +303,20 @@ class MoEFeedForward(nnx.Module):
 
         y = jax.shard_map(per_shard, mesh=mesh, in_specs=(batch_spec,) * 3 + (expert_spec,) * 3,
                           out_specs=batch_spec, check_vma=False)(x, weights, experts, *params)
-        return y, jnp.zeros((), jnp.float32)
+        return y, jnp.zeros(x.shape[0] * x.shape[1], jnp.float32)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
-        """x `[b, s, embed]` -> (y `[b, s, embed]`, aux)."""
+    def __call__(self, x: jax.Array, token_kind: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """x `[b, s, embed]`, token_kind `[b, s]` (TOKEN_KINDS, 0 padding; None:
+        all text) -> (y `[b, s, embed]`, aux)."""
+        kind = None if token_kind is None else token_kind.reshape(-1)
         logits = jnp.einsum("bsm,me->bse", x.astype(jnp.float32), self.router[...].astype(jnp.float32))
         bias = None if self.router_bias is None else self.router_bias[...]
         weights, experts, probs = route(logits, self.cfg.top_k, self.cfg.renormalize, bias)
         e = self.cfg.num_experts
-        aux = routing_aux(logits.reshape(-1, e), probs.reshape(-1, e), experts.reshape(-1, self.cfg.top_k), e)
+        aux = routing_aux(logits.reshape(-1, e), probs.reshape(-1, e), experts.reshape(-1, self.cfg.top_k), e, kind)
         dispatch = self._capacity if self.cfg.dispatch == "capacity" else self._dropless
         y, dropped = dispatch(x, weights, experts)
-        aux["dropped_fraction"] = dropped
+        aux.update(modality_means("dropped_fraction", dropped, kind))
         if self.shared is not None:
             y = y + self.shared(x)
         return y.astype(x.dtype), aux

@@ -249,6 +249,8 @@ FIELDS: dict[str, Rule] = {
     "train.grad_accum_steps": integer(1),
     "train.eval_every": integer(0),
     "train.prefetch": integer(0),
+    "train.moe_starved_share": number(0, 1),
+    "train.moe_starved_windows": integer(0),
     "train.watchdog_s": number(0),
     "train.on_nonfinite": one_of(lambda: ("stop", "skip")),
     "train.on_bad_checkpoint": one_of(lambda: ON_BAD_CHECKPOINT),

@@ -27,6 +27,7 @@ from mmjax.train.evaluators import run_evaluators
 from mmjax.train.flops import mfu
 from mmjax.train.guards import PreemptionFlag, TrainingDiverged, Watchdog
 from mmjax.train.metrics import MetricsWriter, log, progress_line
+from mmjax.train.routing_health import StarvedExperts, moe_layer_names
 from mmjax.train.timing import StepTimer, memory_bytes
 
 
@@ -85,12 +86,18 @@ def _timed_pause(run: Run, action: Callable[[], None]) -> float:
 class Logging:
     """Every `train.log_every` steps and at the last step: the window's timing,
     the step metrics, MFU, memory, the realised mix and data counters go to
-    metrics.jsonl / TensorBoard, and one progress line to the console."""
+    metrics.jsonl / TensorBoard, and one progress line to the console. MoE
+    runs add the starved-expert check (`routing_health.StarvedExperts`, its
+    counters kept here across log windows; `train.moe_starved_share` of the
+    fair load for `train.moe_starved_windows` windows): its counts go to the
+    record and its warnings to the console."""
 
     def __init__(self, run: Run, total_steps: int):
         c = run.config
         self.run, self.total, self.every = run, total_steps, c.train.log_every
         self.tokens_per_step = c.data.global_batch * c.data.seq_len
+        self.starved = StarvedExperts(c.train.get("moe_starved_share", 0.1), c.train.get("moe_starved_windows", 3),
+                                      moe_layer_names(c.model.decoder))
 
     def after_step(self, r: StepResult) -> bool:
         if r.step % self.every and r.step != self.total:
@@ -102,6 +109,8 @@ class Logging:
                      for name, c in zip(STREAMS, r.stream_counts)},
                   **{f"data/{k}": v for k, v in r.data_counts.items()}}
         record.setdefault("moe_aux_loss", 0.0)
+        health, warnings = self.starved.update(record)
+        record.update(health)
         n = jax.device_count()
         # Useful work of the images actually present, not of every padded image slot.
         flops = (self.run.flops.model_flops_at(record["images_per_step"]) if self.run.flops is not None
@@ -109,6 +118,8 @@ class Logging:
         record.update(model_flops_per_step=flops, model_tflops_per_device=flops / n / record["step_time_s"] / 1e12,
                       mfu=mfu(flops, record["step_time_s"], n, s["peak_flops_per_device"]))
         log(progress_line(r.step, self.total, record, record["wall_per_step_s"] * (self.total - r.step)))
+        for warning in warnings:
+            log(warning)
         self.run.writer.write(record)
         self.run.timer.reset()
         return False

@@ -42,12 +42,21 @@ def model_logits(graphdef, params: nnx.State, batch: dict, resolver=None) -> jax
     return model_forward(graphdef, params, batch, resolver)[0]
 
 
+# Routing statistics split by modality (`mmjax.models.moe.TOKEN_KINDS`).
+_MODALITIES = ("text", "image")
+_MOE_STATS = ("expert_fraction", "dropped_fraction", "router_entropy")
+
+
 def moe_losses(aux: dict, load_balance_weight: float, router_z_weight: float) -> tuple[jax.Array, dict]:
     """Weighted MoE aux loss (summed over MoE layers) and the metrics to log.
 
     metrics: moe_aux_loss (what is added to the loss), load_balance_loss and
     router_z_loss (unweighted, mean over layers), dropped_fraction and
-    router_entropy (mean over layers), expert_fraction `[n_moe_layers, E]`."""
+    router_entropy (mean over layers), expert_fraction `[n_moe_layers, E]`;
+    per modality (routing statistics over non-padding tokens):
+    expert_fraction_text/_image `[n_moe_layers, E]`,
+    dropped_fraction_text/_image and router_entropy_text/_image
+    `[n_moe_layers]`, and the token counts moe_tokens_text/_image."""
     if not aux:
         return jnp.zeros((), jnp.float32), {}
     total = (load_balance_weight * aux["load_balance_loss"].sum()
@@ -55,8 +64,34 @@ def moe_losses(aux: dict, load_balance_weight: float, router_z_weight: float) ->
     metrics = {"moe_aux_loss": total,
                **{k: aux[k].mean() for k in ("load_balance_loss", "router_z_loss",
                                               "dropped_fraction", "router_entropy")},
-               "expert_fraction": aux["expert_fraction"]}
+               "expert_fraction": aux["expert_fraction"],
+               **{f"{stat}_{m}": aux[f"{stat}_{m}"] for stat in _MOE_STATS for m in _MODALITIES},
+               **{f"moe_tokens_{m}": aux[f"tokens_{m}"][0] for m in _MODALITIES}}
     return total, metrics
+
+
+def merge_micro_metrics(metrics: dict) -> dict:
+    """Metrics stacked over micro-batches `[k, ...]` -> the step's: token-weighted
+    ones (already scaled by their share) and counts summed, MoE routing
+    statistics weighted by their micro-batch's token count of the modality
+    they are over, every other metric averaged."""
+    counts = {m: metrics[f"moe_tokens_{m}"] for m in _MODALITIES if f"moe_tokens_{m}" in metrics}
+
+    def weighted(value, count):
+        w = count.reshape((-1,) + (1,) * (value.ndim - 1))
+        return (value * w).sum(0) / jnp.maximum(count.sum(), 1.0)
+
+    def merge(name, value):
+        if name in _TOKEN_WEIGHTED + ("loss_tokens",) or name.startswith("moe_tokens_"):
+            return value.sum(0)
+        if counts and name in _MOE_STATS:
+            return weighted(value, sum(counts.values()))
+        stat, _, modality = name.rpartition("_")
+        if stat in _MOE_STATS and modality in counts:
+            return weighted(value, counts[modality])
+        return value.mean(0)
+
+    return {name: merge(name, value) for name, value in metrics.items()}
 
 
 def split_micro_batches(batch: dict, k: int, setup: TrainSetup) -> dict:
@@ -173,8 +208,7 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
 
         zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), grad_shardings)
         grads, (losses, metrics) = jax.lax.scan(body, zeros, micro)
-        metrics = {name: (value.sum(0) if name in _TOKEN_WEIGHTED + ("loss_tokens",) else value.mean(0))
-                   for name, value in metrics.items()}
+        metrics = merge_micro_metrics(metrics)
         return (losses.sum(), metrics), grads
 
     def train_step(state, batch):
