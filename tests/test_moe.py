@@ -142,7 +142,7 @@ def test_megablox_and_ragged_dot_agree():
         loss = lambda m: jnp.sum(jnp.sin(m(x)[0]))  # noqa: E731
         results[impl] = nnx.jit(nnx.value_and_grad(loss))(layer)
     (lr, gr), (lm, gm) = results["ragged_dot"], results["megablox"]
-    assert float(lm) == pytest.approx(float(lr), rel=1e-6)
+    assert float(lm) == pytest.approx(float(lr), rel=1e-5)  # float32, another summation order
     for name in ("wi_gate", "wi_up", "wo", "router"):
         np.testing.assert_allclose(getattr(gm, name)[...], getattr(gr, name)[...], atol=1e-5)
     assert float(jnp.abs(gm.wi_gate[...][3]).max()) == 0.0  # the empty expert gets no gradient
