@@ -303,7 +303,7 @@ class MoEFeedForward(nnx.Module):
 
         y = jax.shard_map(per_shard, mesh=mesh, in_specs=(batch_spec,) * 3 + (expert_spec,) * 3,
                           out_specs=batch_spec, check_vma=False)(x, weights, experts, *params)
-        return y, jnp.zeros(x.shape[0] * x.shape[1], jnp.float32)
+        return y, jnp.zeros(b * s, jnp.float32)
 
     def __call__(self, x: jax.Array, token_kind: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """x `[b, s, embed]`, token_kind `[b, s]` (TOKEN_KINDS, 0 padding; None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mmjax.models.splash import padded
+
 GROUPED_MATMULS = ("ragged_dot", "megablox")
 # Largest row, contraction and output tiles of the megablox kernel (each
 # clipped to the problem). The kernel reads an expert's [k, n] weights once
@@ -38,7 +40,7 @@ def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
     """(tm, tk, tn) for x `[m, k]` @ w `[k, n]`: MEGABLOX_TILING clipped to the
     shapes (rows rounded up to ROW_MULTIPLE)."""
     tm, tk, tn = MEGABLOX_TILING
-    return min(tm, -(-m // ROW_MULTIPLE) * ROW_MULTIPLE), min(tk, k), min(tn, n)
+    return min(tm, padded(m, ROW_MULTIPLE)), min(tk, k), min(tn, n)
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, impl: str = "ragged_dot",
@@ -55,9 +57,9 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, impl: str = "ra
 
     m = x.shape[0]
     tiling = megablox_tiling(m, w.shape[1], w.shape[2])
-    rows = -(-m // tiling[0]) * tiling[0]  # the kernel walks whole row tiles
-    padded = jnp.pad(x, ((0, rows - m), (0, 0)))
-    out = megablox.gmm(padded, w, sizes.astype(jnp.int32), x.dtype, tiling,
+    rows = padded(m, tiling[0])  # the kernel walks whole row tiles
+    x_rows = jnp.pad(x, ((0, rows - m), (0, 0)))
+    out = megablox.gmm(x_rows, w, sizes.astype(jnp.int32), x.dtype, tiling,
                        interpret=(platform or jax.default_backend()) != "tpu")
     valid = jnp.arange(rows) < jnp.sum(sizes)  # rows past the groups are left unwritten
     return jnp.where(valid[:, None], out, 0)[:m]
@@ -115,9 +117,10 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
                       axis: str, emulate: bool):
     """`jax.lax.ragged_all_to_all` over mesh axis `axis` (the dense emulation
     where the backend has none)."""
-    fn = _emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all
     args = (operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
-    return fn(*args, axis=axis) if emulate else fn(*args, axis_name=axis)
+    if emulate:
+        return _emulated_ragged_all_to_all(*args, axis=axis)
+    return jax.lax.ragged_all_to_all(*args, axis_name=axis)
 
 
 def expert_parallel_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, params, impl: str, *,
