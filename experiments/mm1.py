@@ -179,6 +179,10 @@ def set_decoder(config, dims: dict, num_experts: int = 0, moe_every: int = 2,
     # one group per device they added a third to the 3B-MoE step's FLOPs.
     moe.group_size = 1024
     moe.dispatch = "capacity"
+    # dispatch="dropless": each expert shard's receive buffer holds 1.25x its
+    # fair share of rows (0 would size it for the worst case, 8x with 8 expert
+    # shards, and the megablox kernels would be shaped by it).
+    moe.dropless_buffer_factor = 1.25
     moe.expert_mlp = expert_mlp or dims["mlp"]
     moe.load_balance_weight = 0.01
     moe.router_z_weight = 0.001

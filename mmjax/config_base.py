@@ -48,6 +48,7 @@ def base_config() -> mlc.ConfigDict:
     # 0.01 unless set: 0 for no balance loss).
     c.model.decoder.moe = dict(num_experts=0, top_k=2, moe_every=2, renormalize=True, capacity_factor=2.0,
                                group_size=0, dispatch="capacity", grouped_matmul="ragged_dot",
+                               dropless_buffer_factor=0.0,
                                expert_mlp=512, shared_expert=False,
                                load_balance_weight=0.01, router_z_weight=0.001, balance="aux_loss",
                                bias_update_rate=0.001)

@@ -30,6 +30,9 @@ A preset names one machine shape (`"cpu-8"`, `"tpu-v5p-256"`, `"gpu-h100-8"`,
                   `model.decoder.attention`: "splash" (the Pallas kernel) on
                   TPU presets (bidirectional image blocks included), "xla"
                   elsewhere
+  grouped_matmul  `model.decoder.moe.grouped_matmul` (dropless MoE's expert
+                  matmuls): "megablox" (the Pallas kernel) on TPU presets,
+                  "ragged_dot" elsewhere
   rules           a layout name from `mmjax.parallel.rules.LAYOUTS`
   cpu_devices     `runtime.cpu_devices` (simulated devices; 0 on real
                   accelerators)
@@ -78,6 +81,7 @@ class Hardware:
     vit_remat: str = "full"
     decoder_remat: str = "full"
     decoder_attention: str = "xla"
+    grouped_matmul: str = "ragged_dot"
     rules: str = "fsdp"
     cpu_devices: int = 0
     data_workers: int = 0
@@ -106,7 +110,7 @@ def _tpu(name: str, devices: int, topology: str, kind: str, hbm: float, *, mesh:
     return Hardware(name=name, platform="tpu", devices=devices, topology=topology, device_kind=kind,
                     hbm_gib=hbm, mesh=mesh or dict(data=1, fsdp=-1, expert=1, model=1),
                     chip_config="megacore" if megacore else "", expert_parallel=expert_parallel,
-                    data_workers=workers, decoder_attention="splash")
+                    data_workers=workers, decoder_attention="splash", grouped_matmul="megablox")
 
 
 def _gpu(name: str, devices: int, kind: str, hbm: float, per_node: int = 8) -> Hardware:
@@ -175,7 +179,7 @@ def _num_experts(config) -> int:
 def preset_values(config, name: str) -> dict[str, Any]:
     """The config fields (dotted paths) preset `name` sets for this config's model."""
     hw = get_hardware(name)
-    return {
+    values = {
         "mesh": hw.mesh_for(_num_experts(config)),
         "rules": hw.rules,
         "model.vit.remat": hw.vit_remat,
@@ -184,6 +188,9 @@ def preset_values(config, name: str) -> dict[str, Any]:
         "runtime.cpu_devices": hw.cpu_devices if hw.platform == "cpu" else 0,
         "data.workers": hw.data_workers,
     }
+    if config.model.decoder.get("moe") is not None:
+        values["model.decoder.moe.grouped_matmul"] = hw.grouped_matmul
+    return values
 
 
 def _get(config, path: str):

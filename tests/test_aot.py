@@ -161,6 +161,33 @@ def test_dropless_sends_only_routed_rows_with_ragged_all_to_alls():
     # the kernels' work reaches the estimate through the analytic count, and the report says so
     assert any("9 Pallas kernel call(s)" in note for note in r.notes)
     assert r.estimate.compute_s == pytest.approx(r.analytic_flops / CHIPS["v5p"].peak_flops)
+    # the kernels' own estimates: 9 grouped matmuls of 2 x rows x 128 x 256 over the worst-case buffer
+    buffer = 2 * rows
+    assert r.kernels["megablox"]["calls"] == 9
+    assert r.kernels["megablox"]["flops"] == 9 * 2 * buffer * 128 * 256
+
+
+@needs_libtpu
+@pytest.mark.slow  # an ahead-of-time compile
+def test_a_bounded_receive_buffer_shapes_the_kernels():
+    """`moe.dropless_buffer_factor=1`: each expert shard's buffer holds its fair
+    share of rows (tokens x top_k) instead of the worst case (x 2 shards):
+    the megablox kernels' own FLOP estimates halve, and the analytic count
+    charges whole 512-row tiles plus one revisit per expert boundary."""
+    from experiments.tiny_moe import get_config
+    from mmjax.models.moe_dropless import megablox_rows_computed
+
+    c = get_config()
+    c.mesh = dict(data=1, fsdp=2, expert=2, model=1)
+    c.model.decoder.moe.update(dispatch="dropless", grouped_matmul="megablox", dropless_buffer_factor=1.0)
+    r = aot.compile_for_topology(c, "v5p:2x2x1")
+    rows = c.data.global_batch * c.data.seq_len // 4 * c.model.decoder.moe.top_k
+    assert r.hlo_text.count("ragged-all-to-all-start(") == 4
+    assert r.kernels["megablox"]["flops"] == 9 * 2 * rows * 128 * 256
+    computed = megablox_rows_computed(rows, rows, c.model.decoder.moe.num_experts // 2, 128, 256)
+    assert computed == (rows // 512 + 3) * 512  # 4 experts per shard: 3 boundaries
+    assert r.kernels["megablox"]["analytic_flops"] == pytest.approx(9 * 2 * computed * 128 * 256,
+                                                                    rel=1e-6)
 
 
 def test_a_step_that_cannot_fit_is_refused_in_one_sentence():

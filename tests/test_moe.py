@@ -191,6 +191,71 @@ def test_same_results_for_expert_parallel_meshes(dispatch):
                          results[expert][tree], results[1][tree])
 
 
+def _kept_by_peer_order(experts: np.ndarray, devices: int, experts_per_device: int, buffer: int) -> np.ndarray:
+    """experts `[devices * T, k]` -> kept `[devices * T, k]`: each expert shard
+    takes its senders' assignments in sender order (each sender's sorted by
+    expert, then token and choice) while its buffer has room."""
+    t = experts.shape[0] // devices
+    kept = np.zeros(experts.shape, bool)
+    used = np.zeros(devices, int)
+    for sender in range(devices):
+        mine = experts[sender * t:(sender + 1) * t].reshape(-1)
+        for j in np.argsort(mine, kind="stable"):
+            peer = mine[j] // experts_per_device
+            if used[peer] < buffer:
+                used[peer] += 1
+                kept[sender * t + j // experts.shape[1], j % experts.shape[1]] = True
+    return kept
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.5, 4.0])
+def test_bounded_receive_buffer_drops_exactly_what_does_not_fit(factor):
+    """Dropless with expert parallelism over 4 shards and skewed routing (most
+    rows to shard 0): with a receive buffer of `factor` times the fair share,
+    exactly the rows that do not fit in sender order are dropped, and the
+    outputs and gradients equal one device's experts with those assignments'
+    weights zeroed. factor 0 (worst case) and 4 (= the shards) drop nothing."""
+    from mmjax.models.moe_dropless import expert_parallel_experts, local_experts, receive_buffer_rows
+
+    devices, t, k, m, n_experts = 4, 6, 2, 8, 8
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("expert",))
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (devices * t, m))
+    weights = jax.nn.softmax(jax.random.normal(keys[1], (devices * t, k)), axis=-1)
+    first = jnp.where(jax.random.uniform(keys[2], (devices * t,)) < 0.7, 0, 4)  # shard 0 or 2
+    experts = jnp.stack([first, jax.random.randint(keys[3], (devices * t,), 1, n_experts)], axis=1)
+    params = tuple(0.3 * jax.random.normal(key, shape) for key, shape in
+                   zip(jax.random.split(keys[4], 3), [(n_experts, m, 16), (n_experts, m, 16), (n_experts, 16, m)],
+                       strict=True))
+    buffer = receive_buffer_rows(t, k, devices, factor)
+    expected_kept = _kept_by_peer_order(np.asarray(experts), devices, n_experts // devices, buffer)
+    if factor in (0.0, 4.0):
+        assert expected_kept.all()
+    else:
+        assert 0 < (~expected_kept).sum() < expected_kept.size  # the case drops some rows, not all
+
+    tokens, experts_spec = P("expert", None), P("expert", None, None)
+
+    def sharded(x, weights, *params):
+        def per_shard(x, weights, experts, *params):
+            return expert_parallel_experts(x, weights, experts, params, "ragged_dot", axis="expert",
+                                           platform="cpu", buffer_factor=factor)
+        return jax.shard_map(per_shard, mesh=mesh, in_specs=(tokens,) * 3 + (experts_spec,) * 3,
+                             out_specs=(tokens, tokens), check_vma=False)(x, weights, experts, *params)
+
+    def reference(x, weights, *params):
+        return local_experts(x, weights * expected_kept, experts, params, "ragged_dot"), None
+
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)[0]))  # noqa: E731
+    (y, kept), (y_ref, _) = jax.jit(sharded)(x, weights, *params), jax.jit(reference)(x, weights, *params)
+    np.testing.assert_array_equal(np.asarray(kept), expected_kept)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    grads = jax.jit(jax.grad(loss(sharded), argnums=(0, 1, 2, 3, 4)))(x, weights, *params)
+    grads_ref = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2, 3, 4)))(x, weights, *params)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(g, g_ref, atol=1e-5)
+
+
 def test_expert_weights_are_sharded_on_the_expert_axis():
     c = small_moe_config()
     mesh = make_mesh(dict(c.mesh))

@@ -2,12 +2,14 @@
 beside the dense model at matched active parameters, ratios, CSV and plot."""
 
 import csv
+import importlib.util
 import os
 
 import pytest
 from conftest import small_config
 
 from mmjax.bench.moe_vs_dense import COLUMNS, compare, write_outputs
+from mmjax.errors import ConfigError
 
 
 def _pair():
@@ -46,5 +48,25 @@ def test_compare_times_dense_and_both_dispatch_paths(tmp_path):
 def test_compare_refuses_two_meshes():
     dense, moe = _pair()
     moe.mesh.data, moe.mesh.fsdp = 4, 1
-    with pytest.raises(ValueError, match="differs from the dense config's"):
+    with pytest.raises(ConfigError, match="does not split the dense config's .* devices the same way"):
         compare(dense, moe, steps=1, log=lambda *_: None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the `tpu` extra)")
+@pytest.mark.slow  # three ahead-of-time compiles
+def test_aot_only_compiles_for_the_topology_and_runs_nothing(tmp_path):
+    """`--aot_only`: each configuration only compiled for the TPU topology
+    (the MoE member on its own fsdp x expert split of the same devices), the
+    estimate and its ratio to dense reported, nothing timed here."""
+    dense, moe = _pair()
+    dense.mesh.update(fsdp=4, expert=1)  # data=2: 8 devices either way
+    rows = compare(dense, moe, steps=5, topology="v5p:2x2x2", log=lambda *_: None, aot_only=True)
+    assert [r["config"] for r in rows] == ["dense", "moe-capacity", "moe-dropless"]
+    for r in rows:
+        assert "step_time_s" not in r and r["tpu_fits"] is True
+        assert r["tpu_ratio_to_dense"] == pytest.approx(r["tpu_estimate_s"] / rows[0]["tpu_estimate_s"])
+        assert r["tpu_flops_ratio"] > 0
+    write_outputs(rows, str(tmp_path))
+    with open(tmp_path / "results.csv") as f:
+        assert [t["config"] for t in csv.DictReader(f)] == ["dense", "moe-capacity", "moe-dropless"]
+    assert os.path.getsize(tmp_path / "moe_vs_dense.png") > 1000

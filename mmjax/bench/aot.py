@@ -46,9 +46,13 @@ step-time estimate (`mmjax.bench.estimate`) then uses the analytic FLOPs and
 scales bytes accessed by the same factor (noted in the report). Pallas
 kernels (splash attention, megablox grouped matmuls) reach the cost
 analysis only through the cost estimate they were given (megablox: every
-row of its worst-case buffer); with any in the program the estimate's
-compute uses the analytic FLOPs (which count what the kernels run) and the
-report says so.
+row of its receive buffer, routed or not); with any in the program the
+estimate's compute uses the analytic FLOPs (which count what the kernels
+run) and the report says so. The report sets each kernel family's own
+estimates, summed over its calls with loop trip counts
+(`mmjax.bench.hlo_kernels`), against the analytic count of the operations
+it runs (`kernels`, `kernel_flops_ratio`): for megablox the two agree when
+the receive buffer is near the routed rows (`moe.dropless_buffer_factor`).
 
 Collectives are counted from the compiled HLO (`mmjax.bench.hlo_collectives`:
 bytes received per device) and compared with the analytic FSDP minimum
@@ -84,6 +88,7 @@ import time
 from mmjax.bench.estimate import CHIPS, ChipSpec, StepEstimate, estimate_step_time
 from mmjax.bench.fsdp_analytic import FsdpAnalytic, fsdp_collective_breakdown
 from mmjax.bench.hlo_collectives import COLLECTIVE_KINDS, analyse_compiled
+from mmjax.bench.hlo_kernels import FAMILY_COMPONENTS, kernel_costs
 from mmjax.bench.hlo_precision import analyse_precision
 from mmjax.bench.topology import topology_devices, topology_mesh
 from mmjax.errors import Refusal
@@ -137,6 +142,9 @@ class AotReport:
     dcn_bytes_by_kind: dict[str, float] = dataclasses.field(default_factory=dict)
     # Matmul FLOPs by operand dtypes and converts (mmjax.bench.hlo_precision).
     precision: dict = dataclasses.field(default_factory=dict)
+    # Pallas kernels by family (mmjax.bench.hlo_kernels): their calls and own
+    # cost estimates per step, with `analytic_flops` of the operations they run.
+    kernels: dict = dataclasses.field(default_factory=dict)
     # Estimated MFU: useful FLOPs (`model_flops_at` the images present: a
     # fraction `image_fill` of the slots) / the estimated step / peak FLOP/s.
     image_fill: float = 1.0
@@ -148,6 +156,11 @@ class AotReport:
     @property
     def fit_limit_bytes(self) -> float:
         return FIT_FRACTION * self.hbm_bytes
+
+    def kernel_flops_ratio(self, family: str) -> float:
+        """A kernel family's own FLOP estimates / the analytic count of its operations."""
+        costs = self.kernels.get(family, {})
+        return costs["flops"] / costs["analytic_flops"] if costs.get("analytic_flops") else math.nan
 
     @property
     def flops_ratio(self) -> float:
@@ -195,6 +208,11 @@ class AotReport:
             total = sum(flops.values()) or 1.0
             shares = ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(flops.items(), key=lambda kv: -kv[1]))
             lines.append(f"matmul FLOPs by operand dtypes: {shares}")
+        for family, costs in sorted(self.kernels.items()):
+            against = (f" against {costs['analytic_flops']:.4e} analytic for {FAMILY_COMPONENTS[family]} "
+                       f"(ratio {self.kernel_flops_ratio(family):.3f})" if costs.get("analytic_flops") else "")
+            lines.append(f"Pallas kernels '{family}': {costs['calls']} call(s), their own estimates "
+                         f"{costs['flops']:.4e} FLOPs{against}, {costs['bytes_accessed'] / gib:.3f} GiB HBM")
         lines.append("collectives per device per step (bytes received; analytic: the FSDP minimum):")
         a = self.fsdp_analytic
         analytic = {"all-gather": a.all_gather_bytes, "reduce-scatter": a.reduce_scatter_bytes,
@@ -316,13 +334,19 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, image_fill:
                      f"once, so the estimate scales its FLOPs and bytes accessed by analytic / compiled "
                      f"FLOPs = {scale:.2f}")
     kernels = hlo_text.count('custom_call_target="tpu_custom_call"')
-    if kernels and flops != analytic_flops:
+    if kernels:
         # XLA sees a Pallas kernel only through the cost estimate it was given
         # (megablox: every row of its buffer, routed or not; or none at all).
         notes.append(f"{kernels} Pallas kernel call(s): the cost analysis cannot count their work, so the "
                      f"estimate's compute uses the analytic FLOPs ({analytic_flops:.4e}) instead of the "
-                     f"compiled figure ({flops:.4e})")
+                     f"compiled figure ({stats.flops:.4e})")
         flops = analytic_flops
+    kernel_stats = kernel_costs(hlo_text)
+    executed = {name: breakdown.hardware_forward.get(name, 0.0) + breakdown.hardware_backward.get(name, 0.0)
+                + breakdown.remat.get(name, 0.0) for name in FAMILY_COMPONENTS.values()}
+    for family, costs in kernel_stats.items():
+        if family in FAMILY_COMPONENTS:
+            costs["analytic_flops"] = executed[FAMILY_COMPONENTS[family]] / n
     estimate = estimate_step_time(flops, accessed, stats.collective_bytes, chip, slices,
                                   dcn_bytes_per_device=stats.collectives.dcn_bytes)
     return AotReport(
@@ -346,7 +370,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, image_fill:
         estimate=estimate, notes=notes, dcn_mesh=slice_mesh_shape(mesh),
         ici_collective_bytes=stats.collectives.ici_bytes, dcn_collective_bytes=stats.collectives.dcn_bytes,
         dcn_counts=dict(stats.collectives.dcn_counts), dcn_bytes_by_kind=dict(stats.collectives.dcn_bytes_by_kind),
-        precision=analyse_precision(hlo_text).to_dict(), hlo_text=hlo_text,
+        precision=analyse_precision(hlo_text).to_dict(), kernels=kernel_stats, hlo_text=hlo_text,
         image_fill=image_fill, model_flops_per_device=useful,
         estimated_mfu=useful / estimate.step_s / chip.peak_flops if estimate.step_s else 0.0,
         estimated_mfu_overlapped=useful / estimate.overlapped_s / chip.peak_flops if estimate.overlapped_s else 0.0)

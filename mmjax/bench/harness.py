@@ -136,6 +136,7 @@ def tpu_columns(report) -> dict:
     """The `tpu_*` result columns of an `mmjax.bench.aot.AotReport`."""
     return dict(tpu_topology=report.topology, tpu_fits=report.fits, tpu_peak_bytes=report.peak_bytes,
                 tpu_collective_bytes=report.collective_bytes, tpu_collective_ratio=report.collective_ratio,
+                tpu_flops_ratio=report.flops_ratio,
                 tpu_estimate_s=report.estimate.step_s)
 
 

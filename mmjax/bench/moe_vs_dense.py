@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 
 from mmjax.bench.harness import TimedConfig, first_batch, time_round_robin
+from mmjax.errors import ConfigError
 from mmjax.paths import save_figure, workdir_path, write_csv
 
 DISPATCHES = ("capacity", "dropless")
@@ -46,35 +47,44 @@ def variants(dense, moe) -> dict:
     return runs
 
 
-def compare(dense, moe, steps: int, topology: str | None = None, log=print) -> list[dict]:
+def compare(dense, moe, steps: int, topology: str | None = None, log=print, aot_only: bool = False) -> list[dict]:
     """Times the dense config and the MoE config with both dispatch paths
     side by side on this machine's devices (the dense config's mesh);
-    returns one row per configuration (the module doc lists the columns)."""
+    returns one row per configuration (the module doc lists the columns).
+    `aot_only`: only the ahead-of-time compiles for `topology` (a pod not at
+    hand), nothing runs here."""
     from mmjax.train.param_counts import param_counts
 
-    if dict(moe.mesh) != dict(dense.mesh):
-        raise ValueError(f"the MoE config's mesh {dict(moe.mesh)} differs from the dense config's "
-                         f"{dict(dense.mesh)}; a side-by-side comparison needs one mesh.")
+    others = lambda mesh: {a: v for a, v in dict(mesh).items() if a not in ("fsdp", "expert")}  # noqa: E731
+    if others(moe.mesh) != others(dense.mesh) or (-1 not in (moe.mesh.fsdp, dense.mesh.fsdp) and
+                                                  moe.mesh.fsdp * moe.mesh.expert != dense.mesh.fsdp * dense.mesh.expert):
+        raise ConfigError(f"the MoE config's mesh {dict(moe.mesh)} does not split the dense config's "
+                         f"{dict(dense.mesh)} devices the same way (only fsdp x expert may differ); a side-by-side "
+                         f"comparison needs the same devices.")
     configs = variants(dense, moe)
-    local = first_batch(dense)
+    local = None if aot_only else first_batch(dense)
     runs = {}
     for name, cfg in configs.items():
         run = TimedConfig(cfg)
-        if not run.prepare(local):
-            raise ValueError(f"{name}: {run.row['reason']}")
+        if not aot_only and not run.prepare(local):
+            raise ConfigError(f"{name}: {run.row['reason']}")
         counts = param_counts(cfg)
         run.row.update(config=name, dispatch=cfg.model.decoder.moe.dispatch if cfg.model.decoder.moe.num_experts
                        else "dense", params=counts["total"], active_params=counts["active"])
-        log(f"{name}: compiled in {run.row['compile_s']:.1f}s ({counts['total']:,} params, "
-            f"{counts['active']:,} active per token)")
+        where = "" if aot_only else f" compiled in {run.row['compile_s']:.1f}s"
+        log(f"{name}:{where} ({counts['total']:,} params, {counts['active']:,} active per token)")
         if topology:
             run.add_topology(topology)
+            fits = run.row["tpu_fits"]
+            log(f"{name}: {topology} estimate {run.row.get('tpu_estimate_s', float('nan')):.4f} s, fits: {fits}")
         runs[name] = run
-    time_round_robin(list(runs.values()), steps)
     rows = [run.row for run in runs.values()]
     base = runs["dense"].row
+    if not aot_only:
+        time_round_robin(list(runs.values()), steps)
+        for row in rows:
+            row["ratio_to_dense"] = row["step_time_s"] / base["step_time_s"]
     for row in rows:
-        row["ratio_to_dense"] = row["step_time_s"] / base["step_time_s"]
         if topology and isinstance(base.get("tpu_estimate_s"), float) and isinstance(row.get("tpu_estimate_s"), float):
             row["tpu_ratio_to_dense"] = row["tpu_estimate_s"] / base["tpu_estimate_s"]
     return rows
@@ -82,28 +92,31 @@ def compare(dense, moe, steps: int, topology: str | None = None, log=print) -> l
 
 COLUMNS = ("config", "dispatch", "params", "active_params", "step_time_s", "step_time_p90_s", "ratio_to_dense",
            "collective_bytes", "all_to_all_bytes", "peak_bytes_per_device")
-TPU_COLUMNS = ("tpu_topology", "tpu_fits", "tpu_peak_bytes", "tpu_collective_bytes", "tpu_estimate_s",
-               "tpu_ratio_to_dense")
+TPU_COLUMNS = ("tpu_topology", "tpu_fits", "tpu_peak_bytes", "tpu_collective_bytes", "tpu_flops_ratio",
+               "tpu_estimate_s", "tpu_ratio_to_dense")
 
 
 def print_table(rows: list[dict], mesh: str, steps: int, log=print) -> None:
-    log(f"\nmesh {mesh}, {steps} timed steps each, median step time to device completion")
-    log(f"{'config':14s} {'dispatch':>9s} {'params':>14s} {'active':>14s} {'step s':>8s} {'p90 s':>8s} "
-        f"{'coll MiB':>9s} {'/dense':>7s}")
-    for r in rows:
-        log(f"{r['config']:14s} {r['dispatch']:>9s} {r['params']:>14,} {r['active_params']:>14,} "
-            f"{r['step_time_s']:8.4f} {r['step_time_p90_s']:8.4f} {r['collective_bytes'] / 2**20:9.2f} "
-            f"{r['ratio_to_dense']:7.2f}")
+    if "step_time_s" in rows[0]:
+        log(f"\nmesh {mesh}, {steps} timed steps each, median step time to device completion")
+        log(f"{'config':14s} {'dispatch':>9s} {'params':>14s} {'active':>14s} {'step s':>8s} {'p90 s':>8s} "
+            f"{'coll MiB':>9s} {'/dense':>7s}")
+        for r in rows:
+            log(f"{r['config']:14s} {r['dispatch']:>9s} {r['params']:>14,} {r['active_params']:>14,} "
+                f"{r['step_time_s']:8.4f} {r['step_time_p90_s']:8.4f} {r['collective_bytes'] / 2**20:9.2f} "
+                f"{r['ratio_to_dense']:7.2f}")
     if rows[0].get("tpu_topology"):
-        log(f"\n{rows[0]['tpu_topology']}: ESTIMATED step time from the ahead-of-time compiled step (not measured)")
-        log(f"{'config':14s} {'fits':>5s} {'peak GiB':>9s} {'coll MiB':>10s} {'est. s':>10s} {'/dense':>7s}")
+        log(f"\n{rows[0]['tpu_topology']}: ESTIMATED step time from the ahead-of-time compiled step (not measured); "
+            f"FLOPs ratio: compiled / analytic")
+        log(f"{'config':14s} {'active':>14s} {'fits':>5s} {'peak GiB':>9s} {'coll MiB':>10s} {'FLOPs':>6s} "
+            f"{'est. s':>10s} {'/dense':>7s}")
         for r in rows:
             if not isinstance(r.get("tpu_estimate_s"), float):
                 log(f"{r['config']:14s} {r['tpu_fits']}")
                 continue
-            log(f"{r['config']:14s} {str(r['tpu_fits']):>5s} {r['tpu_peak_bytes'] / 2**30:9.3f} "
-                f"{r['tpu_collective_bytes'] / 2**20:10.2f} {r['tpu_estimate_s']:10.5f} "
-                f"{r.get('tpu_ratio_to_dense', float('nan')):7.2f}")
+            log(f"{r['config']:14s} {r['active_params']:>14,} {str(r['tpu_fits']):>5s} "
+                f"{r['tpu_peak_bytes'] / 2**30:9.3f} {r['tpu_collective_bytes'] / 2**20:10.2f} "
+                f"{r['tpu_flops_ratio']:6.3f} {r['tpu_estimate_s']:10.5f} {r.get('tpu_ratio_to_dense', float('nan')):7.2f}")
 
 
 def _plot(rows: list[dict], path: str) -> None:
@@ -113,7 +126,7 @@ def _plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["config"] for r in rows]
-    panels = [("step_time_s", "measured median step time (s)")]
+    panels = [("step_time_s", "measured median step time (s)")] if "step_time_s" in rows[0] else []
     if all(isinstance(r.get("tpu_estimate_s"), float) for r in rows):
         panels.append(("tpu_estimate_s", f"ESTIMATED step time on {rows[0]['tpu_topology']} (s)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
@@ -164,6 +177,8 @@ def parse_args(argv: list[str]):
         flags.DEFINE_string("dense", "experiments/tiny.py", "dense experiment config FILE[:ARG]", flag_values=fv)
         flags.DEFINE_string("moe", "experiments/tiny_moe.py", "MoE experiment config FILE[:ARG]", flag_values=fv)
         flags.DEFINE_integer("steps", 20, "timed steps per configuration", flag_values=fv)
+        flags.DEFINE_bool("aot_only", False, "only compile each configuration for --topology (a pod not at "
+                          "hand, e.g. the 3b pair on v5p:4x8x8); nothing runs on this machine", flag_values=fv)
         flags.DEFINE_string("workdir", None, "where to write results.csv and moe_vs_dense.png", flag_values=fv)
         flags.DEFINE_string("topology", None, "also compile each configuration ahead of time for this TPU "
                             "topology (e.g. v5p:2x2x2 for the 8-device tiny pair; needs the `tpu` extra) and "
@@ -196,7 +211,9 @@ def main(argv=None) -> int:
     prepare_runtime(moe)  # the same runtime; checks the MoE member's config too
     if args.workdir:
         workdir_path(args.workdir)  # a bucket that cannot be reached is refused before the runs
-    rows = compare(dense, moe, args.steps, args.topology)  # a Refusal ends in one sentence
+    if args.aot_only and not args.topology:
+        raise SystemExit("error: --aot_only needs --topology (the TPU slice to compile for).")
+    rows = compare(dense, moe, args.steps, args.topology, aot_only=args.aot_only)  # a Refusal: one sentence
     print_table(rows, rows[0]["mesh"], args.steps)
     if args.workdir:
         write_outputs(rows, args.workdir)

@@ -2,7 +2,8 @@
 
 x `[batch, seq, embed]` -> (y `[batch, seq, embed]`, aux dict). Config
 fields (`config.model.decoder.moe`): num_experts, top_k, renormalize,
-capacity_factor, group_size, dispatch ("capacity" | "dropless"), expert_mlp,
+capacity_factor, group_size, dispatch ("capacity" | "dropless"),
+grouped_matmul, dropless_buffer_factor, expert_mlp,
 shared_expert, load_balance_weight, router_z_weight, balance ("aux_loss" |
 "bias"), bias_update_rate.
 
@@ -28,7 +29,10 @@ shared_expert, load_balance_weight, router_z_weight, balance ("aux_loss" |
   un-sorted; nothing is dropped. On a mesh with an `expert` axis this runs
   inside `jax.shard_map`: each device sends every expert shard only the rows
   routed to its experts with a ragged all-to-all and gets the results back
-  the same way (`mmjax/models/moe_dropless.py`).
+  the same way (`mmjax/models/moe_dropless.py`). `dropless_buffer_factor`
+  (0: room for the worst case, nothing dropped) bounds each shard's receive
+  buffer at that many times its fair share of rows; rows beyond it are
+  dropped and counted in `dropped_fraction`.
 
 aux: `load_balance_loss` (Switch/GShard: E * sum_e f_e * P_e, 1.0 when
 balanced), `router_z_loss` (mean logsumexp(logits)^2), both unweighted and
@@ -294,16 +298,18 @@ class MoEFeedForward(nnx.Module):
         batch_spec = jax.sharding.PartitionSpec(batch_axes, None, None)
         expert_spec = jax.sharding.PartitionSpec("expert", None, None)
 
+        buffer_factor = float(self.cfg.get("dropless_buffer_factor", 0.0))
+
         def per_shard(x, weights, experts, *params):
             bl, sl, _ = x.shape
             flat = lambda a: a.reshape(bl * sl, -1)  # noqa: E731
-            y = expert_parallel_experts(flat(x), flat(weights), flat(experts), params, impl,
-                                        axis="expert", platform=platform)
-            return y.reshape(bl, sl, m)
+            y, kept = expert_parallel_experts(flat(x), flat(weights), flat(experts), params, impl,
+                                              axis="expert", platform=platform, buffer_factor=buffer_factor)
+            return y.reshape(bl, sl, m), kept.reshape(bl, sl, -1)
 
-        y = jax.shard_map(per_shard, mesh=mesh, in_specs=(batch_spec,) * 3 + (expert_spec,) * 3,
-                          out_specs=batch_spec, check_vma=False)(x, weights, experts, *params)
-        return y, jnp.zeros(b * s, jnp.float32)
+        y, kept = jax.shard_map(per_shard, mesh=mesh, in_specs=(batch_spec,) * 3 + (expert_spec,) * 3,
+                                out_specs=(batch_spec, batch_spec), check_vma=False)(x, weights, experts, *params)
+        return y, 1.0 - kept.astype(jnp.float32).mean(axis=-1).reshape(b * s)
 
     def __call__(self, x: jax.Array, token_kind: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """x `[b, s, embed]`, token_kind `[b, s]` (TOKEN_KINDS, 0 padding; None:

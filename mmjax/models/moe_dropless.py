@@ -13,14 +13,26 @@ Token exchange with expert parallelism (`expert_parallel_experts`): every
 device sorts its (token, choice) assignments by expert and sends each expert
 shard only the rows routed to its experts (`jax.lax.ragged_all_to_all`),
 runs its local experts on what it received, and sends the results back the
-same way. The receive buffer has room for the worst case (every peer routes
-all its rows here), so nothing is dropped; only the routed rows travel. The
-CPU backend has no ragged all-to-all: there the same exchange runs as an
-`all_to_all` of per-peer buffers padded to the worst case (same layout,
+same way. The receive buffer (`buffer_factor`, `moe.dropless_buffer_factor`):
+- 0: room for the worst case (every peer routes all its rows here,
+  `P * T * k` rows), so nothing is dropped. Only the routed rows travel, but
+  the experts' grouped matmuls are shaped (and megablox's cost estimate is
+  charged) by the whole buffer.
+- f > 0: room for `ceil(f * T * k)` rows, f times a shard's fair share (what
+  it receives when routing is balanced). Rows beyond it are not sent: each
+  shard takes its senders' rows in peer order, so the last senders' rows for
+  the shard's last experts are the ones dropped (their output is 0, the
+  residual carries them, as with capacity dispatch). With balanced routing
+  (the LB loss or `balance="bias"`) f = 1.25-2 drops little and keeps the
+  kernels' work near the routed rows.
+The CPU backend has no ragged all-to-all: there the same exchange runs as an
+`all_to_all` of per-peer buffers padded to the operand's length (same layout,
 same results; it moves the padding too).
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +53,18 @@ def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
     shapes (rows rounded up to ROW_MULTIPLE)."""
     tm, tk, tn = MEGABLOX_TILING
     return min(tm, padded(m, ROW_MULTIPLE)), min(tk, k), min(tn, n)
+
+
+def megablox_rows_computed(rows: int, buffer: int, groups: int, k: int, n: int) -> int:
+    """Rows megablox multiplies for `rows` routed rows in groups (`groups`
+    experts, none empty) at the front of a `buffer`-row operand `[buffer, k]`
+    @ `[k, n]`: the kernel visits only the row tiles holding routed rows, and
+    a tile where one expert's rows end and the next one's begin is visited
+    once per expert in it (expected: every one of the `groups - 1` boundaries
+    falls inside a tile). At most the kernel's grid, `tiles + groups - 1`."""
+    tm = megablox_tiling(buffer, k, n)[0]
+    tiles = padded(buffer, tm) // tm
+    return min(-(-rows // tm), tiles) * tm + (groups - 1) * tm if rows else 0
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, impl: str = "ragged_dot",
@@ -123,38 +147,55 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
     return jax.lax.ragged_all_to_all(*args, axis_name=axis)
 
 
+def receive_buffer_rows(tokens: int, top_k: int, peers: int, buffer_factor: float) -> int:
+    """Rows of an expert shard's receive buffer (module doc): the worst case
+    `peers * tokens * top_k` for buffer_factor 0, else
+    `ceil(buffer_factor * tokens * top_k)` capped at the worst case."""
+    worst = peers * tokens * top_k
+    if buffer_factor <= 0:
+        return worst
+    return min(worst, int(math.ceil(buffer_factor * tokens * top_k)))
+
+
 def expert_parallel_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, params, impl: str, *,
-                            axis: str, platform: str) -> jax.Array:
+                            axis: str, platform: str, buffer_factor: float = 0.0):
     """One device's share inside `shard_map`: its tokens x `[T, M]` with
     weights/experts `[T, k]`, and its experts' params (`[E_l, ...]`, shard
-    `axis_index(axis)` of the expert axis) -> `[T, M]`. On the CPU platform
-    the ragged exchange is emulated."""
+    `axis_index(axis)` of the expert axis) -> (y `[T, M]`, kept `[T, k]` bool:
+    the assignments that found room in their shard's receive buffer). On the
+    CPU platform the ragged exchange is emulated."""
     emulate = platform == "cpu"  # XLA:CPU has no ragged all-to-all
     t, k = experts.shape
     n_local = params[0].shape[0]
     peers = jax.lax.psum(1, axis)
     order, sizes = _sort_by(experts.reshape(-1), n_local * peers)       # [T*k], [E]
     rows = jnp.take(x, order // k, axis=0)                              # [T*k, M] by expert
-    per_expert = sizes.reshape(peers, n_local)                          # [P, E_l] what I send
-    send = per_expert.sum(axis=1)                                       # [P]
-    matrix = jax.lax.all_gather(send, axis)                             # [P, P]: sender q -> peer p
+    per_expert = sizes.reshape(peers, n_local)                          # [P, E_l] what I route
+    matrix = jax.lax.all_gather(per_expert.sum(axis=1), axis)           # [P, P]: sender q -> peer p
+    buffer = receive_buffer_rows(t, k, peers, buffer_factor)
+    # each shard keeps its senders' rows in peer order while they fit
+    kept = jnp.clip(buffer - _exclusive_cumsum(matrix, axis=0), 0, matrix)   # [P, P]
     me = jax.lax.axis_index(axis)
-    output_offsets = _exclusive_cumsum(matrix, axis=0)[me]              # where my rows land at each peer
-    recv = matrix[:, me]                                                # [P] from each sender
-    recv_offsets = _exclusive_cumsum(recv)
-    buffer = peers * t * k  # worst case: every peer routes all its rows here
-    received = ragged_all_to_all(rows, jnp.zeros((buffer, x.shape[1]), x.dtype), _exclusive_cumsum(send),
-                                 send, output_offsets, recv, axis=axis, emulate=emulate)
-    # rows arrive grouped by sender, then by local expert: regroup by expert
+    send, recv = kept[me], kept[:, me]                                  # [P] sent / received rows
+    send_offsets = _exclusive_cumsum(per_expert.sum(axis=1))            # my block for peer p in `rows`
+    received = ragged_all_to_all(rows, jnp.zeros((buffer, x.shape[1]), x.dtype), send_offsets, send,
+                                 _exclusive_cumsum(kept, axis=0)[me], recv, axis=axis, emulate=emulate)
+    # rows arrive grouped by sender, then by local expert (a sender's block
+    # cut short loses its last experts' rows): regroup by expert
     counts = jax.lax.all_to_all(per_expert, axis, 0, 0, tiled=True)     # [P, E_l] from sender q
+    counts = jnp.clip(recv[:, None] - _exclusive_cumsum(counts, axis=1), 0, counts)
     local = jnp.tile(jnp.arange(n_local), peers)
     expert_of_row = jnp.repeat(local, counts.reshape(-1), total_repeat_length=buffer)
     expert_of_row = jnp.where(jnp.arange(buffer) < recv.sum(), expert_of_row, n_local)
     local_order, local_sizes = _sort_by(expert_of_row, n_local)
     results = swiglu_experts(jnp.take(received, local_order, axis=0), local_sizes, params, impl, platform)
     results = _unsort(results, local_order)
-    # back to the senders, into the order they sent
-    returned = ragged_all_to_all(results, jnp.zeros_like(rows), recv_offsets, recv,
+    # back to the senders, into the order they sent (rows not sent stay 0)
+    returned = ragged_all_to_all(results, jnp.zeros_like(rows), _exclusive_cumsum(recv), recv,
                                  _exclusive_cumsum(matrix, axis=1)[:, me], send, axis=axis, emulate=emulate)
+    position = jnp.arange(t * k)
+    peer_of_row = jnp.repeat(jnp.arange(peers), per_expert.sum(axis=1), total_repeat_length=t * k)
+    was_sent = position - send_offsets[peer_of_row] < send[peer_of_row]
     out = _unsort(returned, order).reshape(t, k, -1)
-    return jnp.einsum("tkm,tk->tm", out, weights.astype(out.dtype))
+    y = jnp.einsum("tkm,tk->tm", out, weights.astype(out.dtype))
+    return y, _unsort(was_sent, order).reshape(t, k)

@@ -207,6 +207,7 @@ FIELDS: dict[str, Rule] = {
     "model.decoder.moe.group_size": integer(0),
     "model.decoder.moe.dispatch": one_of(_dispatches),
     "model.decoder.moe.grouped_matmul": one_of(_grouped_matmuls),
+    "model.decoder.moe.dropless_buffer_factor": number(0),
     "model.decoder.moe.expert_mlp": integer(1),
     "model.decoder.moe.shared_expert": boolean,
     "model.decoder.moe.load_balance_weight": number(0),

@@ -31,7 +31,10 @@ Two totals:
     * dropless MoE uses `jax.lax.ragged_dot` or the megablox kernel,
       executed as a grouped matmul (the routed rows only) on TPU/GPU but, for
       `ragged_dot` on the CPU backend, as a dense matmul against every
-      expert (E times the active work);
+      expert (E times the active work); megablox multiplies whole row tiles
+      and visits a tile where two experts' rows meet once per expert, so it
+      is charged `moe_dropless.megablox_rows_computed` rows (balanced
+      routing) instead of the routed ones;
     * the backward pass is counted per operation: an operation with one
       differentiable operand (the patch embedding, whose input is pixels; the
       constant average-pool matrices; the one-hot dispatch mask) needs one
@@ -291,6 +294,22 @@ def _batch_shards(config, sizes: Mapping[str, int]) -> int:
     return math.prod(sizes.get(a, 1) for a in names)
 
 
+def _megablox_tile_overhead(moe, tokens_per_device: int, expert_shards: int, embed: int) -> float:
+    """Rows the megablox kernels multiply per routed row on one expert shard
+    (`moe_dropless.megablox_rows_computed`, with balanced routing: the shard
+    receives `tokens_per_device * top_k` rows), for the up-projections'
+    `[rows, embed] @ [embed, expert_mlp]` tiling."""
+    from mmjax.models.moe_dropless import megablox_rows_computed, receive_buffer_rows
+
+    rows = tokens_per_device * moe.top_k
+    if not rows:
+        return 1.0
+    buffer = receive_buffer_rows(tokens_per_device, moe.top_k, expert_shards,
+                                 float(moe.get("dropless_buffer_factor", 0.0))) if expert_shards > 1 else rows
+    groups = moe.num_experts // expert_shards
+    return megablox_rows_computed(rows, buffer, groups, embed, moe.expert_mlp) / rows
+
+
 def _decoder_ops(dec, b: int, s: int, image_reach: int, sizes: Mapping[str, int], batch_shards: int,
                  ragged_dot: str) -> list[_Op]:
     from mmjax.models.decoder import is_moe_layer
@@ -340,10 +359,12 @@ def _decoder_ops(dec, b: int, s: int, image_reach: int, sizes: Mapping[str, int]
                     _Op("decoder/moe_dispatch", 0.0, one_hot, kind=_BATCHED_DOT, stack="decoder",
                         residual=False, weights=False)]
         else:
-            # Expert parallelism all-gathers tokens over `expert` within `shard_map` with weights
-            # replicated over `model`: the model axis repeats the expert work.
+            # Expert parallelism runs in `shard_map` with weights replicated over `model`:
+            # the model axis repeats the expert work.
             repeat = sizes.get("model", 1) if sizes.get("expert", 1) > 1 else 1
             hw = active * repeat * (e if ragged_dot == "dense" else 1)
+            if moe.get("grouped_matmul") == "megablox" and ragged_dot == "grouped":
+                hw *= _megablox_tile_overhead(moe, t // batch_shards, sizes.get("expert", 1), m)
             combine = 2.0 * t * k * m  # weighting the k outputs of each token
             ops += [_Op("decoder/moe_experts", 3 * active, 3 * hw, kind=_RAGGED, stack="decoder"),
                     _Op("decoder/moe_dispatch", 0.0, combine, kind=_BATCHED_DOT, stack="decoder",
