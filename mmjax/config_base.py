@@ -63,12 +63,13 @@ def base_config() -> mlc.ConfigDict:
     c.data.vocab_size = vocab_size
     c.data.mix_weights = (5.0, 5.0, 1.0)  # caption : interleaved : text
     # Where each stream comes from: "procedural" or "<format>:<paths>" with format
-    # webdataset | array_record | parquet | jsonl | tfds (see mmjax/data/sources.py).
+    # webdataset | array_record | parquet | jsonl | json | tfds (see mmjax/data/sources.py).
     c.data.sources = dict(caption="procedural", interleaved="procedural", text="procedural")
     c.data.loss_weights = (1.0, 1.0, 1.0)  # loss weight of text tokens per stream
     c.data.pack_window = 32  # examples packed first-fit-decreasing per window; 1 = no packing
     c.data.image_split = (0, 0)  # MM1.5 dynamic splitting (min_tiles, max_tiles); (0, 0) = off
     c.data.tile_separators = False  # "(row,col)" text before each tile when splitting
+    c.data.system_prompt = ""  # system turn for conversations that have none ("" = none; mmjax/data/chat.py)
     c.data.seed = 0
     c.data.shards = 0  # virtual data shards (0: one per process); fixed -> same batches for any process count
     c.data.workers = 0  # >0: Grain multiprocess workers (mp_prefetch)

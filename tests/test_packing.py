@@ -1,5 +1,6 @@
 """Packing: first-fit-decreasing bins, image slots moving with their example,
-no attention across examples, checkpointable packed iterator."""
+loss masks kept exactly, no attention across examples (pre-training and
+conversation examples), checkpointable packed iterator."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,9 @@ import pytest
 from flax import nnx
 
 from conftest import small_config
+from mmjax.data import shapes
 from mmjax.data.packing import Packer, first_fit_decreasing
-from mmjax.data.pipeline import default_tokenizer, make_dataset, mixed_examples
+from mmjax.data.pipeline import default_tokenizer, make_builder, make_dataset, mixed_examples
 from mmjax.models import MM1Model
 
 
@@ -53,30 +55,92 @@ def test_packed_sequences_keep_each_example_whole(tok):
     assert sorted(seen) == list(range(12))
 
 
+def _conversation(i: int, image_size: int) -> dict:
+    """Conversation record `i`: one picture, two pictures or text only, with
+    one or two short answers."""
+    rng = np.random.default_rng(i)
+    scenes = [shapes.sample_scene(rng) for _ in range(2)]
+    pictures = [{"image": shapes.render_scene(s, image_size, rng), "role": "user"} for s in scenes]
+    colours = [s[0].colour for s in scenes]
+    kind = i % 3
+    if kind == 0:
+        segments = [pictures[0], {"text": "\ncolour?", "role": "user"}, {"text": f"{colours[0]}.", "role": "assistant"}]
+    elif kind == 1:
+        segments = [pictures[0], pictures[1], {"text": "same?", "role": "user"},
+                    {"text": "yes." if colours[0] == colours[1] else "no.", "role": "assistant"}]
+    else:
+        segments = [{"text": f"count {i}", "role": "user"}, {"text": f"{i + 1}.", "role": "assistant"}]
+        if i % 2:
+            segments += [{"text": "and?", "role": "user"}, {"text": "done.", "role": "assistant"}]
+    return {"stream": ("caption", "interleaved", "text")[kind], "segments": segments, "origin": f"conversation {i}"}
+
+
+def _examples(kind: str, tok, d, n: int) -> list[dict]:
+    if kind == "pretraining":
+        return [next(it) for it in [iter(mixed_examples(d, tok))] for _ in range(n)]
+    builder = make_builder(d, tok)
+    return [builder(_conversation(i, d.image_size)) for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["pretraining", "conversation"])
+def test_packed_loss_mask_is_each_examples_own_mask(tok, kind):
+    """A packed sequence's loss mask, segment ids and positions are the
+    concatenation of its examples' own (targets shifted by one), then padding."""
+    d = small_config().data
+    examples = _examples(kind, tok, d, 12)
+    if kind == "conversation":  # answers only: the conversations' masks are sparse
+        assert all(0 < (ex["weights"] > 0).sum() < len(ex["ids"]) // 2 for ex in examples)
+    packer = Packer(d.seq_len, d.max_images, d.tokens_per_image, d.image_size, tok.pad_id)
+    packed = packer.pack_window(examples)
+    assert max(s["num_examples"] for s in packed) >= 2
+    placed = 0
+    for seq in packed:
+        members = []
+        for seg in range(1, seq["num_examples"] + 1):
+            where = seq["segment_ids"] == seg
+            ids = np.concatenate([seq["tokens"][where], seq["targets"][where][-1:]])
+            members.append(next(ex for ex in examples if np.array_equal(ex["ids"], ids)))
+        pad = d.seq_len - sum(len(ex["ids"]) - 1 for ex in members)
+        np.testing.assert_array_equal(seq["loss_mask"], np.concatenate([ex["weights"][1:] for ex in members]
+                                                                       + [np.zeros(pad, np.float32)]))
+        np.testing.assert_array_equal(seq["segment_ids"], np.concatenate(
+            [np.full(len(ex["ids"]) - 1, k + 1) for k, ex in enumerate(members)] + [np.zeros(pad, int)]))
+        np.testing.assert_array_equal(seq["positions"], np.concatenate(
+            [np.arange(len(ex["ids"]) - 1) for ex in members] + [np.zeros(pad, int)]))
+        placed += len(members)
+    assert placed == len(examples)
+
+
 def _logits(model, seq):
     batch = {k: jnp.asarray(v)[None] for k, v in seq.items()}
-    return np.asarray(model(batch["tokens"], batch["image_slots"], batch["images"],
-                            batch["segment_ids"], batch["positions"]))[0]
+    return np.asarray(_forward(model, batch["tokens"], batch["image_slots"], batch["images"],
+                               batch["segment_ids"], batch["positions"]))[0]
 
 
-def test_packed_tokens_never_attend_across_examples(tok):
+@nnx.jit
+def _forward(model, tokens, image_slots, images, segment_ids, positions):
+    return model(tokens, image_slots, images, segment_ids, positions)
+
+
+@pytest.mark.parametrize("kind", ["pretraining", "conversation"])
+def test_packed_tokens_never_attend_across_examples(tok, kind):
     """Each example's logits in a packed sequence equal its logits alone."""
     cfg = small_config()
     model = MM1Model(cfg.model, rngs=nnx.Rngs(0))
     d = cfg.data
-    examples = [next(it) for it in [iter(mixed_examples(d, tok))] for _ in range(8)]
+    examples = _examples(kind, tok, d, 8)
     packer = Packer(d.seq_len, d.max_images, d.tokens_per_image, d.image_size, tok.pad_id)
-    packed = next(s for s in packer.pack_window(examples) if s["num_examples"] >= 2)
+    packed = max(packer.pack_window(examples), key=lambda s: (s["num_examples"], s["image_mask"].sum()))
+    assert packed["num_examples"] >= 2
     together = _logits(model, packed)
-    at = 0
     for seg in range(1, packed["num_examples"] + 1):
         where = packed["segment_ids"] == seg
         n = int(where.sum())
         ids = np.concatenate([packed["tokens"][where], packed["targets"][where][-1:]])
         ex = next(e for e in examples if np.array_equal(e["ids"], ids))
-        alone = _logits(model, packer.build([ex], [0]))[:n]
-        np.testing.assert_allclose(together[where], alone, atol=2e-4)
-        at += n
+        alone = packer.build([ex], [0])
+        np.testing.assert_array_equal(alone["loss_mask"][:n], packed["loss_mask"][where])
+        np.testing.assert_allclose(together[where], _logits(model, alone)[:n], atol=2e-4)
     # ... and the check has teeth: one segment for everything changes the logits.
     merged = dict(packed, segment_ids=(packed["segment_ids"] > 0).astype(np.int32))
     assert np.abs(_logits(model, merged) - together)[packed["segment_ids"] == 2].max() > 1e-3

@@ -1,11 +1,12 @@
-"""Converts WebDataset / JSONL / Parquet data to ArrayRecord shards.
+"""Converts WebDataset / JSONL / JSON / Parquet data to ArrayRecord shards.
 
   python -m mmjax.data.convert --input 'webdataset:/data/cc3m/{00000..00099}.tar' \\
       --stream caption --output /data/mmjax/cc3m --records_per_shard 10000
 
 writes `/data/mmjax/cc3m/caption-00000-of-00012.array_record`, ... in input
 order (images stay encoded, nothing is re-compressed), with a progress bar.
-Unreadable records are skipped, counted and named in warnings; the shards
+Conversations keep their segments' roles. Unreadable records are skipped,
+counted and named in warnings; the shards
 then serve as `config.data.sources.caption=array_record:/data/mmjax/cc3m/*.array_record`.
 """
 
@@ -23,14 +24,14 @@ from mmjax.data.records import STREAMS, DataError
 from mmjax.data.sources import parse_spec, resolve_paths
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("input", None, "Source spec: webdataset:GLOB, jsonl:GLOB or parquet:GLOB "
+flags.DEFINE_string("input", None, "Source spec: webdataset:GLOB, jsonl:GLOB, json:GLOB or parquet:GLOB "
                     "(globs, comma-separated lists and {000..099} ranges).")
 flags.DEFINE_enum("stream", None, list(STREAMS), "Which stream the records belong to.")
 flags.DEFINE_string("output", None, "Directory for the ArrayRecord shards (created if missing).")
 flags.DEFINE_integer("records_per_shard", 10_000, "Records per output shard.")
 flags.DEFINE_integer("limit", 0, "Convert at most this many records (0: all).")
 
-INPUT_FORMATS = ("webdataset", "jsonl", "parquet")
+INPUT_FORMATS = ("webdataset", "jsonl", "json", "parquet")
 
 
 def read_records(spec: str, stream: str) -> tuple[int | None, Iterator[dict]]:
@@ -45,6 +46,8 @@ def read_records(spec: str, stream: str) -> tuple[int | None, Iterator[dict]]:
         return None, iter(open_parquet(paths, stream, num_epochs=1))
     if fmt == "webdataset":
         from mmjax.data.readers.webdataset import open_webdataset as reader
+    elif fmt == "json":
+        from mmjax.data.readers.jsonl import open_json as reader
     else:
         from mmjax.data.readers.jsonl import open_jsonl as reader
     ds = reader(paths, stream)

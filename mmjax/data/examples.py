@@ -6,7 +6,9 @@ An example (numpy; `L` <= `seq_len + 1` token ids, `n` <= `max_images` images,
   slots        `[L]` int32   image-token index within this example (`image * K + k`), -1 for text
   weights      `[L]` float32 loss weight for predicting `ids[t]` from `ids[:t]`:
                              the stream's loss weight on text, 0 on `<bos>`, image
-                             slots and tile separators
+                             slots and tile separators; in a conversation (segments
+                             with roles) only on assistant text and the `<eos>`
+                             closing each assistant turn (`mmjax.data.chat`)
   images       `[n, T, T, 3]` uint8 pixels (normalised on the device)
   attributes   `[L]` float32 (with `with_attributes=True`) 1 where `ids[t]` belongs
                              to a colour or kind word of a caption
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmjax.data import chat
 from mmjax.data import images as image_ops
 from mmjax.data.records import STREAMS, warn_bad_input
 from mmjax.data.tokenizer import Tokenizer
@@ -38,13 +41,15 @@ class ExampleBuilder:
     def __init__(self, tokenizer: Tokenizer, seq_len: int, max_images: int,
                  tokens_per_image: int, image_size: int, *, with_attributes: bool = False,
                  loss_weights: tuple[float, ...] = (1.0, 1.0, 1.0),
-                 image_split: tuple[int, int] = (0, 0), tile_separators: bool = False):
+                 image_split: tuple[int, int] = (0, 0), tile_separators: bool = False,
+                 system_prompt: str = ""):
         self.tok = tokenizer
         self.seq_len, self.max_images = seq_len, max_images
         self.tokens_per_image, self.image_size = tokens_per_image, image_size
         self.with_attributes = with_attributes
         self.loss_weights = dict(zip(STREAMS, (float(w) for w in loss_weights)))
         self.image_split, self.tile_separators = tuple(image_split), tile_separators
+        self.system_prompt = system_prompt
 
     def _pixels(self, seg: dict) -> tuple[np.ndarray, list[list[int]]]:
         """One image segment -> (uint8 `[n_tiles, T, T, 3]`, separator token ids
@@ -67,68 +72,105 @@ class ExampleBuilder:
     def _empty(self, stream: str, skipped_records: int, skipped_images: int = 0) -> dict:
         return self._pack_lists(stream, [], [], [], [], [], 0, skipped_images, skipped_records)
 
+    def _add_image(self, parts: _Parts, seg: dict, room: int) -> None:
+        """Appends one image's tiles (and tile separators) when they fit in
+        `room` tokens and the image budget, else counts it as dropped. Raises
+        `ValueError` if the image cannot be decoded."""
+        K = self.tokens_per_image
+        tiles, separators = self._pixels(seg)
+        n_have = parts.num_images
+        need = len(tiles) * K + sum(len(s) for s in separators)
+        if n_have + len(tiles) > self.max_images or room < need:
+            parts.dropped += 1
+            return
+        for t in range(len(tiles)):
+            parts.add(separators[t], 0.0)
+            base = (n_have + t) * K
+            parts.add([self.tok.image_id] * K, 0.0, slots=range(base, base + K))
+        parts.pixels.append(tiles)
+
     def __call__(self, record: dict) -> dict:
-        stream, K = record["stream"], self.tokens_per_image
+        stream = record["stream"]
         if record.get("error") or not record["segments"]:
             return self._empty(stream, skipped_records=1)
+        if chat.is_conversation(record):
+            return self._conversation(record)
         limit = self.seq_len + 1
         text_weight = self.loss_weights[stream]
-        ids, slots, weights, attrs = [self.tok.bos_id], [-1], [0.0], [0.0]
-        pixels: list[np.ndarray] = []
-        dropped = skipped = 0
+        parts = _Parts(self.tok.bos_id)
         image_number = 0
         for seg in record["segments"]:
-            room = limit - len(ids) - 1  # keep one place for <eos>
+            room = limit - len(parts.ids) - 1  # keep one place for <eos>
             if "text" not in seg:
                 image_number += 1
                 try:
-                    tiles, separators = self._pixels(seg)
+                    self._add_image(parts, seg, room)
                 except ValueError as err:
-                    skipped += 1
+                    parts.skipped += 1
                     warn_bad_input(f"{record.get('origin') or 'a ' + stream + ' record'}, image {image_number}",
                                    str(err))
                     if stream == "caption":  # a caption without its image teaches nothing true
-                        return self._empty(stream, skipped_records=1, skipped_images=skipped)
-                    continue
-                n_have = sum(len(p) for p in pixels)
-                need = len(tiles) * K + sum(len(s) for s in separators)
-                if n_have + len(tiles) > self.max_images or room < need:
-                    dropped += 1
-                    continue
-                for t in range(len(tiles)):
-                    if separators[t]:
-                        ids += separators[t]
-                        slots += [-1] * len(separators[t])
-                        weights += [0.0] * len(separators[t])
-                        attrs += [0.0] * len(separators[t])
-                    base = (n_have + t) * K
-                    ids += [self.tok.image_id] * K
-                    slots += list(range(base, base + K))
-                    weights += [0.0] * K
-                    attrs += [0.0] * K
-                pixels.append(tiles)
+                        return self._empty(stream, skipped_records=1, skipped_images=parts.skipped)
             else:
-                lead = " " if len(ids) > 1 else ""
+                lead = " " if len(parts.ids) > 1 else ""
                 if self.with_attributes:  # character offsets only when attribute masks need them
                     piece, offsets = self.tok.encode_with_offsets(lead + seg["text"])
                 else:
                     piece = self.tok.encode(lead + seg["text"])
                 piece = piece[:max(room, 0)]
-                ids += piece
-                slots += [-1] * len(piece)
-                weights += [text_weight] * len(piece)
+                attrs = None
                 if self.with_attributes:
                     spans = [(a + len(lead), b + len(lead)) for a, b in seg.get("spans", ())]
-                    attrs += [float(any(s < b and a < e for a, b in spans)) for s, e in offsets[:len(piece)]]
-                else:
-                    attrs += [0.0] * len(piece)
-        ids.append(self.tok.eos_id)
-        slots.append(-1)
-        weights.append(text_weight)
-        attrs.append(0.0)
-        if len(ids) <= 2 and not pixels:  # nothing but <bos> <eos>
-            return self._empty(stream, skipped_records=1, skipped_images=skipped)
-        return self._pack_lists(stream, ids, slots, weights, attrs, pixels, dropped, skipped, 0)
+                    attrs = [float(any(s < b and a < e for a, b in spans)) for s, e in offsets[:len(piece)]]
+                parts.add(piece, text_weight, attrs=attrs)
+        parts.add([self.tok.eos_id], text_weight)
+        if len(parts.ids) <= 2 and not parts.pixels:  # nothing but <bos> <eos>
+            return self._empty(stream, skipped_records=1, skipped_images=parts.skipped)
+        return self._pack_lists(stream, parts.ids, parts.slots, parts.weights, parts.attrs, parts.pixels,
+                                parts.dropped, parts.skipped, 0)
+
+    def _conversation(self, record: dict) -> dict:
+        """A role-tagged record through the chat template (`mmjax.data.chat`):
+        loss weight on assistant text and each assistant turn's `<eos>`, 0
+        elsewhere. Cut at `seq_len + 1` ids: a cut example ends with an
+        untrained `<eos>`. Skipped (counted) when the roles are malformed, an
+        image cannot be decoded, or no assistant token fits."""
+        stream = record["stream"]
+        where = record.get("origin") or f"a {stream} conversation"
+        try:
+            pieces = chat.render(record["segments"], self.system_prompt)
+        except ValueError as err:
+            warn_bad_input(where, str(err))
+            return self._empty(stream, skipped_records=1)
+        limit = self.seq_len + 1
+        weight = self.loss_weights[stream]
+        parts = _Parts(self.tok.bos_id)
+        image_number, trained = 0, False
+        for kind, value, is_trained in pieces:
+            room = limit - len(parts.ids) - 1  # keep one place for a closing <eos>
+            if kind == "eos":  # may take that place: the example then ends with this turn
+                parts.add([self.tok.eos_id], weight if is_trained else 0.0)
+                trained |= is_trained
+            elif kind == "image":
+                image_number += 1
+                try:
+                    self._add_image(parts, value, room)
+                except ValueError as err:  # answers about a missing image teach nothing true
+                    warn_bad_input(f"{where}, image {image_number}", str(err))
+                    return self._empty(stream, skipped_records=1, skipped_images=1)
+            else:
+                ids = self.tok.encode(value)
+                parts.add(ids[:max(room, 0)], weight if is_trained else 0.0)
+                trained |= is_trained and room > 0
+                if len(ids) > room:
+                    break
+        if parts.ids[-1] != self.tok.eos_id:  # cut inside a turn (text never encodes to <eos>)
+            parts.add([self.tok.eos_id], 0.0)
+        if not trained:
+            warn_bad_input(where, f"no assistant token fits in seq_len={self.seq_len}")
+            return self._empty(stream, skipped_records=1)
+        return self._pack_lists(stream, parts.ids, parts.slots, parts.weights, parts.attrs, parts.pixels,
+                                parts.dropped, 0, 0)
 
     def _pack_lists(self, stream, ids, slots, weights, attrs, pixels, dropped, skipped, skipped_records) -> dict:
         T = self.image_size
@@ -145,6 +187,26 @@ class ExampleBuilder:
         if self.with_attributes:
             example["attributes"] = np.asarray(attrs, np.float32)
         return example
+
+
+class _Parts:
+    """The growing per-token lists of one example (see module doc) and its
+    images (`[n_tiles, T, T, 3]` per image) and counts."""
+
+    def __init__(self, bos_id: int):
+        self.ids, self.slots, self.weights, self.attrs = [bos_id], [-1], [0.0], [0.0]
+        self.pixels: list[np.ndarray] = []
+        self.dropped = self.skipped = 0
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(p) for p in self.pixels)
+
+    def add(self, ids: list[int], weight: float, slots=None, attrs: list[float] | None = None) -> None:
+        self.ids += ids
+        self.slots += list(slots) if slots is not None else [-1] * len(ids)
+        self.weights += [weight] * len(ids)
+        self.attrs += attrs if attrs is not None else [0.0] * len(ids)
 
 
 def _as_rgb(image) -> np.ndarray:

@@ -39,7 +39,8 @@ def make_builder(data_cfg, tokenizer: Tokenizer, with_attributes: bool = False) 
     return ExampleBuilder(tokenizer, data_cfg.seq_len, data_cfg.max_images, data_cfg.tokens_per_image,
                           data_cfg.image_size, with_attributes=with_attributes,
                           loss_weights=tuple(data_cfg.loss_weights), image_split=tuple(data_cfg.image_split),
-                          tile_separators=data_cfg.tile_separators)
+                          tile_separators=data_cfg.tile_separators,
+                          system_prompt=data_cfg.get("system_prompt", ""))
 
 
 def mixed_examples(data_cfg, tokenizer: Tokenizer, *, split: str = "train", process_index: int = 0,

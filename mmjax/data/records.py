@@ -8,6 +8,10 @@ A raw record is a dict:
                 | {"image_bytes": bytes}, ...],                     # encoded JPEG/PNG/...
    "origin": "shard path:record"}                                   # where it came from
 
+A conversation is a raw record whose segments all carry `"role"`: "system" |
+"user" | "assistant" (`ROLES`); a turn is a run of segments of one role, its
+images included (see `mmjax.data.chat`).
+
 A record that cannot be read (malformed JSON, missing member, truncated
 shard) is not dropped silently: readers return `bad_record(...)`, which the
 example builder turns into an empty example counted as `skipped_records`.
@@ -23,6 +27,7 @@ import numpy as np
 from mmjax.errors import DataError  # noqa: F401  (re-exported: the data layer's refusal)
 
 STREAMS = ("caption", "interleaved", "text")
+ROLES = ("system", "user", "assistant")
 
 _log = logging.getLogger("mmjax.data")
 _MAX_WARNINGS = 100
@@ -48,7 +53,8 @@ def bad_record(stream: str, origin: str, reason: str) -> dict:
 
 def encode_record(record: dict) -> bytes:
     """Raw record -> bytes (msgpack). Decoded images are stored as raw uint8
-    with their shape; encoded images (`image_bytes`) are stored as they are."""
+    with their shape; encoded images (`image_bytes`) are stored as they are;
+    a segment's `role` is kept."""
     segments = []
     for seg in record["segments"]:
         if "image" in seg:
@@ -61,13 +67,15 @@ def encode_record(record: dict) -> bytes:
             if seg.get("spans"):
                 entry["spans"] = [list(s) for s in seg["spans"]]
             segments.append(entry)
+        if "role" in seg:
+            segments[-1]["role"] = seg["role"]
     return msgpack.packb({"stream": record["stream"], "segments": segments,
                           "origin": record.get("origin", "")}, use_bin_type=True)
 
 
 def decode_record(data: bytes, origin: str = "") -> dict:
     """bytes (from `encode_record`) -> raw record. Raises `ValueError` on
-    anything that is not such a record."""
+    anything that is not such a record (an unknown stream or role included)."""
     try:
         raw = msgpack.unpackb(data, raw=False)
         segments = []
@@ -79,9 +87,14 @@ def decode_record(data: bytes, origin: str = "") -> dict:
             else:
                 segments.append({"text": str(seg["text"]),
                                  **({"spans": [tuple(s) for s in seg["spans"]]} if "spans" in seg else {})})
+            if "role" in seg:
+                segments[-1]["role"] = seg["role"]
         stream = raw["stream"]
     except Exception as err:  # msgpack errors, missing keys, bad shapes
         raise ValueError(f"not an mmjax record ({type(err).__name__}: {err})") from err
     if stream not in STREAMS:
         raise ValueError(f"unknown stream {stream!r}")
+    for n, seg in enumerate(segments):
+        if "role" in seg and seg["role"] not in ROLES:
+            raise ValueError(f"segment {n} has unknown role {seg['role']!r}; expected one of {', '.join(ROLES)}")
     return {"stream": stream, "segments": segments, "origin": origin or raw.get("origin", "")}

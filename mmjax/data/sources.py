@@ -7,7 +7,12 @@
   array_record:/data/mix/caption-*.array_record   records written by `mmjax.data.convert`
   parquet:/data/obelics/*.parquet    parquet files (`text`, `image` / `texts`, `images`)
   jsonl:/data/text/*.jsonl           one JSON object per line
+  json:/data/sft/llava.json          one JSON array of objects per file
   tfds:NAME[@DATA_DIR]               a TFDS dataset prepared as array_record
+
+Any of the file formats may hold LLaVA-style conversations (objects with a
+`conversations` list; see `mmjax.data.readers.conversation`): they arrive on
+the stream whose source reads them (`mmjax.data.chat` has the convention).
 
 Paths take shell globs and `{a..b}` numeric ranges (zero padding kept).
 Random-access formats are sliced per process (`[process_index::process_count]`,
@@ -26,7 +31,7 @@ import grain
 from mmjax.data.procedural import SOURCES as PROCEDURAL
 from mmjax.data.records import STREAMS, DataError
 
-FORMATS = ("procedural", "webdataset", "array_record", "parquet", "jsonl", "tfds")
+FORMATS = ("procedural", "webdataset", "array_record", "parquet", "jsonl", "json", "tfds")
 TFDS_SPLITS = {"train": "train", "eval": "validation"}
 # Reads are small `pread`s: a short read-ahead is enough (Grain's default buffer of
 # 500 is scanned on every element, ~0.3 ms per record).
@@ -119,6 +124,8 @@ def _open_stream(spec: str, stream: str, *, split: str, image_size: int, seed: i
             from mmjax.data.readers.webdataset import open_webdataset as reader
         elif fmt == "array_record":
             from mmjax.data.readers.array_record import open_array_record as reader
+        elif fmt == "json":
+            from mmjax.data.readers.jsonl import open_json as reader
         else:
             from mmjax.data.readers.jsonl import open_jsonl as reader
         ds = reader(paths, stream)

@@ -225,6 +225,7 @@ FIELDS: dict[str, Rule] = {
     "data.image_split": sequence_of(2, integer(0), "(min_tiles, max_tiles): (0, 0) for off, else "
                                     "1 <= min_tiles <= max_tiles"),
     "data.tile_separators": boolean,
+    "data.system_prompt": text,
     "data.seed": integer(0),
     "data.shards": integer(0),
     "data.workers": integer(0),

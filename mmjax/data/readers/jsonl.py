@@ -1,18 +1,26 @@
-"""JSONL files -> a Grain random-access source of raw records.
+"""JSONL and JSON files -> Grain random-access sources of raw records.
 
-One JSON object per line; blank lines are skipped. `open_jsonl` indexes line
-start offsets once (one binary pass per file), so reading record `i` is one
-`pread` of its line. Per stream:
+JSONL (`jsonl:`): one JSON object per line; blank lines are skipped.
+`open_jsonl` indexes line start offsets once (one binary pass per file), so
+reading record `i` is one `pread` of its line. JSON (`json:`): one top-level
+array of objects per file (LLaVA's layout); `open_json` indexes each
+element's byte span once, so reading element `i` is one `pread` too.
+Per stream:
   text         {"text": str} -> [text] (verbatim).
   caption      {"caption" or "text": str, "image": path} -> [image, text]; the
                text is stripped of surrounding whitespace and `path` is relative
-               to the JSONL file's directory (absolute paths work too). The image
+               to the file's directory (absolute paths work too). The image
                file's bytes are read as they are (decoding happens later).
   interleaved  {"segments": [{"text": s} | {"image": path}, ...]} (or parallel
                "texts"/"images" lists) -> the segments in order, images read as
                above; empty/whitespace-only texts are skipped.
-A line that is not a JSON object, lacks a field, or names an image file that
-is missing comes back as `bad_record(...)` with origin `path:line` (1-based).
+  any stream   {"conversations": [...], "image"/"images": path(s)} -> role-tagged
+               segments (`mmjax.data.readers.conversation`), images read as above.
+A line or element that is not a JSON object, lacks a field, or names an image
+file that is missing comes back as `bad_record(...)` with origin `path:line`
+(1-based) for JSONL, `path:index` (0-based element) for JSON. A JSON array
+that breaks off or turns malformed keeps every element before the damage; the
+rest is one extra index that reads as a bad record.
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from mmjax.data.readers.conversation import conversation_segments, is_conversation
 from mmjax.data.readers.webdataset import OpenFiles, interleaved_segments, usable_text
-from mmjax.data.records import STREAMS, DataError, bad_record
+from mmjax.data.records import STREAMS, DataError, bad_record, warn_bad_input
 
-__all__ = ["JsonlSource", "open_jsonl"]
+__all__ = ["JsonSource", "JsonlSource", "open_json", "open_jsonl"]
 
 _CHUNK = 1 << 22  # bytes read at a time while indexing
 _SPACE = np.zeros(256, bool)
@@ -76,7 +85,48 @@ def _index_lines(path: str) -> tuple[np.ndarray, np.ndarray, int]:
     return np.concatenate(starts).astype(np.int64), np.concatenate(numbers).astype(np.int64), offset
 
 
-class JsonlSource:
+class _JsonObjects:
+    """One JSON object's bytes -> raw record of `self.stream` (shared by the
+    JSONL and JSON sources)."""
+
+    paths: list[str]
+    stream: str
+
+    def _record(self, data: bytes, origin: str, directory: str) -> dict:
+        try:
+            try:
+                doc = json.loads(data)
+            except ValueError as err:
+                raise ValueError(f"bad JSON ({err})") from None
+            if not isinstance(doc, dict):
+                raise TypeError("not a JSON object")
+            segments = self._segments(doc, directory)
+        except (ValueError, TypeError, OSError, RecursionError) as err:
+            return bad_record(self.stream, origin, str(err) or type(err).__name__)
+        return {"stream": self.stream, "segments": segments, "origin": origin}
+
+    def _segments(self, doc: dict, directory: str) -> list[dict]:
+        if is_conversation(doc):
+            return conversation_segments(doc, lambda refs: [_read_image(directory, ref) for ref in refs])
+        if self.stream == "text":
+            if not usable_text(doc.get("text")):
+                raise ValueError("no 'text' string")
+            return [{"text": doc["text"]}]
+        if self.stream == "interleaved":
+            return interleaved_segments(doc, lambda ref: _read_image(directory, ref))
+        text = next((doc[f] for f in ("caption", "text") if usable_text(doc.get(f))), None)
+        if text is None:
+            raise ValueError("no 'caption' or 'text' string")
+        image = doc.get("image")
+        if not isinstance(image, str) or not image:
+            raise ValueError("no 'image' path")
+        data = _read_image(directory, image)
+        if not data:
+            raise ValueError(f"image file {image!r} is empty")
+        return [{"image_bytes": data}, {"text": text.strip()}]
+
+
+class JsonlSource(_JsonObjects):
     """Random-access source over JSONL files (see the module doc).
 
     Index, all numpy: each record's line start offset and line number, and
@@ -126,37 +176,123 @@ class JsonlSource:
         stop = int(self._file_size[file]) if index + 1 == next_file_first else int(self._starts[index + 1])
         try:
             line = self._files.read(file, start, stop - start)
-            try:
-                doc = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"bad JSON ({err})") from None
-            if not isinstance(doc, dict):
-                raise TypeError("the line is not a JSON object")
-            segments = self._segments(doc, os.path.dirname(path))
-        except (ValueError, TypeError, OSError, RecursionError) as err:
+        except OSError as err:
             return bad_record(self.stream, origin, str(err) or type(err).__name__)
-        return {"stream": self.stream, "segments": segments, "origin": origin}
-
-    def _segments(self, doc: dict, directory: str) -> list[dict]:
-        if self.stream == "text":
-            if not usable_text(doc.get("text")):
-                raise ValueError("no 'text' string")
-            return [{"text": doc["text"]}]
-        if self.stream == "interleaved":
-            return interleaved_segments(doc, lambda ref: _read_image(directory, ref))
-        text = next((doc[f] for f in ("caption", "text") if usable_text(doc.get(f))), None)
-        if text is None:
-            raise ValueError("no 'caption' or 'text' string")
-        image = doc.get("image")
-        if not isinstance(image, str) or not image:
-            raise ValueError("no 'image' path")
-        data = _read_image(directory, image)
-        if not data:
-            raise ValueError(f"image file {image!r} is empty")
-        return [{"image_bytes": data}, {"text": text.strip()}]
+        return self._record(line, origin, os.path.dirname(path))
 
 
-def _read_image(directory: str, ref: str) -> bytes:
+def _index_array(path: str) -> tuple[np.ndarray, np.ndarray, tuple[int, str] | None]:
+    """(start, stop) byte offsets of each element of the top-level JSON array
+    in `path`, and (byte, reason) where the array breaks off or turns
+    malformed (None for a whole array). Raises `DataError` for a file that is
+    not a JSON array at all."""
+    if os.path.isdir(path):
+        raise DataError(f"json: {path} is a directory, not a JSON file.")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise DataError(f"json: cannot read {path} ({err.strerror or err}).") from None
+    # Latin-1 maps each byte to one character, so string positions are byte
+    # offsets; JSON's structure is ASCII, so element boundaries come out right.
+    text = data.decode("latin-1")
+    decoder = json.JSONDecoder()
+    pos = _skip_space(text, 3 if data.startswith(b"\xef\xbb\xbf") else 0)
+    if not text.startswith("[", pos):
+        raise DataError(f"json: {path} does not hold a JSON array (it starts with {text[pos:pos + 20]!r}); "
+                        "a file of one object per line is read with jsonl:.")
+    starts: list[int] = []
+    stops: list[int] = []
+    pos = _skip_space(text, pos + 1)
+    if text.startswith("]", pos):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), None
+    while True:
+        try:
+            _, end = decoder.raw_decode(text, pos)
+        except ValueError as err:
+            return np.asarray(starts, np.int64), np.asarray(stops, np.int64), (pos, f"bad JSON ({err})")
+        starts.append(pos)
+        stops.append(end)
+        pos = _skip_space(text, end)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif text.startswith("]", pos):
+            return np.asarray(starts, np.int64), np.asarray(stops, np.int64), None
+        else:
+            reason = "the array ends without ']'" if pos >= len(text) else f"expected ',' or ']' at byte {pos}"
+            return np.asarray(starts, np.int64), np.asarray(stops, np.int64), (pos, reason)
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+class JsonSource(_JsonObjects):
+    """Random-access source over files each holding one JSON array of objects
+    (see the module doc).
+
+    Index, all numpy: each element's byte span and each file's first element;
+    a damaged array adds one tail entry that reads as a bad record.
+    """
+
+    def __init__(self, paths: Sequence[str], stream: str):
+        if stream not in STREAMS:
+            raise DataError(f"unknown stream {stream!r}; expected one of {STREAMS}.")
+        self.paths = list(paths)
+        self.stream = stream
+        starts, stops, first = [], [], []
+        self._tails: dict[int, tuple[str, str]] = {}
+        count = 0
+        for path in self.paths:
+            first.append(count)
+            a, b, damage = _index_array(path)
+            if damage is not None:
+                at, reason = damage
+                reason = f"{reason}; the {len(a)} elements before byte {at} are kept, the rest is lost"
+                warn_bad_input(path, reason + " (counted as one bad record)")
+                self._tails[count + len(a)] = (f"{path}:<tail after byte {at}>", reason)
+                a, b = np.append(a, -1), np.append(b, -1)
+            starts.append(a)
+            stops.append(b)
+            count += len(a)
+        if not count:
+            raise DataError(f"json: no records in {self.paths}.")
+        self._starts = np.concatenate(starts)
+        self._stops = np.concatenate(stops)
+        self._file_first = np.asarray(first, np.int64)
+        self._files = OpenFiles(self.paths)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __repr__(self) -> str:
+        return f"JsonSource({len(self.paths)} files, {len(self)} records, stream={self.stream!r})"
+
+    def __getitem__(self, index) -> dict:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records")
+        if index in self._tails:
+            origin, reason = self._tails[index]
+            return bad_record(self.stream, origin, reason)
+        file = int(np.searchsorted(self._file_first, index, side="right")) - 1
+        path = self.paths[file]
+        origin = f"{path}:{index - int(self._file_first[file])}"
+        start = int(self._starts[index])
+        try:
+            data = self._files.read(file, start, int(self._stops[index]) - start)
+        except OSError as err:
+            return bad_record(self.stream, origin, str(err) or type(err).__name__)
+        return self._record(data, origin, os.path.dirname(path))
+
+
+def _read_image(directory: str, ref) -> bytes:
+    if not isinstance(ref, str) or not ref:
+        raise ValueError(f"image reference {ref!r} is not a non-empty path")
     path = os.path.join(directory, ref)
     try:
         with open(path, "rb") as f:
@@ -170,3 +306,10 @@ def open_jsonl(paths: list[str], stream: str) -> grain.MapDataset:
     files `paths` (in order). Raises `DataError` if a file cannot be read or
     there are no records."""
     return grain.MapDataset.source(JsonlSource(paths, stream))
+
+
+def open_json(paths: list[str], stream: str) -> grain.MapDataset:
+    """A MapDataset of raw `stream` records, one per element of the top-level
+    JSON array of each file in `paths` (in order). Raises `DataError` if a
+    file cannot be read or holds no array, or there are no records."""
+    return grain.MapDataset.source(JsonSource(paths, stream))

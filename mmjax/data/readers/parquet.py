@@ -10,6 +10,11 @@ Expected columns per stream:
                  with `bytes`), OBELICS style: at every position exactly one
                  of the two is non-null.
 
+  any stream:    `conversations` (list<struct<from: string, value: string>>)
+                 marks a file of LLaVA-style conversations, with optional
+                 `image` (as above) or `images` (list of those); each row
+                 becomes role-tagged segments (`mmjax.data.readers.conversation`).
+
 Images stay encoded (`image_bytes`). A row with nulls where a value is
 required becomes a `bad_record` with origin "<file>:<row>".
 
@@ -27,6 +32,7 @@ import os
 
 import grain
 
+from mmjax.data.readers.conversation import conversation_segments
 from mmjax.data.records import STREAMS, DataError, bad_record, warn_bad_input
 
 _CAPTION_TEXT_COLUMNS = ("caption", "text")
@@ -47,6 +53,13 @@ def _is_list_of(pa, dtype, check) -> bool:
     return (pa.types.is_list(dtype) or pa.types.is_large_list(dtype)) and check(pa, dtype.value_type)
 
 
+def _is_turn_list(pa, dtype) -> bool:
+    def is_turn(pa, item) -> bool:
+        return pa.types.is_struct(item) and all(
+            item.get_field_index(f) >= 0 and _is_text_type(pa, item.field(f).type) for f in ("from", "value"))
+    return _is_list_of(pa, dtype, is_turn)
+
+
 def _columns_for(path: str, stream: str, schema) -> dict[str, str]:
     """The columns `stream` reads from a file with `schema` ({role: column
     name}); raises `DataError` naming the file and its columns when they are
@@ -63,6 +76,17 @@ def _columns_for(path: str, stream: str, schema) -> dict[str, str]:
             raise DataError(f"{path}: column {column!r} is {types[column]}, expected {what}")
         return column
 
+    if "conversations" in types:
+        columns = {"conversations": need("conversations", _is_turn_list, "list<struct<from: string, value: "
+                                                                         "string>>")}
+        if "image" in types and "images" in types:
+            raise DataError(f"{path} has both an 'image' and an 'images' column; a conversation file has one")
+        if "image" in types:
+            columns["image"] = need("image", _is_image_type, "binary or struct<bytes: binary>")
+        if "images" in types:
+            columns["images"] = need("images", functools.partial(_is_list_of, check=_is_image_type),
+                                     "list<binary> or list<struct<bytes: binary>>")
+        return columns
     if stream == "text":
         return {"text": need("text", _is_text_type, "string")}
     if stream == "caption":
@@ -96,6 +120,19 @@ def _row_to_record(index: int, row: dict, *, path: str, stream: str, columns: di
     -> raw record; never raises."""
     origin = f"{path}:{index}"
     try:
+        if "conversations" in columns:
+            turns = row[columns["conversations"]]
+            if turns is None:
+                return bad_record(stream, origin, "null 'conversations'")
+            doc = {"conversations": list(turns)}
+            for key in ("image", "images"):
+                if key in columns and row[columns[key]] is not None:
+                    doc[key] = list(row[columns[key]]) if key == "images" else row[columns[key]]
+            try:
+                segments = conversation_segments(doc, lambda refs: [_image_bytes(ref) for ref in refs])
+            except (ValueError, TypeError) as err:
+                return bad_record(stream, origin, str(err))
+            return {"stream": stream, "segments": segments, "origin": origin}
         if stream == "text":
             text = _text(row[columns["text"]])
             if text is None:

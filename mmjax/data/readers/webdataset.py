@@ -21,6 +21,12 @@ Sample -> raw record, per stream:
                extension (`"0.jpg"` -> member `<key>.0.jpg`; a leading `<key>.`
                is accepted too). Empty/whitespace-only texts are skipped.
   text         `.txt` (verbatim) or else `.json` "text" -> [text].
+  any stream   `.json` with a `conversations` list (read when the sample has no
+               `.txt`, or always on the interleaved stream) -> role-tagged
+               segments (`mmjax.data.readers.conversation`). Image references
+               name members as above; when none does (LLaVA paths such as
+               "coco/train2017/000000033471.jpg"), the sample's image members
+               are taken in tar order, one per reference.
 
 Malformed samples (bad JSON, no caption text, a reference to an absent member,
 nothing usable) come back as `bad_record(...)`. A shard that is cut short (or
@@ -41,6 +47,7 @@ from collections.abc import Callable, Sequence
 import grain
 import numpy as np
 
+from mmjax.data.readers.conversation import conversation_segments, is_conversation
 from mmjax.data.records import STREAMS, DataError, bad_record, warn_bad_input
 
 __all__ = ["IMAGE_EXTS", "OpenFiles", "WebDatasetSource", "interleaved_segments", "open_webdataset", "usable_text"]
@@ -420,17 +427,18 @@ class WebDatasetSource:
         return doc
 
     def _segments(self, shard: int, key: str, members: dict[str, int]) -> list[dict]:
-        if self.stream == "interleaved":
+        doc = None
+        if "json" in members and (self.stream == "interleaved" or "txt" not in members):
             doc = self._json(shard, members)
+            if is_conversation(doc):
+                return conversation_segments(doc, lambda refs: self._conversation_images(shard, key, members, refs))
+        if self.stream == "interleaved":
             if doc is None:
                 raise ValueError("no .json member for an interleaved sample")
-            base = key[key.rfind("/") + 1:].lower() + "."
 
             def load_image(ref: str) -> bytes:
-                ext = ref.lower()
-                if ext.startswith(base) and ext not in members:
-                    ext = ext[len(base):]
-                if ext not in members:
+                ext = _member_ext(ref, key, members)
+                if ext is None:
                     raise ValueError(f"image {ref!r} is not a member of the sample")
                 return self._read(shard, members[ext])
 
@@ -440,7 +448,8 @@ class WebDatasetSource:
         if "txt" in members:
             text = self._read(shard, members["txt"]).decode("utf-8-sig")
         if not usable_text(text):
-            doc = self._json(shard, members)
+            if doc is None:
+                doc = self._json(shard, members)
             if doc is not None:
                 fields = ("caption", "text") if self.stream == "caption" else ("text",)
                 text = next((doc[f] for f in fields if usable_text(doc.get(f))), None)
@@ -457,6 +466,30 @@ class WebDatasetSource:
         if not data:
             raise ValueError(f"image member .{self.exts[self._m_ext[image]]} is empty")
         return [{"image_bytes": data}, {"text": text.strip()}]
+
+    def _conversation_images(self, shard: int, key: str, members: dict[str, int], refs: list) -> list[bytes]:
+        """The bytes of a conversation's image references: the members they
+        name, or else the sample's image members in tar order."""
+        if any(not isinstance(ref, str) or not ref for ref in refs):
+            raise ValueError("an image reference is not a non-empty string")
+        named = [_member_ext(ref, key, members) for ref in refs]
+        if all(ext is not None for ext in named):
+            return [self._read(shard, members[ext]) for ext in named]
+        in_order = [members[e] for e in sorted(members, key=members.get) if e.rsplit(".", 1)[-1] in IMAGE_EXTS]
+        if len(in_order) != len(refs):
+            raise ValueError(f"image {refs[named.index(None)]!r} is not a member of the sample, and the sample "
+                             f"has {len(in_order)} image members for {len(refs)} references")
+        return [self._read(shard, m) for m in in_order]
+
+
+def _member_ext(ref: str, key: str, members: dict[str, int]) -> str | None:
+    """The member extension an image reference names (`"0.jpg"`, or with the
+    sample's key in front), or None."""
+    ext = ref.lower()
+    base = key[key.rfind("/") + 1:].lower() + "."
+    if ext.startswith(base) and ext not in members:
+        ext = ext[len(base):]
+    return ext if ext in members else None
 
 
 def _index_shard(path: str) -> tuple[list[tuple[str, int, int]], str | None, int]:
