@@ -39,9 +39,21 @@ def check_static(config) -> None:
     _check_train(config)
     _check_evaluators(config)
     for path in config.get("init_from", ()) or ():
-        if not os.path.isfile(os.path.join(os.path.expanduser(str(path)), "mmjax.json")):
-            raise ConfigError(f"config.init_from entry {str(path)!r} is not a folder written by "
-                              "python -m mmjax.tools.convert_hf (no mmjax.json there).")
+        _check_init_from(str(path))
+
+
+def _check_init_from(path: str) -> None:
+    """An init_from entry is a converted folder or a training workdir with a finished checkpoint."""
+    from mmjax.train.init_from import committed_steps, is_training_workdir
+
+    if is_training_workdir(path):
+        if not committed_steps(path):
+            raise ConfigError(f"config.init_from entry {path!r} is a training workdir without a finished "
+                              "checkpoint; train it first or name another one.")
+        return
+    if not os.path.isfile(os.path.join(os.path.expanduser(path), "mmjax.json")):
+        raise ConfigError(f"config.init_from entry {path!r} is neither a training workdir (no checkpoints/) nor "
+                          "a folder written by python -m mmjax.tools.convert_hf (no mmjax.json).")
 
 
 def _any_device_count(mesh_cfg) -> int:

@@ -1,9 +1,19 @@
-"""Start training from converted weights (`config.init_from`).
+"""Start training from converted weights or another run (`config.init_from`).
 
-Each entry of `config.init_from` is a folder written by
-`python -m mmjax.tools.convert_hf` (`params/` + `mmjax.json`); its weights
-replace the matching component (`vit` or `decoder`) of a freshly initialised
-model, placed directly onto the run's shardings. Optimizer state starts fresh.
+Each entry of `config.init_from` is either
+- a folder written by `python -m mmjax.tools.convert_hf` (`params/` +
+  `mmjax.json`): its weights replace the matching component (`vit` or
+  `decoder`) of a freshly initialised model, or
+- a training workdir (`checkpoints/<step>/` written by `mmjax.train`, e.g.
+  the previous stage of a staged recipe): the model variables of its newest
+  checkpoint that restores (a damaged newer one is skipped with a warning)
+  replace those of every component the two models share, matched by path
+  (a CLIP run's `vit` into an MM1 model; the whole model for the next stage
+  of the same one). Variables the source lacks (a new module) keep their
+  fresh initialisation and are listed in the log; a shape that differs is
+  refused naming the variable.
+Weights are placed directly onto the run's shardings. Optimizer state,
+step and data position start fresh.
 A dense decoder checkpoint given to an MoE decoder is upcycled: every expert
 starts as a copy of the dense MLP (`mmjax.models.upcycle`). Converted weights
 hold listed layers; a scanned stack receives them stacked (and the reverse).
@@ -20,6 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mmjax.errors import ConfigError
+from mmjax.train.checkpoint import COMMIT_MARKER
 from mmjax.models.upcycle import upcycle_decoder
 
 
@@ -82,9 +93,109 @@ def match_layer_stacking(source, target):
             else v for k, v in source.items()}
 
 
-def apply_init_from(state: dict, paths) -> dict:
-    """Overwrites `state["params"][component]` from each folder in `paths`."""
+def is_training_workdir(path) -> bool:
+    """Whether `path` is a training workdir (has `checkpoints/`)."""
+    return os.path.isdir(os.path.join(os.path.expanduser(str(path)), "checkpoints"))
+
+
+def committed_steps(workdir) -> list[int]:
+    """Steps of `workdir`'s checkpoints that finished writing, newest first."""
+    folder = os.path.join(os.path.expanduser(str(workdir)), "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((int(n) for n in names if n.isdigit() and os.path.exists(os.path.join(folder, n, COMMIT_MARKER))),
+                  reverse=True)
+
+
+def _leaves(tree, prefix=()) -> dict[tuple, object]:
+    """Nested dict -> {path of str keys: leaf}."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, prefix + (str(key),)))
+    return out
+
+
+def _nest(flat: dict[tuple, object]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def _restore_step(step_dir: str, state: dict, log) -> list[str]:
+    """Copies the shared model variables of one checkpoint into
+    `state["params"]` (module doc); returns the components taken. Raises
+    InitFromError on a shape mismatch or nothing shared, RestoreFailed-like
+    `OSError`/`ValueError` from Orbax when the checkpoint cannot be read."""
+    saved = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree["params"]
+    taken, target, missing = [], {}, []
+    for component in state["params"]:
+        if component not in saved:
+            continue
+        have = _leaves(saved[component])  # paths end in "value" (nnx.Variable)
+        for path, leaf in _leaves(state["params"][component].to_pure_dict()).items():
+            meta = have.get(path + ("value",))
+            name = ".".join((component,) + path)
+            if meta is None:
+                missing.append(name)
+                continue
+            if tuple(meta.shape) != tuple(leaf.shape):
+                raise InitFromError(f"config.init_from: {name} has shape {tuple(meta.shape)} in {step_dir} and "
+                                    f"{tuple(leaf.shape)} in this model.")
+            target[(component,) + path + ("value",)] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                                            sharding=leaf.sharding)
+        taken.append(component)
+    if not taken:
+        raise InitFromError(f"config.init_from: {step_dir} holds the components {sorted(saved)}, none of which "
+                            f"this model has ({sorted(state['params'])}).")
+    item = {"params": _nest(target)}
+    restored = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+    for component in taken:
+        values = {path[1:-1]: value for path, value in _leaves(restored["params"]).items() if path[0] == component}
+        nnx.replace_by_pure_dict(state["params"][component], _nest(values) if values else {})
+    if missing:
+        log(f"init_from: {len(missing)} variable(s) not in {step_dir} keep their initialisation: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    return taken
+
+
+def apply_workdir(state: dict, workdir: str, log=print) -> dict:
+    """Overwrites the shared components of `state["params"]` from the newest
+    checkpoint of the training `workdir` that restores (module doc)."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    steps = committed_steps(workdir)
+    if not steps:
+        raise InitFromError(f"config.init_from entry {workdir} is a training workdir without a finished "
+                            "checkpoint; train it first or name another one.")
+    errors = []
+    for step in steps:
+        step_dir = os.path.join(workdir, "checkpoints", str(step))
+        try:
+            taken = _restore_step(step_dir, state, log)
+        except InitFromError:
+            raise
+        except Exception as err:  # a damaged checkpoint: an older one may still serve
+            errors.append(f"step {step}: {type(err).__name__}: {' '.join(str(err).split())[:200]}")
+            log(f"warning: init_from cannot read {step_dir} ({errors[-1]}); trying the previous checkpoint.")
+            continue
+        log(f"init_from: {', '.join(taken)} from {step_dir}")
+        return state
+    raise InitFromError(f"config.init_from entry {workdir}: none of its {len(steps)} checkpoint(s) can be read "
+                        f"(newest: {errors[0]}).")
+
+
+def apply_init_from(state: dict, paths, log=print) -> dict:
+    """Overwrites `state["params"]` components from each entry of `paths`
+    (converted folders or training workdirs, module doc)."""
     for path in paths:
+        if is_training_workdir(path):
+            state = apply_workdir(state, str(path), log)
+            continue
         path = os.path.abspath(path)
         meta_path = os.path.join(path, "mmjax.json")
         if not os.path.exists(meta_path):

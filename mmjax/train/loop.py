@@ -120,7 +120,7 @@ def train(config, workdir) -> dict:
     else:
         run.state = init_train_state(config, setup)
         if config.init_from:
-            run.state = apply_init_from(run.state, config.init_from)
+            run.state = apply_init_from(run.state, config.init_from, log)
             log(f"initialised from {', '.join(config.init_from)}")
     evaluators = make_evaluators(config, setup, tokenizer, log)
     if not start and evaluators:  # the baseline: the initial parameters, logged as step 0
