@@ -24,4 +24,5 @@ def get_config(arg=None):
     moe.capacity_factor = 2.0
     moe.group_size = 64  # 4 dispatch groups per device: cheaper one-hot einsums than one of 256
     moe.dispatch = "dropless" if "dropless" in args else "capacity"
+    moe.dropless_buffer_factor = 1.25  # as the MM1 MoE configs: expert shards hold 1.25x their fair share
     return c

@@ -137,6 +137,7 @@ def tpu_columns(report) -> dict:
     return dict(tpu_topology=report.topology, tpu_fits=report.fits, tpu_peak_bytes=report.peak_bytes,
                 tpu_collective_bytes=report.collective_bytes, tpu_collective_ratio=report.collective_ratio,
                 tpu_flops_ratio=report.flops_ratio,
+                tpu_megablox_flops_ratio=report.kernel_flops_ratio("megablox"),
                 tpu_estimate_s=report.estimate.step_s)
 
 
