@@ -70,6 +70,10 @@ def base_config() -> mlc.ConfigDict:
     c.data.image_split = (0, 0)  # MM1.5 dynamic splitting (min_tiles, max_tiles); (0, 0) = off
     c.data.tile_separators = False  # "(row,col)" text before each tile when splitting
     c.data.system_prompt = ""  # system turn for conversations that have none ("" = none; mmjax/data/chat.py)
+    # Videos (mmjax/data/video.py): at most this many uniformly sampled frames per video (fewer when the
+    # example's image slots or seq_len run short); frame folders without an "fps" of their own use video_fps.
+    c.data.video_frames = 8
+    c.data.video_fps = 1.0
     c.data.seed = 0
     c.data.shards = 0  # virtual data shards (0: one per process); fixed -> same batches for any process count
     c.data.workers = 0  # >0: Grain multiprocess workers (mp_prefetch)

@@ -2,7 +2,8 @@
 
 A conversation is a raw record (`mmjax.data.records`) whose segments all carry
 a `role` ("system" | "user" | "assistant"); a turn is a maximal run of
-segments of one role, its images included where the source had `<image>`.
+segments of one role, its images included where the source had `<image>`
+(and its videos where it had `<video>`, `mmjax.data.video`).
 The template (applied here only, by `render`, which the example builder calls):
 
   <bos>System: {system}\\n                   record's system turn, else
@@ -41,7 +42,7 @@ END_OF_TURN = "\n"  # ends a system or user turn; an assistant turn ends with <e
 
 class Piece(NamedTuple):
     """One unit of the rendered conversation: `kind` "text" (`value` a str),
-    "image" (`value` the image segment) or "eos" (`value` None); `trained`
+    "image" (`value` the image or video segment) or "eos" (`value` None); `trained`
     marks pieces whose tokens carry the loss."""
 
     kind: str

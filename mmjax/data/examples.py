@@ -22,6 +22,11 @@ An example (numpy; `L` <= `seq_len + 1` token ids, `n` <= `max_images` images,
 With `image_split=(min_tiles, max_tiles)` (MM1.5 dynamic splitting) each image
 becomes its grid of tiles followed by an overview image, optionally each tile
 preceded by a `(row,col)` text separator; every tile counts as one image.
+
+A video segment (`{"video": ...}`, see `mmjax.data.video`) becomes up to
+`video_frames` uniformly sampled frames, each one image preceded by its time
+marker (weight 0); a video that cannot be read or decoded skips its record
+(`skipped_records`, warned with the video's name).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import numpy as np
 
 from mmjax.data import chat
 from mmjax.data import images as image_ops
+from mmjax.data import video
 from mmjax.data.records import STREAMS, warn_bad_input
 from mmjax.data.tokenizer import Tokenizer
 
@@ -42,7 +48,7 @@ class ExampleBuilder:
                  tokens_per_image: int, image_size: int, *, with_attributes: bool = False,
                  loss_weights: tuple[float, ...] = (1.0, 1.0, 1.0),
                  image_split: tuple[int, int] = (0, 0), tile_separators: bool = False,
-                 system_prompt: str = ""):
+                 system_prompt: str = "", video_frames: int = 8, video_fps: float = 1.0):
         self.tok = tokenizer
         self.seq_len, self.max_images = seq_len, max_images
         self.tokens_per_image, self.image_size = tokens_per_image, image_size
@@ -50,6 +56,7 @@ class ExampleBuilder:
         self.loss_weights = dict(zip(STREAMS, (float(w) for w in loss_weights)))
         self.image_split, self.tile_separators = tuple(image_split), tile_separators
         self.system_prompt = system_prompt
+        self.frames = video.FrameSampler(tokenizer.encode, video_frames, video_fps, tokens_per_image, image_size)
 
     def _pixels(self, seg: dict) -> tuple[np.ndarray, list[list[int]]]:
         """One image segment -> (uint8 `[n_tiles, T, T, 3]`, separator token ids
@@ -89,6 +96,22 @@ class ExampleBuilder:
             parts.add([self.tok.image_id] * K, 0.0, slots=range(base, base + K))
         parts.pixels.append(tiles)
 
+    def _add_video(self, parts: _Parts, seg: dict, room: int, later: list[tuple[str, object]]) -> None:
+        """Appends a video's frames, each after its time marker, leaving room
+        for the `later` pieces (see `mmjax.data.video`); a video without room
+        for one frame counts as dropped. Raises `ValueError` if the video
+        cannot be read or decoded."""
+        K, base = self.tokens_per_image, parts.num_images * self.tokens_per_image
+        markers, frames = self.frames.sample(seg, self.max_images - parts.num_images, room,
+                                             self.frames.later_need(later))
+        if not len(frames):
+            parts.dropped += 1
+            return
+        for k, marker in enumerate(markers):
+            parts.add(marker, 0.0)
+            parts.add([self.tok.image_id] * K, 0.0, slots=range(base + k * K, base + (k + 1) * K))
+        parts.pixels.append(frames)
+
     def __call__(self, record: dict) -> dict:
         stream = record["stream"]
         if record.get("error") or not record["segments"]:
@@ -99,9 +122,14 @@ class ExampleBuilder:
         text_weight = self.loss_weights[stream]
         parts = _Parts(self.tok.bos_id)
         image_number = 0
-        for seg in record["segments"]:
+        for n, seg in enumerate(record["segments"]):
             room = limit - len(parts.ids) - 1  # keep one place for <eos>
-            if "text" not in seg:
+            if "video" in seg:
+                later = [("text", " " + s["text"]) if "text" in s else ("image", s)
+                         for s in record["segments"][n + 1:]]
+                if not self._video_added(parts, seg, room, later, record.get("origin") or f"a {stream} record"):
+                    return self._empty(stream, skipped_records=1, skipped_images=parts.skipped)
+            elif "text" not in seg:
                 image_number += 1
                 try:
                     self._add_image(parts, seg, room)
@@ -146,11 +174,14 @@ class ExampleBuilder:
         weight = self.loss_weights[stream]
         parts = _Parts(self.tok.bos_id)
         image_number, trained = 0, False
-        for kind, value, is_trained in pieces:
+        for n, (kind, value, is_trained) in enumerate(pieces):
             room = limit - len(parts.ids) - 1  # keep one place for a closing <eos>
             if kind == "eos":  # may take that place: the example then ends with this turn
                 parts.add([self.tok.eos_id], weight if is_trained else 0.0)
                 trained |= is_trained
+            elif kind == "image" and "video" in value:  # the last piece, an <eos>, takes the kept place
+                if not self._video_added(parts, value, room, [p[:2] for p in pieces[n + 1:-1]], where):
+                    return self._empty(stream, skipped_records=1)
             elif kind == "image":
                 image_number += 1
                 try:
@@ -171,6 +202,15 @@ class ExampleBuilder:
             return self._empty(stream, skipped_records=1)
         return self._pack_lists(stream, parts.ids, parts.slots, parts.weights, parts.attrs, parts.pixels,
                                 parts.dropped, 0, 0)
+
+    def _video_added(self, parts: _Parts, seg: dict, room: int, later: list, where: str) -> bool:
+        """`_add_video`; False (warned, naming the video) if it cannot be read."""
+        try:
+            self._add_video(parts, seg, room, later)
+        except ValueError as err:
+            warn_bad_input(f"{where}, video {video.describe(seg)}", str(err))
+            return False
+        return True
 
     def _pack_lists(self, stream, ids, slots, weights, attrs, pixels, dropped, skipped, skipped_records) -> dict:
         T = self.image_size

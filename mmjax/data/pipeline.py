@@ -40,7 +40,8 @@ def make_builder(data_cfg, tokenizer: Tokenizer, with_attributes: bool = False) 
                           data_cfg.image_size, with_attributes=with_attributes,
                           loss_weights=tuple(data_cfg.loss_weights), image_split=tuple(data_cfg.image_split),
                           tile_separators=data_cfg.tile_separators,
-                          system_prompt=data_cfg.get("system_prompt", ""))
+                          system_prompt=data_cfg.get("system_prompt", ""),
+                          video_frames=data_cfg.get("video_frames", 8), video_fps=data_cfg.get("video_fps", 1.0))
 
 
 def mixed_examples(data_cfg, tokenizer: Tokenizer, *, split: str = "train", process_index: int = 0,

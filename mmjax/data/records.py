@@ -5,7 +5,8 @@ A raw record is a dict:
   {"stream": "caption" | "interleaved" | "text",
    "segments": [{"text": str, "spans": [(start, end), ...]}      # spans optional
                 | {"image": uint8 [h, w, 3]}                        # decoded pixels
-                | {"image_bytes": bytes}, ...],                     # encoded JPEG/PNG/...
+                | {"image_bytes": bytes}                            # encoded JPEG/PNG/...
+                | {"video": path | bytes | [frame, ...], "fps": f}, ...],  # mmjax.data.video
    "origin": "shard path:record"}                                   # where it came from
 
 A conversation is a raw record whose segments all carry `"role"`: "system" |
@@ -54,7 +55,8 @@ def bad_record(stream: str, origin: str, reason: str) -> dict:
 def encode_record(record: dict) -> bytes:
     """Raw record -> bytes (msgpack). Decoded images are stored as raw uint8
     with their shape; encoded images (`image_bytes`) are stored as they are;
-    a segment's `role` is kept."""
+    a video segment is stored as it is (a path stays a path); a segment's
+    `role` is kept."""
     segments = []
     for seg in record["segments"]:
         if "image" in seg:
@@ -62,6 +64,8 @@ def encode_record(record: dict) -> bytes:
             segments.append({"pixels": image.tobytes(), "shape": list(image.shape)})
         elif "image_bytes" in seg:
             segments.append({"image_bytes": bytes(seg["image_bytes"])})
+        elif "video" in seg:
+            segments.append({k: seg[k] for k in ("video", "fps") if k in seg})
         else:
             entry = {"text": seg["text"]}
             if seg.get("spans"):
@@ -84,6 +88,8 @@ def decode_record(data: bytes, origin: str = "") -> dict:
                 segments.append({"image": np.frombuffer(seg["pixels"], np.uint8).reshape(seg["shape"])})
             elif "image_bytes" in seg:
                 segments.append({"image_bytes": seg["image_bytes"]})
+            elif "video" in seg:
+                segments.append({k: seg[k] for k in ("video", "fps") if k in seg})
             else:
                 segments.append({"text": str(seg["text"]),
                                  **({"spans": [tuple(s) for s in seg["spans"]]} if "spans" in seg else {})})

@@ -13,6 +13,9 @@
 Any of the file formats may hold LLaVA-style conversations (objects with a
 `conversations` list; see `mmjax.data.readers.conversation`): they arrive on
 the stream whose source reads them (`mmjax.data.chat` has the convention).
+JSON/JSONL objects may also reference videos (a file or a folder of frames,
+`"video": path`), sampled into frames by the example builder
+(`mmjax.data.video`); multi-frame data belongs on the `interleaved` stream.
 
 Paths take shell globs and `{a..b}` numeric ranges (zero padding kept).
 Random-access formats are sliced per process (`[process_index::process_count]`,

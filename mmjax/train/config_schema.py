@@ -226,6 +226,8 @@ FIELDS: dict[str, Rule] = {
                                     "1 <= min_tiles <= max_tiles"),
     "data.tile_separators": boolean,
     "data.system_prompt": text,
+    "data.video_frames": integer(1),
+    "data.video_fps": number(0, low_open=True),
     "data.seed": integer(0),
     "data.shards": integer(0),
     "data.workers": integer(0),

@@ -15,9 +15,16 @@ Per stream:
                "texts"/"images" lists) -> the segments in order, images read as
                above; empty/whitespace-only texts are skipped.
   any stream   {"conversations": [...], "image"/"images": path(s)} -> role-tagged
-               segments (`mmjax.data.readers.conversation`), images read as above.
+               segments (`mmjax.data.readers.conversation`), images read as above;
+               with "video"/"videos": path(s) and `<video>` placeholders, each
+               video becomes a video segment (`mmjax.data.video.reference_segment`:
+               a file stays a path, a folder becomes its sorted frame paths, with
+               the object's optional "fps").
+  any stream   {"video": path, "caption" or "text": str, "fps": optional} -> [video, text]
+               (text stripped), the video as above; frames are sampled later, in
+               the example builder.
 A line or element that is not a JSON object, lacks a field, or names an image
-file that is missing comes back as `bad_record(...)` with origin `path:line`
+or video file that is missing (or an empty video file or frame folder) comes back as `bad_record(...)` with origin `path:line`
 (1-based) for JSONL, `path:index` (0-based element) for JSON. A JSON array
 that breaks off or turns malformed keeps every element before the damage; the
 rest is one extra index that reads as a bad record.
@@ -32,6 +39,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
+from mmjax.data import video
 from mmjax.data.readers.conversation import conversation_segments, is_conversation
 from mmjax.data.readers.webdataset import OpenFiles, interleaved_segments, usable_text
 from mmjax.data.records import STREAMS, DataError, bad_record, warn_bad_input
@@ -107,7 +115,14 @@ class _JsonObjects:
 
     def _segments(self, doc: dict, directory: str) -> list[dict]:
         if is_conversation(doc):
-            return conversation_segments(doc, lambda refs: [_read_image(directory, ref) for ref in refs])
+            return conversation_segments(doc, lambda refs: [_read_image(directory, ref) for ref in refs],
+                                         lambda refs: [video.reference_segment(ref, directory, doc.get("fps"))
+                                                       for ref in refs])
+        if doc.get("video") is not None:
+            text = next((doc[f] for f in ("caption", "text") if usable_text(doc.get(f))), None)
+            if text is None:
+                raise ValueError("no 'caption' or 'text' string")
+            return [video.reference_segment(doc["video"], directory, doc.get("fps")), {"text": text.strip()}]
         if self.stream == "text":
             if not usable_text(doc.get("text")):
                 raise ValueError("no 'text' string")
