@@ -61,6 +61,8 @@ NOT_RUN = {
         f"{LONGER} (a 256-chip compile)",
     "python -m mmjax.bench.moe_vs_dense --config experiments/moe_pairs.py:tiny --workdir /tmp/moe "
     "[--topology v5p:2x2x2]": f"{LONGER}; test_moe_vs_dense.py",
+    "python -m mmjax.bench.moe_vs_dense --config experiments/moe_pairs.py:3b --topology v5p:4x8x8 --aot_only":
+        f"{LONGER} (three 256-chip compiles, 19 min); test_moe_vs_dense.py compiles a small pair --aot_only",
     "python -m mmjax.bench.sweep --config experiments/tiny.py --workdir /tmp/sweep [--grid 2x2x2x1,8x1x1x1] "
     "[--topology v5p:2x2x2]": f"{LONGER}; test_sweep.py",
     "python -m mmjax.bench.sweep --config experiments/tiny.py --aot_only --topology v5p:2x2x2 "
