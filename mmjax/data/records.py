@@ -5,8 +5,12 @@ A raw record is a dict:
   {"stream": "caption" | "interleaved" | "text",
    "segments": [{"text": str, "spans": [(start, end), ...]}      # spans optional
                 | {"image": uint8 [h, w, 3]}                        # decoded pixels
-                | {"image_bytes": bytes}, ...],                     # encoded JPEG/PNG/...
+                | {"image_bytes": bytes}                            # encoded JPEG/PNG/...
+                | {"region": {"image": int, "box" | "rle" | "mask_bytes": ...}}, ...],
    "origin": "shard path:record"}                                   # where it came from
+
+A region segment (conversations only) refers to a region of one of the
+record's images (`mmjax.data.regions` has its format).
 
 A conversation is a raw record whose segments all carry `"role"`: "system" |
 "user" | "assistant" (`ROLES`); a turn is a run of segments of one role, its
@@ -53,8 +57,8 @@ def bad_record(stream: str, origin: str, reason: str) -> dict:
 
 def encode_record(record: dict) -> bytes:
     """Raw record -> bytes (msgpack). Decoded images are stored as raw uint8
-    with their shape; encoded images (`image_bytes`) are stored as they are;
-    a segment's `role` is kept."""
+    with their shape; encoded images (`image_bytes`) and regions are stored
+    as they are; a segment's `role` is kept."""
     segments = []
     for seg in record["segments"]:
         if "image" in seg:
@@ -62,6 +66,8 @@ def encode_record(record: dict) -> bytes:
             segments.append({"pixels": image.tobytes(), "shape": list(image.shape)})
         elif "image_bytes" in seg:
             segments.append({"image_bytes": bytes(seg["image_bytes"])})
+        elif "region" in seg:
+            segments.append({"region": dict(seg["region"])})
         else:
             entry = {"text": seg["text"]}
             if seg.get("spans"):
@@ -84,6 +90,8 @@ def decode_record(data: bytes, origin: str = "") -> dict:
                 segments.append({"image": np.frombuffer(seg["pixels"], np.uint8).reshape(seg["shape"])})
             elif "image_bytes" in seg:
                 segments.append({"image_bytes": seg["image_bytes"]})
+            elif "region" in seg:
+                segments.append({"region": dict(seg["region"])})
             else:
                 segments.append({"text": str(seg["text"]),
                                  **({"spans": [tuple(s) for s in seg["spans"]]} if "spans" in seg else {})})
