@@ -53,6 +53,10 @@ def base_config() -> mlc.ConfigDict:
                                load_balance_weight=0.01, router_z_weight=0.001, balance="aux_loss",
                                bias_update_rate=0.001)
     c.model.bidirectional_image_attention = False
+    # Ferret-style region inputs (mmjax/models/region_sampler.py): with enabled=True the model pools the
+    # patch features inside each region of data.max_regions (> 0 then) into a region token's embedding.
+    # hidden: the sampler's point-feature width; pos_freqs: Fourier frequencies of a point's position.
+    c.model.region_sampler = dict(enabled=False, hidden=64, pos_freqs=4)
 
     c.data = mlc.ConfigDict()
     c.data.seq_len = 128
@@ -69,6 +73,12 @@ def base_config() -> mlc.ConfigDict:
     c.data.pack_window = 32  # examples packed first-fit-decreasing per window; 1 = no packing
     c.data.image_split = (0, 0)  # MM1.5 dynamic splitting (min_tiles, max_tiles); (0, 0) = off
     c.data.tile_separators = False  # "(row,col)" text before each tile when splitting
+    # Regions in conversations (mmjax/data/regions.py) are written as [x1, y1, x2, y2] in 0..999; with
+    # max_regions > 0 (needs model.region_sampler.enabled) each is also followed by a region token, and the
+    # batches carry region_slots/images/masks, masks on a region_grid x region_grid grid (the model pools
+    # them to its patch grid: a multiple of image_size / patch_size).
+    c.data.max_regions = 0
+    c.data.region_grid = 8
     c.data.system_prompt = ""  # system turn for conversations that have none ("" = none; mmjax/data/chat.py)
     # Videos (mmjax/data/video.py): at most this many uniformly sampled frames per video (fewer when the
     # example's image slots or seq_len run short); frame folders without an "fps" of their own use video_fps.

@@ -13,6 +13,11 @@ The template (applied here only, by `render`, which the example builder calls):
        User: ...\\n
        Assistant: ...<eos>
 
+A region in a turn (`mmjax.data.regions`) is written as the coordinates of
+its box, `[x1, y1, x2, y2]` in 0..999, and (outside assistant turns, when
+the example builder has region slots) followed by one region token whose
+embedding the model's region sampler provides.
+
 Role markers (`MARKERS`) and the "\\n" that ends a system or user turn are
 plain text; an assistant turn ends with the `<eos>` id, and the last one is
 the example's final token. Each piece is tokenized on its own, so a marker
@@ -42,8 +47,9 @@ END_OF_TURN = "\n"  # ends a system or user turn; an assistant turn ends with <e
 
 class Piece(NamedTuple):
     """One unit of the rendered conversation: `kind` "text" (`value` a str),
-    "image" (`value` the image or video segment) or "eos" (`value` None); `trained`
-    marks pieces whose tokens carry the loss."""
+    "image" (`value` the image or video segment), "region" (`value` the
+    region segment: its coordinates become text, `mmjax.data.regions`) or
+    "eos" (`value` None); `trained` marks pieces whose tokens carry the loss."""
 
     kind: str
     value: object
@@ -57,8 +63,8 @@ def is_conversation(record: dict) -> bool:
 
 def turns(segments: list[dict]) -> list[tuple[str, list[dict]]]:
     """Role-tagged segments -> [(role, segments of the turn)], checked: every
-    segment has a known role, assistant turns hold non-blank text and no
-    image, and the last turn is the assistant's. Raises `ValueError` naming
+    segment has a known role, assistant turns hold non-blank text (or a
+    region) and no image, and the last turn is the assistant's. Raises `ValueError` naming
     what is wrong (0-based turn numbers)."""
     out: list[tuple[str, list[dict]]] = []
     for n, seg in enumerate(segments):
@@ -73,9 +79,9 @@ def turns(segments: list[dict]) -> list[tuple[str, list[dict]]]:
     for n, (role, parts) in enumerate(out):
         if role != "assistant":
             continue
-        if any("text" not in seg for seg in parts):
+        if any("text" not in seg and "region" not in seg for seg in parts):
             raise ValueError(f"turn {n}: an image in an assistant turn")
-        if not any(seg["text"].strip() for seg in parts):
+        if not any(seg.get("text", "").strip() or "region" in seg for seg in parts):
             raise ValueError(f"turn {n}: the assistant turn is empty (whitespace only)")
     if not out or out[-1][0] != "assistant":
         raise ValueError("the conversation does not end with an assistant turn")
@@ -97,6 +103,8 @@ def render(segments: list[dict], system_prompt: str = "") -> list[Piece]:
             if "text" in seg:
                 if seg["text"]:
                     pieces.append(Piece("text", seg["text"], trained))
+            elif "region" in seg:
+                pieces.append(Piece("region", seg, trained))
             else:
                 pieces.append(Piece("image", seg, False))
         pieces.append(Piece("eos", None, True) if trained else Piece("text", END_OF_TURN, False))

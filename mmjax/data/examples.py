@@ -13,11 +13,21 @@ An example (numpy; `L` <= `seq_len + 1` token ids, `n` <= `max_images` images,
   attributes   `[L]` float32 (with `with_attributes=True`) 1 where `ids[t]` belongs
                              to a colour or kind word of a caption
   stream       int32 index into `STREAMS`
+  region_slots    `[L]` int32 (with `max_regions > 0`) region index at each region token, -1 elsewhere
+  region_images   `[r]` int32 the image (tile) index each region lies on (its overview tile when split)
+  region_masks    `[r, G, G]` float32 the region's coverage of a `region_grid` x `region_grid` grid
   dropped_images  images beyond `max_images` or without room in the sequence
                   (their text is kept)
   skipped_images  images that could not be decoded (named in a warning)
   skipped_records 1 for a record that could not be read or has nothing left
                   to train on (a caption whose image is corrupt); then `L` = 0
+
+A region in a conversation (`mmjax.data.regions`) is written as its box's
+coordinates (trained in assistant turns); elsewhere, with `max_regions > 0`,
+a region token follows them (the `<image>` id as a placeholder, loss weight
+0) while the example has fewer than `max_regions` regions and the region's
+image was placed (otherwise the coordinates stand alone). A region whose
+geometry does not fit its image skips the record (counted, named).
 
 With `image_split=(min_tiles, max_tiles)` (MM1.5 dynamic splitting) each image
 becomes its grid of tiles followed by an overview image, optionally each tile
@@ -36,6 +46,7 @@ import numpy as np
 from mmjax.data import chat
 from mmjax.data import images as image_ops
 from mmjax.data import video
+from mmjax.data import regions as region_ops
 from mmjax.data.records import STREAMS, warn_bad_input
 from mmjax.data.tokenizer import Tokenizer
 
@@ -48,7 +59,8 @@ class ExampleBuilder:
                  tokens_per_image: int, image_size: int, *, with_attributes: bool = False,
                  loss_weights: tuple[float, ...] = (1.0, 1.0, 1.0),
                  image_split: tuple[int, int] = (0, 0), tile_separators: bool = False,
-                 system_prompt: str = "", video_frames: int = 8, video_fps: float = 1.0):
+                 system_prompt: str = "", video_frames: int = 8, video_fps: float = 1.0,
+                 max_regions: int = 0, region_grid: int = 0):
         self.tok = tokenizer
         self.seq_len, self.max_images = seq_len, max_images
         self.tokens_per_image, self.image_size = tokens_per_image, image_size
@@ -57,6 +69,7 @@ class ExampleBuilder:
         self.image_split, self.tile_separators = tuple(image_split), tile_separators
         self.system_prompt = system_prompt
         self.frames = video.FrameSampler(tokenizer.encode, video_frames, video_fps, tokens_per_image, image_size)
+        self.max_regions, self.region_grid = max_regions, region_grid
 
     def _pixels(self, seg: dict) -> tuple[np.ndarray, list[list[int]]]:
         """One image segment -> (uint8 `[n_tiles, T, T, 3]`, separator token ids
@@ -173,9 +186,21 @@ class ExampleBuilder:
         limit = self.seq_len + 1
         weight = self.loss_weights[stream]
         parts = _Parts(self.tok.bos_id)
-        image_number, trained = 0, False
+        image_number = region_number = 0
+        trained = False
+        images: list[tuple[dict, int | None]] = []  # per image: its segment, overview tile (None: dropped)
+        regions: list[tuple[int, int, np.ndarray]] = []  # per region token: position, tile, coverage
         for n, (kind, value, is_trained) in enumerate(pieces):
             room = limit - len(parts.ids) - 1  # keep one place for a closing <eos>
+            token = None
+            if kind == "region":  # its coordinates as text, then perhaps a region token
+                region_number += 1
+                try:
+                    value, token = self._region(value["region"], images, is_trained, len(regions))
+                except ValueError as err:  # a wrong box teaches wrong answers
+                    warn_bad_input(f"{where}, region {region_number}", str(err))
+                    return self._empty(stream, skipped_records=1)
+                kind = "text"
             if kind == "eos":  # may take that place: the example then ends with this turn
                 parts.add([self.tok.eos_id], weight if is_trained else 0.0)
                 trained |= is_trained
@@ -184,24 +209,29 @@ class ExampleBuilder:
                     return self._empty(stream, skipped_records=1)
             elif kind == "image":
                 image_number += 1
+                placed = parts.num_images
                 try:
                     self._add_image(parts, value, room)
                 except ValueError as err:  # answers about a missing image teach nothing true
                     warn_bad_input(f"{where}, image {image_number}", str(err))
                     return self._empty(stream, skipped_records=1, skipped_images=1)
+                images.append((value, parts.num_images - 1 if parts.num_images > placed else None))
             else:
                 ids = self.tok.encode(value)
                 parts.add(ids[:max(room, 0)], weight if is_trained else 0.0)
                 trained |= is_trained and room > 0
                 if len(ids) > room:
                     break
+                if token is not None and room > len(ids):
+                    regions.append((len(parts.ids), *token))
+                    parts.add([self.tok.image_id], 0.0)
         if parts.ids[-1] != self.tok.eos_id:  # cut inside a turn (text never encodes to <eos>)
             parts.add([self.tok.eos_id], 0.0)
         if not trained:
             warn_bad_input(where, f"no assistant token fits in seq_len={self.seq_len}")
             return self._empty(stream, skipped_records=1)
         return self._pack_lists(stream, parts.ids, parts.slots, parts.weights, parts.attrs, parts.pixels,
-                                parts.dropped, 0, 0)
+                                parts.dropped, 0, 0, regions)
 
     def _video_added(self, parts: _Parts, seg: dict, room: int, later: list, where: str) -> bool:
         """`_add_video`; False (warned, naming the video) if it cannot be read."""
@@ -212,7 +242,24 @@ class ExampleBuilder:
             return False
         return True
 
-    def _pack_lists(self, stream, ids, slots, weights, attrs, pixels, dropped, skipped, skipped_records) -> dict:
+    def _region(self, region: dict, images: list, trained: bool, count: int) -> tuple[str, tuple | None]:
+        """(coordinates text, (image tile, coverage `[G, G]`) for a region
+        token or None) of a region value; `images` holds (segment, overview
+        tile) of the conversation's images so far. Raises `ValueError` for a
+        region that does not fit its image."""
+        n = region.get("image", 0)
+        if not 0 <= n < len(images):
+            raise ValueError(f"it refers to image {n}, which does not come before it")
+        segment, tile = images[n]
+        height, width = region_ops.source_size(segment)
+        box, mask = region_ops.region_geometry(region, height, width)
+        text = region_ops.format_box(box, width, height)
+        if trained or tile is None or count >= self.max_regions:
+            return text, None
+        return text, (tile, region_ops.region_coverage(box, mask, height, width, self.region_grid))
+
+    def _pack_lists(self, stream, ids, slots, weights, attrs, pixels, dropped, skipped, skipped_records,
+                    regions=()) -> dict:
         T = self.image_size
         example = {
             "ids": np.asarray(ids, np.int32),
@@ -226,6 +273,12 @@ class ExampleBuilder:
         }
         if self.with_attributes:
             example["attributes"] = np.asarray(attrs, np.float32)
+        if self.max_regions > 0:
+            G = self.region_grid
+            example["region_slots"] = np.full((len(ids),), -1, np.int32)
+            example["region_slots"][[at for at, _, _ in regions]] = np.arange(len(regions), dtype=np.int32)
+            example["region_images"] = np.asarray([tile for _, tile, _ in regions], np.int32).reshape(-1)
+            example["region_masks"] = np.asarray([m for _, _, m in regions], np.float32).reshape(-1, G, G)
         return example
 
 

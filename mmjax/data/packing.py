@@ -2,8 +2,9 @@
 
 Examples (see `mmjax.data.examples`) are read in windows of `window`; each
 window is packed first-fit-decreasing (by token count) into bins of
-`seq_len` positions and `max_images` images, and the bins are emitted in
-order. An example's image slots and pixels move with it; `segment_ids`
+`seq_len` positions and `max_images` images (and `max_regions` regions),
+and the bins are emitted in order. An example's image slots and pixels
+(and its region slots, masks and image indices) move with it; `segment_ids`
 (1, 2, ... per example, 0 for padding) keep attention inside each example and
 `positions` restart at 0 for each one. `window=1` gives one example per
 sequence (no packing).
@@ -14,7 +15,11 @@ A packed sequence (`S` = seq_len, `N` = max_images, `K` = tokens_per_image):
   segment_ids, positions `[S]` int32, images `[N, T, T, 3]` uint8,
   image_mask `[N]` int32, stream_counts `[3]` int32 (examples per stream),
   num_examples, dropped_images, skipped_images, skipped_records (int32),
-  attribute_mask `[S]` float32 when the examples carry `attributes`.
+  attribute_mask `[S]` float32 when the examples carry `attributes`;
+  with `max_regions = R > 0` (`G` = region_grid): region_slots `[S]` int32
+  (index into the sequence's `[R]` regions, -1 for none), region_images `[R]`
+  int32 (index into `images`, -1 for an unused row), region_masks
+  `[R, G, G]` float32 (zero for an unused row).
 
 Checkpointing: the iterator state is the parent's state at the start of the
 current window plus the number of its bins already emitted; restoring re-reads
@@ -33,24 +38,27 @@ COUNTS = ("dropped_images", "skipped_images", "skipped_records")
 
 
 def first_fit_decreasing(lengths: list[int], n_images: list[int], seq_len: int,
-                         max_images: int) -> list[list[int]]:
-    """Assigns items (token length, image count) to bins of capacity
-    (`seq_len`, `max_images`), largest first into the first bin that fits.
-    Returns bins as lists of item indices, each in input order; bins ordered
-    by their first item."""
+                         max_images: int, n_regions: list[int] | None = None,
+                         max_regions: int = 0) -> list[list[int]]:
+    """Assigns items (token length, image count[, region count]) to bins of
+    capacity (`seq_len`, `max_images`[, `max_regions`]), largest first into
+    the first bin that fits. Returns bins as lists of item indices, each in
+    input order; bins ordered by their first item."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if n_regions is None:
+        n_regions = [0] * len(lengths)
     bins: list[list[int]] = []
-    room: list[list[int]] = []  # [tokens left, images left] per bin
+    room: list[list[int]] = []  # [tokens left, images left, regions left] per bin
     for i in order:
-        for b, (tokens_left, images_left) in enumerate(room):
-            if lengths[i] <= tokens_left and n_images[i] <= images_left:
+        need = (lengths[i], n_images[i], n_regions[i])
+        for b, left in enumerate(room):
+            if all(n <= r for n, r in zip(need, left)):
                 bins[b].append(i)
-                room[b][0] -= lengths[i]
-                room[b][1] -= n_images[i]
+                room[b] = [r - n for r, n in zip(left, need)]
                 break
         else:
             bins.append([i])
-            room.append([seq_len - lengths[i], max_images - n_images[i]])
+            room.append([seq_len - need[0], max_images - need[1], max_regions - need[2]])
     bins = [sorted(b) for b in bins]
     return sorted(bins, key=lambda b: b[0])
 
@@ -59,9 +67,10 @@ class Packer:
     """Builds packed sequences (see module doc) from lists of examples."""
 
     def __init__(self, seq_len: int, max_images: int, tokens_per_image: int, image_size: int,
-                 pad_id: int = 0):
+                 pad_id: int = 0, max_regions: int = 0, region_grid: int = 0):
         self.seq_len, self.max_images = seq_len, max_images
         self.tokens_per_image, self.image_size, self.pad_id = tokens_per_image, image_size, pad_id
+        self.max_regions, self.region_grid = max_regions, region_grid
 
     def pack_window(self, examples: list[dict]) -> list[dict]:
         """All examples of a window -> packed sequences. Counts of empty
@@ -70,8 +79,9 @@ class Packer:
         real = [i for i, ex in enumerate(examples) if len(ex["ids"]) > 1]
         lengths = [len(examples[i]["ids"]) - 1 for i in real]
         n_images = [len(examples[i]["images"]) for i in real]
-        bins = [[real[j] for j in b] for b in first_fit_decreasing(lengths, n_images, self.seq_len,
-                                                                   self.max_images)] or [[]]
+        n_regions = [len(examples[i]["region_images"]) if self.max_regions else 0 for i in real]
+        bins = [[real[j] for j in b] for b in first_fit_decreasing(lengths, n_images, self.seq_len, self.max_images,
+                                                                   n_regions, self.max_regions)] or [[]]
         out = [self.build(examples, b) for b in bins]
         for i, ex in enumerate(examples):
             if i not in real:
@@ -98,7 +108,12 @@ class Packer:
         with_attributes = bool(examples) and "attributes" in examples[0]
         if with_attributes:
             seq["attribute_mask"] = np.zeros((S,), np.float32)
-        at = n_img = 0
+        R, G = self.max_regions, self.region_grid
+        if R:
+            seq["region_slots"] = np.full((S,), -1, np.int32)
+            seq["region_images"] = np.full((R,), -1, np.int32)
+            seq["region_masks"] = np.zeros((R, G, G), np.float32)
+        at = n_img = n_reg = 0
         for segment, i in enumerate(members, start=1):
             ex = examples[i]
             n = len(ex["ids"]) - 1
@@ -118,6 +133,13 @@ class Packer:
                 seq[k] += ex[k]
             if with_attributes:
                 seq["attribute_mask"][span] = ex["attributes"][1:] * (ex["weights"][1:] > 0)
+            if R:
+                r = len(ex["region_images"])
+                region_slots = ex["region_slots"][:-1]
+                seq["region_slots"][span] = np.where(region_slots >= 0, region_slots + n_reg, -1)
+                seq["region_images"][n_reg:n_reg + r] = ex["region_images"] + n_img
+                seq["region_masks"][n_reg:n_reg + r] = ex["region_masks"]
+                n_reg += r
             at, n_img = at + n, n_img + m
         return seq
 

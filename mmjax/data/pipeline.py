@@ -41,7 +41,13 @@ def make_builder(data_cfg, tokenizer: Tokenizer, with_attributes: bool = False) 
                           loss_weights=tuple(data_cfg.loss_weights), image_split=tuple(data_cfg.image_split),
                           tile_separators=data_cfg.tile_separators,
                           system_prompt=data_cfg.get("system_prompt", ""),
-                          video_frames=data_cfg.get("video_frames", 8), video_fps=data_cfg.get("video_fps", 1.0))
+                          video_frames=data_cfg.get("video_frames", 8), video_fps=data_cfg.get("video_fps", 1.0),
+                          **region_settings(data_cfg))
+
+
+def region_settings(data_cfg) -> dict:
+    """`max_regions` and `region_grid` from `config.data` (0: no region fields)."""
+    return {"max_regions": data_cfg.get("max_regions", 0), "region_grid": data_cfg.get("region_grid", 0)}
 
 
 def mixed_examples(data_cfg, tokenizer: Tokenizer, *, split: str = "train", process_index: int = 0,
@@ -88,7 +94,7 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split: str 
         raise DataError(f"the per-process batch of {batch_size} cannot be split between "
                         f"config.data.shards / processes = {per_process} shards.")
     packer = Packer(data_cfg.seq_len, data_cfg.max_images, data_cfg.tokens_per_image, data_cfg.image_size,
-                    tokenizer.pad_id)
+                    tokenizer.pad_id, **region_settings(data_cfg))
     if data_cfg.workers > 0 and per_process == 1:
         # Workers hand over packed sequences with only their used image slots
         # (a third of a full image buffer is usually empty); the main process

@@ -6,8 +6,12 @@ A raw record is a dict:
    "segments": [{"text": str, "spans": [(start, end), ...]}      # spans optional
                 | {"image": uint8 [h, w, 3]}                        # decoded pixels
                 | {"image_bytes": bytes}                            # encoded JPEG/PNG/...
-                | {"video": path | bytes | [frame, ...], "fps": f}, ...],  # mmjax.data.video
+                | {"video": path | bytes | [frame, ...], "fps": f}              # mmjax.data.video
+                | {"region": {"image": int, "box" | "rle" | "mask_bytes": ...}}, ...],  # mmjax.data.regions
    "origin": "shard path:record"}                                   # where it came from
+
+A region segment (conversations only) refers to a region of one of the
+record's images (`mmjax.data.regions` has its format).
 
 A conversation is a raw record whose segments all carry `"role"`: "system" |
 "user" | "assistant" (`ROLES`); a turn is a run of segments of one role, its
@@ -54,9 +58,9 @@ def bad_record(stream: str, origin: str, reason: str) -> dict:
 
 def encode_record(record: dict) -> bytes:
     """Raw record -> bytes (msgpack). Decoded images are stored as raw uint8
-    with their shape; encoded images (`image_bytes`) are stored as they are;
-    a video segment is stored as it is (a path stays a path); a segment's
-    `role` is kept."""
+    with their shape; encoded images (`image_bytes`) and regions are stored
+    as they are; a video segment is stored as it is (a path stays a path); a
+    segment's `role` is kept."""
     segments = []
     for seg in record["segments"]:
         if "image" in seg:
@@ -66,6 +70,8 @@ def encode_record(record: dict) -> bytes:
             segments.append({"image_bytes": bytes(seg["image_bytes"])})
         elif "video" in seg:
             segments.append({k: seg[k] for k in ("video", "fps") if k in seg})
+        elif "region" in seg:
+            segments.append({"region": dict(seg["region"])})
         else:
             entry = {"text": seg["text"]}
             if seg.get("spans"):
@@ -90,6 +96,8 @@ def decode_record(data: bytes, origin: str = "") -> dict:
                 segments.append({"image_bytes": seg["image_bytes"]})
             elif "video" in seg:
                 segments.append({k: seg[k] for k in ("video", "fps") if k in seg})
+            elif "region" in seg:
+                segments.append({"region": dict(seg["region"])})
             else:
                 segments.append({"text": str(seg["text"]),
                                  **({"spans": [tuple(s) for s in seg["spans"]]} if "spans" in seg else {})})

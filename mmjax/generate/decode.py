@@ -29,6 +29,7 @@ from flax import nnx
 from mmjax.models.decoder import attention_mask
 from mmjax.models.moe import MoEFeedForward
 from mmjax.models.partitioning import activation_sharding, constrain
+from mmjax.models.registry import REGION_FIELDS
 
 # Logical axes of a cache array `[batch, slots, kv_heads, head_dim]`.
 CACHE_AXES = ("batch", None, "kv_heads", None)
@@ -86,9 +87,11 @@ def run_cached_layers(decoder, x, positions, cache, write, mask):
 
 def prompt_embeddings(model, batch: dict):
     """(x `[b, P, embed]`, image_ids `[b, P]` or None) as the model embeds its
-    training inputs: `mm1` splices the encoded images into their slots."""
+    training inputs: `mm1` splices the encoded images into their slots (and
+    region embeddings into region slots when the batch has region fields)."""
     if "images" in batch and hasattr(model, "input_embeddings"):
-        x = model.input_embeddings(batch["tokens"], batch["image_slots"], batch["images"])
+        regions = {k: batch[k] for k in REGION_FIELDS if k in batch}
+        x = model.input_embeddings(batch["tokens"], batch["image_slots"], batch["images"], **regions)
         image_ids = None
         if model.bidirectional_image_attention:
             image_ids = jnp.where(batch["image_slots"] >= 0, batch["image_slots"] // model.tokens_per_image, -1)

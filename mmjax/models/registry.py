@@ -9,6 +9,10 @@ through this entry: none of them branches on a model's name.
 
     @register_model("my_model", inputs=("tokens", "segment_ids", "positions"))
     def build(cfg, rngs): return MyModel(cfg, rngs=rngs)
+
+`optional_inputs(model_cfg)` names fields a model reads only when its config
+asks for them (e.g. region inputs); the train step receives
+`spec.inputs_for(model_cfg)`, and other callers may leave them out.
 """
 
 from __future__ import annotations
@@ -19,10 +23,14 @@ from typing import Callable
 from flax import nnx
 from mmjax.errors import ConfigError
 
-# Per-row shapes of the batch fields a model may read (see mmjax.data.examples):
-# sequence fields are `[seq_len]`, images `[max_images, size, size, 3]`.
+# Per-row shapes of the batch fields a model may read (see mmjax.data.packing):
+# sequence fields are `[seq_len]`, images `[max_images, size, size, 3]`,
+# region_slots `[seq_len]`, region_images `[max_regions]`,
+# region_masks `[max_regions, region_grid, region_grid]`.
 SEQUENCE_FIELDS = ("tokens", "image_slots", "segment_ids", "positions")
 IMAGE_FIELDS = ("images",)
+REGION_FIELDS = ("region_slots", "region_images", "region_masks")
+KNOWN_FIELDS = SEQUENCE_FIELDS + IMAGE_FIELDS + REGION_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,24 +38,30 @@ class ModelSpec:
     name: str
     build: Callable[..., nnx.Module]  # (model_cfg, rngs) -> module with forward_batch
     inputs: tuple[str, ...]           # batch fields forward_batch reads
+    optional_inputs: Callable[..., tuple[str, ...]] | None = None  # model_cfg -> further fields it reads
 
     @property
     def uses_images(self) -> bool:
         return any(field in IMAGE_FIELDS for field in self.inputs)
 
+    def inputs_for(self, model_cfg) -> tuple[str, ...]:
+        """The batch fields the model built from `model_cfg` reads."""
+        extra = self.optional_inputs(model_cfg) if self.optional_inputs is not None else ()
+        return self.inputs + tuple(f for f in extra if f not in self.inputs)
+
 
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, inputs: tuple[str, ...]):
+def register_model(name: str, inputs: tuple[str, ...],
+                   optional_inputs: Callable[..., tuple[str, ...]] | None = None):
     """Decorator registering `build(model_cfg, rngs)` as model `name`."""
-    unknown = [f for f in inputs if f not in SEQUENCE_FIELDS + IMAGE_FIELDS]
+    unknown = [f for f in inputs if f not in KNOWN_FIELDS]
     if unknown:
-        raise ValueError(f"model {name!r} reads unknown batch fields {unknown}; known: "
-                         f"{SEQUENCE_FIELDS + IMAGE_FIELDS}.")
+        raise ValueError(f"model {name!r} reads unknown batch fields {unknown}; known: {KNOWN_FIELDS}.")
 
     def register(build):
-        MODELS[name] = ModelSpec(name, build, tuple(inputs))
+        MODELS[name] = ModelSpec(name, build, tuple(inputs), optional_inputs)
         return build
 
     return register

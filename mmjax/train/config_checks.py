@@ -120,6 +120,17 @@ def _check_data(config) -> None:
     if (low, high) != (0, 0) and not 1 <= low <= high:
         _fail("data.image_split", tuple(d.image_split), "must be (0, 0) for off or (min_tiles, max_tiles) "
               "with 1 <= min_tiles <= max_tiles")
+    sampler = m.get("region_sampler") or {}
+    if sampler.get("enabled", False) and d.get("max_regions", 0) < 1:
+        _fail("data.max_regions", d.get("max_regions", 0), "must be at least 1 with "
+              "config.model.region_sampler.enabled=True (region tokens per sequence)")
+    patch_grid = m.vit.image_size // m.vit.patch_size
+    if sampler.get("enabled", False) and d.get("region_grid", 0) % patch_grid:
+        _fail("data.region_grid", d.get("region_grid", 0), f"must be a multiple of the ViT's patch grid "
+              f"(config.model.vit.image_size / patch_size = {patch_grid}) so region masks pool onto it exactly")
+    if d.get("max_regions", 0) > 0 and not sampler.get("enabled", False):
+        _fail("data.max_regions", d.max_regions, "needs config.model.region_sampler.enabled=True (a region token "
+              "has no embedding without the region sampler); use 0 for coordinates as text only")
     sources = dict(d.sources)
     for stream in STREAMS:
         if stream not in sources:

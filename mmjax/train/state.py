@@ -32,14 +32,17 @@ LOSS_INPUTS = ("targets", "loss_mask")
 def step_inputs(config) -> tuple[str, ...]:
     """Batch fields the jitted step consumes (model inputs + loss inputs);
     anything else stays on the host."""
-    return model_spec(config.model).inputs + LOSS_INPUTS
+    return model_spec(config.model).inputs_for(config.model) + LOSS_INPUTS
 
 
 def batch_row_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Per-row shape of each step input: `[seq_len]`, images `[max_images, size, size, 3]`."""
+    """Per-row shape of each step input: `[seq_len]`, images `[max_images, size, size, 3]`,
+    region_images `[max_regions]`, region_masks `[max_regions, region_grid, region_grid]`."""
     d = config.data
-    return {k: (d.max_images, d.image_size, d.image_size, 3) if k == "images" else (d.seq_len,)
-            for k in step_inputs(config)}
+    regions, grid = d.get("max_regions", 0), d.get("region_grid", 0)
+    special = {"images": (d.max_images, d.image_size, d.image_size, 3), "region_images": (regions,),
+               "region_masks": (regions, grid, grid)}
+    return {k: special.get(k, (d.seq_len,)) for k in step_inputs(config)}
 
 
 @dataclasses.dataclass

@@ -22,10 +22,25 @@ one video segment (frames are sampled later, by the example builder); the
 `<video>` count must equal the number of videos. An object with videos, no
 images and no `<video>` (LLaVA-Video's own files) has its `<image>`
 placeholders stand for the videos.
+
+Regions (referring and grounding, Ferret style): each `<region>` in the
+values, in order, is the next entry of the object's `regions` list,
+
+  "regions": [{"box": [x1, y1, x2, y2], "image": 0}          pixels of that image
+              | {"mask": {"size": [h, w], "counts": ...}}     COCO RLE
+              | {"mask": "masks/a.png"}, ...]                 a mask image (reference like an image's)
+
+(`image`: 0-based index of the object's image the region lies on, default 0;
+that `<image>` must come before the region). It becomes a region segment
+(`mmjax.data.regions`) in its turn, assistant turns included (there the
+coordinates are the answer). Checked here: the `<region>` count equals the
+number of regions, each has one shape and a valid image; the geometry is
+checked against the image by the example builder.
 """
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable
 
@@ -33,6 +48,8 @@ from mmjax.data import chat
 
 PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"
+REGION_PLACEHOLDER = "<region>"
+_PIECES = re.compile(f"({re.escape(PLACEHOLDER)}|{re.escape(REGION_PLACEHOLDER)})")
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -108,12 +125,19 @@ def conversation_segments(doc: dict, load_images: Callable[[list], list[bytes]],
         count, given = text.count(mark), len(refs if kind == "images" else videos)
         if count != given:
             raise ValueError(f"{count} {mark} placeholders but {given} {kind}")
+    regions = region_entries(doc, len(refs))
+    references = text.count(REGION_PLACEHOLDER)
+    if references != len(regions):
+        raise ValueError(f"{references} {REGION_PLACEHOLDER} placeholders but {len(regions)} regions")
+    _check_region_order(turns, regions)
+    marks[REGION_PLACEHOLDER] = "regions"
     loaded = load_images(refs)
     for n, data in enumerate(loaded):
         if not data:
             raise ValueError(f"image {n} ({refs[n]!r:.80}) is empty")
     sources = {"images": iter({"image_bytes": data} for data in loaded),
-               "videos": iter(load_videos(videos) if videos else [])}
+               "videos": iter(load_videos(videos) if videos else []),
+               "regions": iter({"region": region} for region in _load_masks(regions, load_images))}
     split = re.compile("(" + "|".join(re.escape(m) for m in marks) + ")")
     segments: list[dict] = []
     for role, value in turns:
@@ -124,3 +148,82 @@ def conversation_segments(doc: dict, load_images: Callable[[list], list[bytes]],
                 segments.append({"text": piece, "role": role})
     chat.turns(segments)  # the template's own checks (the conversation ends with the assistant)
     return segments
+
+
+def region_entries(doc: dict, num_images: int) -> list[dict]:
+    """The object's `regions` as region values (see module doc), a mask
+    reference kept as `{"mask_ref": ref}` until loaded; [] when absent."""
+    entries = doc.get("regions")
+    if entries is None:
+        return []
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError("'regions' is not a list")
+    out = []
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"region {n} is not an object")
+        image = 0 if entry.get("image") is None else entry["image"]
+        if _is_number(image) and float(image).is_integer():  # columnar readers may widen to float
+            image = int(image)
+        if not isinstance(image, int) or isinstance(image, bool) or not 0 <= image < num_images:
+            raise ValueError(f"region {n} refers to image {image!r}, but the object has {num_images} images")
+        box, mask = _plain(entry.get("box")), entry.get("mask")
+        if (box is None) == (mask is None):
+            raise ValueError(f"region {n} needs exactly one of 'box' and 'mask'")
+        if box is not None:
+            if not isinstance(box, list) or len(box) != 4 or not all(_is_number(v) for v in box):
+                raise ValueError(f"region {n}: 'box' {box!r:.80} is not four numbers [x1, y1, x2, y2]")
+            out.append({"image": image, "box": [float(v) for v in box]})
+        elif isinstance(mask, dict):
+            counts = mask.get("counts")
+            counts = counts if isinstance(counts, (str, bytes)) else _plain(counts)
+            out.append({"image": image, "rle": {"size": _plain(mask.get("size")), "counts": counts}})
+        elif isinstance(mask, (bytes, bytearray)):
+            out.append({"image": image, "mask_bytes": bytes(mask)})
+        elif isinstance(mask, str) and mask:
+            out.append({"image": image, "mask_ref": mask})
+        else:
+            raise ValueError(f"region {n}: 'mask' is neither an RLE object nor a mask image reference")
+    return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _plain(value):
+    """A list, tuple or array (columnar readers give numpy arrays) -> a list
+    of plain Python numbers; anything else unchanged."""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _check_region_order(turns: list[tuple[str, str]], regions: list[dict]) -> None:
+    """Each region's image comes before the region in the conversation."""
+    seen = r = 0
+    for _, value in turns:
+        for piece in _PIECES.split(value):
+            if piece == PLACEHOLDER:
+                seen += 1
+            elif piece == REGION_PLACEHOLDER:
+                if regions[r]["image"] >= seen:
+                    raise ValueError(f"region {r} refers to image {regions[r]['image']}, which comes after it")
+                r += 1
+
+
+def _load_masks(regions: list[dict], load_images: Callable[[list], list[bytes]]) -> list[dict]:
+    """Mask references -> `mask_bytes` (loaded like images)."""
+    refs = [region["mask_ref"] for region in regions if "mask_ref" in region]
+    if not refs:
+        return regions
+    loaded = iter(load_images(refs))
+    out = []
+    for region in regions:
+        if "mask_ref" in region:
+            data = next(loaded)
+            if not data:
+                raise ValueError(f"mask {region['mask_ref']!r:.80} is empty")
+            region = {"image": region["image"], "mask_bytes": data}
+        out.append(region)
+    return out

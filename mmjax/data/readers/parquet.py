@@ -12,8 +12,10 @@ Expected columns per stream:
 
   any stream:    `conversations` (list<struct<from: string, value: string>>)
                  marks a file of LLaVA-style conversations, with optional
-                 `image` (as above) or `images` (list of those); each row
-                 becomes role-tagged segments (`mmjax.data.readers.conversation`).
+                 `image` (as above) or `images` (list of those) and
+                 `regions` (list<struct>: `box`, `image`, `mask` as RLE struct
+                 or mask image bytes); each row becomes role-tagged segments
+                 (`mmjax.data.readers.conversation`).
 
 Images stay encoded (`image_bytes`). A row with nulls where a value is
 required becomes a `bad_record` with origin "<file>:<row>".
@@ -86,6 +88,9 @@ def _columns_for(path: str, stream: str, schema) -> dict[str, str]:
         if "images" in types:
             columns["images"] = need("images", functools.partial(_is_list_of, check=_is_image_type),
                                      "list<binary> or list<struct<bytes: binary>>")
+        if "regions" in types:
+            is_struct = functools.partial(_is_list_of, check=lambda pa, item: pa.types.is_struct(item))
+            columns["regions"] = need("regions", is_struct, "list<struct<box, image, mask>>")
         return columns
     if stream == "text":
         return {"text": need("text", _is_text_type, "string")}
@@ -125,9 +130,9 @@ def _row_to_record(index: int, row: dict, *, path: str, stream: str, columns: di
             if turns is None:
                 return bad_record(stream, origin, "null 'conversations'")
             doc = {"conversations": list(turns)}
-            for key in ("image", "images"):
+            for key in ("image", "images", "regions"):
                 if key in columns and row[columns[key]] is not None:
-                    doc[key] = list(row[columns[key]]) if key == "images" else row[columns[key]]
+                    doc[key] = list(row[columns[key]]) if key != "image" else row[columns[key]]
             try:
                 segments = conversation_segments(doc, lambda refs: [_image_bytes(ref) for ref in refs])
             except (ValueError, TypeError) as err:
