@@ -159,7 +159,7 @@ def test_dropless_sends_only_routed_rows_with_ragged_all_to_alls():
     rows = c.data.global_batch * c.data.seq_len // 4 * c.model.decoder.moe.top_k
     assert {s["bytes"] for s in big} == {rows * c.model.decoder.embed * 4 / 2}
     # the kernels' work reaches the estimate through the analytic count, and the report says so
-    assert any("9 Pallas kernel call(s)" in note for note in r.notes)
+    assert any("9 Pallas kernel call site(s)" in note for note in r.notes)
     assert r.estimate.compute_s == pytest.approx(r.analytic_flops / CHIPS["v5p"].peak_flops)
     # the kernels' own estimates: 9 grouped matmuls of 2 x rows x 128 x 256 over the worst-case buffer
     buffer = 2 * rows

@@ -212,6 +212,24 @@ def test_mm1_5_splitting_and_mix():
     assert mm1_5.get_config("3b-moe").model.decoder.moe.num_experts == 64
 
 
+def test_mm1_5_stages():
+    """`-cpt`: the caption stream alone, same model and splitting; `-sft`: the
+    conversation mixture 80:10:10 at a fixed LR, same model; both chain from
+    a workdir through init_from."""
+    base = mm1_5.get_config("3b")
+    for stage in mm1_5.STAGES:
+        c = mm1_5.get_config(f"3b-{stage}")
+        assert c.model.to_json() == base.model.to_json() and tuple(c.data.image_split) == (4, 9)
+        assert c.hardware == base.hardware
+    cpt, sft = mm1_5.get_config("3b-cpt"), mm1_5.get_config("1b-moe-sft")
+    assert tuple(cpt.data.mix_weights) == (1.0, 0.0, 0.0) and cpt.optimizer.lr_rule == "mm1"
+    assert tuple(sft.data.mix_weights) == (80.0, 10.0, 10.0) and sft.model.decoder.moe.num_experts == 64
+    assert (sft.optimizer.lr_rule, sft.optimizer.lr) == ("fixed", mm1_5.SFT_LR)
+    assert set(sft.data.sources.values()) == {"procedural:sft"}
+    with pytest.raises(ValueError, match="'3b-dpo' is unknown"):
+        mm1_5.get_config("3b-dpo")
+
+
 def test_connector_sweep():
     overrides = connector_ablation.sweep()
     assert len(overrides) == 12

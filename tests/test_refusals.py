@@ -55,7 +55,7 @@ CASES = [
     (TRAIN, ("--config.modle.dtype=float32",), "did you mean config.model?"),
     (TRAIN, ("--config.train.steps=abc",), "--config.train.steps=abc: 'abc' is not an integer."),
     (TRAIN, ("--config.optimizer.lr=fast",), "--config.optimizer.lr=fast: 'fast' is not a number."),
-    (TRAIN, ("--config=experiments/tiny.py:bogus",), "experiments/tiny.py takes no argument or 'smoke'"),
+    (TRAIN, ("--config=experiments/tiny.py:bogus",), "experiments/tiny.py takes no argument, 'smoke' or 'sft'"),
     (TRAIN, ("--config=experiments/nothere.py",), "no such file 'experiments/nothere.py'"),
     (SWEEP, ("--steps=abc",), "--steps=abc"),
     # more fields, types, ranges, enumerations and cross-field constraints

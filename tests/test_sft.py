@@ -111,9 +111,9 @@ def test_the_sft_stage_starts_from_the_pretrained_workdir(tmp_path):
 
     pre = small_config(steps=20)
     train(pre, str(tmp_path / "pt"))
-    sft = small_config(steps=10)
+    sft = small_config(steps=20)
     fine_tuning(sft)
-    sft.train.steps = 10
+    sft.train.steps = 20
     sft.optimizer.warmup_steps = 2
     for name in ("shapes_vqa", "shapes_grounding", "shapes_referring"):
         sft.evaluators[name].num_examples = 8
@@ -121,22 +121,5 @@ def test_the_sft_stage_starts_from_the_pretrained_workdir(tmp_path):
     sft.init_from = (str(tmp_path / "pt"),)
     summary = train(sft, str(tmp_path / "sft"))
     assert summary["loss_first10_mean"] < fresh["loss_first10_mean"]
-    final = summary["final"]
     for key in ("shapes_vqa/accuracy@0shot", "shapes_grounding/accuracy@0shot", "shapes_referring/accuracy@0shot"):
-        assert key in final, sorted(final)
-
-
-def test_weighted_sources_mix_categories_by_weight():
-    """A stream's spec may mix several sources by weight (fine-tuning
-    categories): the realised share follows the weights; a part without a
-    positive weight is refused in one sentence."""
-    from mmjax.data.records import DataError
-    from mmjax.data.sources import open_stream
-
-    ds = open_stream("procedural:sft@3|procedural@1", "caption", split="train", image_size=IMAGE, seed=0)
-    records = [r for _, r in zip(range(400), iter(ds))]
-    share = np.mean([chat.is_conversation(r) for r in records])
-    assert share == pytest.approx(0.75, abs=0.05)
-    with pytest.raises(DataError, match=r"^config.data.sources.caption=.*: the part 'procedural' needs a positive "
-                                        r"weight: SPEC@WEIGHT\.$"):
-        open_stream("procedural:sft@3|procedural", "caption", split="train", image_size=IMAGE, seed=0)
+        assert key in summary["eval"]["initial"] and key in summary["eval"]["final"]

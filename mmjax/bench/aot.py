@@ -209,6 +209,10 @@ class AotReport:
             shares = ", ".join(f"{k} {v / total:.1%}" for k, v in sorted(flops.items(), key=lambda kv: -kv[1]))
             lines.append(f"matmul FLOPs by operand dtypes: {shares}")
         for family, costs in sorted(self.kernels.items()):
+            if not costs["flops"]:
+                lines.append(f"Pallas kernels '{family}': {costs['calls']} call(s) without a cost estimate "
+                             "(XLA's cost analysis counts them as 0 FLOPs and 0 bytes)")
+                continue
             against = (f" against {costs['analytic_flops']:.4e} analytic for {FAMILY_COMPONENTS[family]} "
                        f"(ratio {self.kernel_flops_ratio(family):.3f})" if costs.get("analytic_flops") else "")
             lines.append(f"Pallas kernels '{family}': {costs['calls']} call(s), their own estimates "
@@ -337,7 +341,7 @@ def compile_for_topology(config, topology: str, num_slices: int = 1, image_fill:
     if kernels:
         # XLA sees a Pallas kernel only through the cost estimate it was given
         # (megablox: every row of its buffer, routed or not; or none at all).
-        notes.append(f"{kernels} Pallas kernel call(s): the cost analysis cannot count their work, so the "
+        notes.append(f"{kernels} Pallas kernel call site(s): the cost analysis cannot count their work, so the "
                      f"estimate's compute uses the analytic FLOPs ({analytic_flops:.4e}) instead of the "
                      f"compiled figure ({stats.flops:.4e})")
         flops = analytic_flops

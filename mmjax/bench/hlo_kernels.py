@@ -9,8 +9,10 @@ view of a kernel's work can be set against the analytic count of the
 operations it runs (`FAMILY_COMPONENTS`, components of
 `mmjax.train.flops.FlopsBreakdown`).
 
-Families by the JAX operation that called the kernel: "megablox" (`gmm`,
-`tgmm`: dropless MoE's grouped matmuls), "splash" (attention), "other".
+Families by the JAX operation that called the kernel or the instruction's
+name: "megablox" (`gmm`, `tgmm`: dropless MoE's grouped matmuls), "splash"
+(attention: `splash_mha_*`; these kernels carry no cost estimate, so their
+FLOPs read 0), "other".
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _COST = re.compile(r'"cost_estimate":(\{[^}]*\})')
 
 
-def kernel_family(op_name: str) -> str:
-    """"megablox" | "splash" | "other" for the JAX operation that called a kernel."""
+def kernel_family(op_name: str, instruction: str = "") -> str:
+    """"megablox" | "splash" | "other" for a kernel call, from the JAX
+    operation that made it and its instruction's name."""
     if re.search(r"jit\(t?gmm\)", op_name):
         return "megablox"
-    if "splash" in op_name or "flash" in op_name:
+    if any(word in text for word in ("splash", "flash") for text in (op_name, instruction)):
         return "splash"
     return "other"
 
@@ -49,7 +52,7 @@ def kernel_costs(hlo_text: str) -> dict[str, dict[str, float]]:
             if count == 0 or instr.opcode != "custom-call" or '"tpu_custom_call"' not in instr.attrs:
                 continue
             name = _OP_NAME.search(instr.attrs)
-            family = costs[kernel_family(name.group(1) if name else "")]
+            family = costs[kernel_family(name.group(1) if name else "", instr.name)]
             family["calls"] += count
             cost = _COST.search(instr.attrs)
             if cost:

@@ -61,11 +61,12 @@ def is_conversation(record: dict) -> bool:
     return any("role" in seg for seg in record["segments"])
 
 
-def turns(segments: list[dict]) -> list[tuple[str, list[dict]]]:
+def turns(segments: list[dict], prompt: bool = False) -> list[tuple[str, list[dict]]]:
     """Role-tagged segments -> [(role, segments of the turn)], checked: every
     segment has a known role, assistant turns hold non-blank text (or a
-    region) and no image, and the last turn is the assistant's. Raises `ValueError` naming
-    what is wrong (0-based turn numbers)."""
+    region) and no image, and the last turn is the assistant's (the user's
+    for a generation `prompt`). Raises `ValueError` naming what is wrong
+    (0-based turn numbers)."""
     out: list[tuple[str, list[dict]]] = []
     for n, seg in enumerate(segments):
         role = seg.get("role")
@@ -83,16 +84,21 @@ def turns(segments: list[dict]) -> list[tuple[str, list[dict]]]:
             raise ValueError(f"turn {n}: an image in an assistant turn")
         if not any(seg.get("text", "").strip() or "region" in seg for seg in parts):
             raise ValueError(f"turn {n}: the assistant turn is empty (whitespace only)")
-    if not out or out[-1][0] != "assistant":
+    if prompt:
+        if not out or out[-1][0] != "user":
+            raise ValueError("a generation prompt does not end with a user turn")
+    elif not out or out[-1][0] != "assistant":
         raise ValueError("the conversation does not end with an assistant turn")
     return out
 
 
-def render(segments: list[dict], system_prompt: str = "") -> list[Piece]:
+def render(segments: list[dict], system_prompt: str = "", prompt: bool = False) -> list[Piece]:
     """Role-tagged segments -> the template's pieces (see module doc), `<bos>`
     excluded. `system_prompt` is used when the conversation has no system
-    turn. Raises `ValueError` as `turns` does."""
-    grouped = turns(segments)
+    turn. `prompt=True`: a generation prompt, which ends with a user turn and
+    gets the assistant's marker for the model to continue. Raises
+    `ValueError` as `turns` does."""
+    grouped = turns(segments, prompt)
     if system_prompt and not any(role == "system" for role, _ in grouped):
         grouped = [("system", [{"text": system_prompt, "role": "system"}])] + grouped
     pieces: list[Piece] = []
@@ -108,4 +114,6 @@ def render(segments: list[dict], system_prompt: str = "") -> list[Piece]:
             else:
                 pieces.append(Piece("image", seg, False))
         pieces.append(Piece("eos", None, True) if trained else Piece("text", END_OF_TURN, False))
+    if prompt:
+        pieces.append(Piece("text", MARKERS["assistant"], False))
     return pieces

@@ -173,13 +173,15 @@ class ExampleBuilder:
     def _conversation(self, record: dict) -> dict:
         """A role-tagged record through the chat template (`mmjax.data.chat`):
         loss weight on assistant text and each assistant turn's `<eos>`, 0
-        elsewhere. Cut at `seq_len + 1` ids: a cut example ends with an
+        elsewhere. A record with `"prompt": True` is a generation prompt
+        (ends with a user turn, then the assistant's marker; no loss). Cut at `seq_len + 1` ids: a cut example ends with an
         untrained `<eos>`. Skipped (counted) when the roles are malformed, an
         image cannot be decoded, or no assistant token fits."""
         stream = record["stream"]
         where = record.get("origin") or f"a {stream} conversation"
+        prompt = bool(record.get("prompt"))  # a generation prompt: ends with the assistant's marker
         try:
-            pieces = chat.render(record["segments"], self.system_prompt)
+            pieces = chat.render(record["segments"], self.system_prompt, prompt)
         except ValueError as err:
             warn_bad_input(where, str(err))
             return self._empty(stream, skipped_records=1)
@@ -227,7 +229,7 @@ class ExampleBuilder:
                     parts.add([self.tok.image_id], 0.0)
         if parts.ids[-1] != self.tok.eos_id:  # cut inside a turn (text never encodes to <eos>)
             parts.add([self.tok.eos_id], 0.0)
-        if not trained:
+        if not trained and not prompt:
             warn_bad_input(where, f"no assistant token fits in seq_len={self.seq_len}")
             return self._empty(stream, skipped_records=1)
         return self._pack_lists(stream, parts.ids, parts.slots, parts.weights, parts.attrs, parts.pixels,

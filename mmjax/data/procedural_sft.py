@@ -14,8 +14,9 @@ from `(seed, split, stream, index)` alone.
   interleaved  2-3 numbered pictures ("picture 1: <image> picture 2: <image>"),
                then one comparison: which picture has the most shapes, which
                one shows a given shape, how many shapes in all.
-  text         "continue the text: <first half>" -> the second half of a prose
-               chunk (Python's help topics, as the pre-training text stream).
+  text         "continue the text: <first half>" -> the second half of a
+               `TEXT_WORDS`-word window of a prose chunk (Python's help
+               topics, as the pre-training text stream).
 
 A raw record is a conversation (role-tagged segments, `mmjax.data.chat`).
 Grounding asks only for a colour-and-kind pair that appears once in the
@@ -36,6 +37,7 @@ from mmjax.data.regions import format_box
 from mmjax.data.text_corpus import pydoc_chunks
 
 _STREAM_OFFSET = 100  # keeps these records' random streams apart from the pre-training ones
+TEXT_WORDS = 32  # words of prose per text conversation: half asked, half answered (fits short sequences)
 
 
 def _rng(seed: int, split: str, stream: str, index: int) -> np.random.Generator:
@@ -158,9 +160,11 @@ class TextConversations(_Source):
     def __getitem__(self, index: int) -> dict:
         rng = _rng(self.seed, self.split, self.stream, index)
         words = self.chunks[int(rng.integers(len(self.chunks)))].split()
-        half = max(1, len(words) // 2)
-        rest = " ".join(words[half:]) or "."
-        return self._record(_turn("user", "continue the text: " + " ".join(words[:half]))
+        start = int(rng.integers(max(1, len(words) - TEXT_WORDS)))
+        window = words[start:start + TEXT_WORDS]
+        half = max(1, len(window) // 2)
+        rest = " ".join(window[half:]) or "."
+        return self._record(_turn("user", "continue the text: " + " ".join(window[:half]))
                             + _turn("assistant", rest), index)
 
 

@@ -62,8 +62,11 @@ def sample_scene(rng: np.random.Generator) -> list[Shape]:
             for c in cells]
 
 
-def render_scene(shapes: list[Shape], image_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Draws `shapes` on a dark noisy background -> uint8 `[image_size, image_size, 3]`."""
+def render_scene(shapes: list[Shape], image_size: int, rng: np.random.Generator,
+                 boxes: list | None = None) -> np.ndarray:
+    """Draws `shapes` on a dark noisy background -> uint8 `[image_size, image_size, 3]`.
+    With a list `boxes`, appends each shape's pixel bounding box
+    `(x1, y1, x2, y2)` (x2, y2 exclusive), in the order of `shapes`."""
     img = rng.integers(0, 40, size=(image_size, image_size, 3)).astype(np.uint8)
     cell = image_size // 2
     for shape in shapes:
@@ -72,6 +75,10 @@ def render_scene(shapes: list[Shape], image_size: int, rng: np.random.Generator)
         jitter = np.clip(rng.integers(-12, 13, size=3) + np.array(COLOURS[shape.colour]), 0, 255)
         region = img[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell]
         region[mask] = jitter.astype(np.uint8)
+        if boxes is not None:
+            ys, xs = np.nonzero(mask)
+            boxes.append((col * cell + int(xs.min()), row * cell + int(ys.min()),
+                          col * cell + int(xs.max()) + 1, row * cell + int(ys.max()) + 1))
     return img
 
 

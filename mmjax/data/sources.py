@@ -3,6 +3,7 @@
 `config.data.sources.<stream>` is a spec string:
 
   procedural                         the embedded generated data (default)
+  procedural:sft                     the embedded generated conversations (fine-tuning)
   webdataset:/data/cc3m/{00000..00099}.tar   tar shards (`.jpg/.png` + `.txt`/`.json`)
   array_record:/data/mix/caption-*.array_record   records written by `mmjax.data.convert`
   parquet:/data/obelics/*.parquet    parquet files (`text`, `image` / `texts`, `images`)
@@ -18,6 +19,8 @@ JSON/JSONL objects may also reference videos (a file or a folder of frames,
 (`mmjax.data.video`); multi-frame data belongs on the `interleaved` stream.
 
 Paths take shell globs and `{a..b}` numeric ranges (zero padding kept).
+Several sources of one stream, mixed by weight (the categories of a
+fine-tuning mixture): `"json:/sft/general/*.json@37|json:/sft/ocr/*.json@26"`.
 Random-access formats are sliced per process (`[process_index::process_count]`,
 disjoint reads), shuffled with the seed and repeated forever; parquet files
 are split between processes.
@@ -41,6 +44,15 @@ TFDS_SPLITS = {"train": "train", "eval": "validation"}
 _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=32)
 _PROCEDURAL_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def _sft_sources():
+    from mmjax.data.procedural_sft import SOURCES
+    return SOURCES
+
+
+# "procedural" -> pre-training records; "procedural:sft" -> conversations (mmjax/data/procedural_sft.py)
+PROCEDURAL_KINDS = {"": lambda: PROCEDURAL, "sft": _sft_sources}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -84,21 +96,50 @@ def parse_spec(spec: str, where: str) -> tuple[str, str]:
         raise DataError(f"{where}={spec!r}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}.")
     if fmt != "procedural" and not location:
         raise DataError(f"{where}={spec!r}: give a location after '{fmt}:'.")
+    if fmt == "procedural" and location not in PROCEDURAL_KINDS:
+        raise DataError(f"{where}={spec!r}: unknown procedural data {location!r}; expected 'procedural' "
+                        "(pre-training) or 'procedural:sft' (conversations).")
     return fmt, location
+
+
+def weighted_parts(spec: str, where: str) -> list[tuple[str, float]]:
+    """`"SPEC@W|SPEC@W|..."` (several sources of one stream mixed by weight,
+    e.g. the categories of a fine-tuning mixture) -> [(spec, weight)]; a
+    plain spec -> [(spec, 1.0)]. Each part's spec is checked (`parse_spec`)."""
+    if "|" not in spec:
+        parse_spec(spec, where)
+        return [(spec, 1.0)]
+    parts = []
+    for part in spec.split("|"):
+        sub, at, weight = part.strip().rpartition("@")
+        try:
+            value = float(weight) if at else float("nan")
+        except ValueError:
+            value = float("nan")
+        if not at or not value > 0 or value == float("inf"):
+            raise DataError(f"{where}={spec!r}: the part {part.strip()!r} needs a positive weight: SPEC@WEIGHT.")
+        parse_spec(sub, where)
+        parts.append((sub, value))
+    return parts
 
 
 def open_stream(spec: str, stream: str, *, split: str, image_size: int, seed: int,
                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """An endless IterDataset of raw records of `stream` for this process.
-    Every `DataError` names the stream's config field first."""
+    """An endless IterDataset of raw records of `stream` for this process;
+    a weighted spec (`weighted_parts`) mixes its parts by weight, each part
+    shuffled with its own seed. Every `DataError` names the stream's config
+    field first."""
     where = f"config.data.sources.{stream}"
     try:
-        return _open_stream(spec, stream, split=split, image_size=image_size, seed=seed,
-                            process_index=process_index, process_count=process_count)
+        parts = weighted_parts(spec, where)
+        opened = [_open_stream(sub, stream, split=split, image_size=image_size, seed=seed + 7919 * n,
+                               process_index=process_index, process_count=process_count)
+                  for n, (sub, _) in enumerate(parts)]
     except DataError as err:
         if str(err).startswith(where):
             raise
         raise DataError(f"{where}={spec!r}: {err}") from None
+    return opened[0] if len(opened) == 1 else grain.IterDataset.mix(opened, [w for _, w in parts])
 
 
 def _open_stream(spec: str, stream: str, *, split: str, image_size: int, seed: int,
@@ -109,7 +150,7 @@ def _open_stream(spec: str, stream: str, *, split: str, image_size: int, seed: i
     fmt, location = parse_spec(spec, where)
     stream_seed = seed * len(STREAMS) + STREAMS.index(stream)
     if fmt == "procedural":  # already random per index: no shuffle, results stay comparable
-        source = PROCEDURAL[stream](image_size=image_size, seed=seed, split=split)
+        source = PROCEDURAL_KINDS[location]()[stream](image_size=image_size, seed=seed, split=split)
         # Generated in the reading thread: the loop's prefetcher overlaps it with the step, and a
         # thread pool here only adds GIL contention (31 ms of CPU per tiny batch instead of 57 ms).
         return grain.MapDataset.source(source)[process_index::process_count].to_iter_dataset(_PROCEDURAL_READ)

@@ -51,6 +51,7 @@ class Item:
     choices: tuple[str, ...] = ()
     gold: int = -1
     answer: str = ""
+    box: tuple = ()  # grounding: the pixel box `(x1, y1, x2, y2)` the answer names
 
     def shown_answer(self) -> str:
         return self.answer or (self.references[0] if self.references else "")
@@ -186,17 +187,30 @@ def _scene_questions(scene: list[shapes.Shape], rng: np.random.Generator) -> tup
 
 def procedural_items(kind: str, split: str, count: int, image_size: int, seed: int) -> list[Item]:
     """`count` held-out scenes of split `split` ("eval" queries, "support"
-    demonstrations): captions (`kind="caption"`) or one question each
-    (`kind="vqa"`, ten identical human answers, as VQA files carry)."""
-    items = []
-    for index in range(count):
-        rng = np.random.default_rng([seed, SPLITS[split], 7 + (kind == "vqa"), index])
-        scene = shapes.sample_scene(rng)
-        image = shapes.render_scene(scene, image_size, rng)
+    demonstrations): captions (`kind="caption"`), one question each
+    (`kind="vqa"`, ten identical human answers, as VQA files carry), or the
+    fine-tuning data's grounding / referring questions
+    (`mmjax.data.procedural_sft`: `kind="grounding"` with the shape's `box`,
+    scenes whose shapes all repeat skipped; `kind="referring"`)."""
+    from mmjax.data.procedural_sft import grounding_question, referring_question
+
+    items, index = [], 0
+    salt = {"caption": 7, "vqa": 8, "grounding": 9, "referring": 10}[kind]
+    while len(items) < count:
+        rng = np.random.default_rng([seed, SPLITS[split], salt, index])
+        scene, boxes = shapes.sample_scene(rng), []
+        image = shapes.render_scene(scene, image_size, rng, boxes)
+        item_id, index = f"{split}-{index}", index + 1
         if kind == "caption":
-            items.append(Item(f"{split}-{index}", image, references=(shapes.caption(scene),)))
+            items.append(Item(item_id, image, references=(shapes.caption(scene),)))
+        elif kind == "grounding":
+            asked = grounding_question(scene, boxes, image_size, rng)
+            if asked is not None:
+                items.append(Item(item_id, image, question=asked[0], references=(asked[1],), box=asked[2]))
         else:
-            question, answer = _scene_questions(scene, rng)  # references normalised, as VQA releases are
-            items.append(Item(f"{split}-{index}", image, question=question,
+            question, answer = (referring_question(scene, boxes, image_size, rng) if kind == "referring"
+                                else _scene_questions(scene, rng))
+            answer = answer.rstrip(".")  # references normalised, as VQA releases are
+            items.append(Item(item_id, image, question=question,
                               references=(normalize_answer(answer),) * 10, answer=answer))
     return items

@@ -33,10 +33,17 @@ IMAGE_MARK = "<image>"
 
 @dataclasses.dataclass(frozen=True)
 class Template:
+    """`chat=True` (a fine-tuned model): the prompt is a conversation in the
+    training chat template (`mmjax.data.chat`): `prefix` as the system turn
+    (none if empty), each demonstration a user turn (its query) and an
+    assistant turn (its answer, stripped), the query a last user turn
+    followed by the assistant's marker; `separator` is not used."""
+
     query: str
     answer: str = " {answer}"
     separator: str = "\n"
     prefix: str = ""
+    chat: bool = False
 
     def demonstration(self, item: Item, number: int) -> str:
         return self.prompt(item, number) + self.answer.format(answer=item.shown_answer()) + self.separator
@@ -110,7 +117,21 @@ class PromptMaker:
                 chosen.append((item, pixels))
         return chosen
 
+    def _conversation(self, demos, query: Item, query_pixels) -> dict:
+        """The prompt as role-tagged segments (`Template.chat`)."""
+        t = self.template
+        segments = [{"text": t.prefix, "role": "system"}] if t.prefix else []
+        for number, (item, pixels) in enumerate(demos, 1):
+            segments += [dict(seg, role="user") for seg in _segments(t.prompt(item, number), list(pixels))]
+            segments.append({"text": t.answer.format(answer=item.shown_answer()).strip(), "role": "assistant"})
+        segments += [dict(seg, role="user") for seg in _segments(t.prompt(query, len(demos) + 1),
+                                                                 list(query_pixels))]
+        return self.builder({"stream": "interleaved", "segments": segments, "prompt": True,
+                             "origin": f"{self.where}: item {query.id}"})
+
     def _build(self, demos, query: Item, query_pixels) -> dict:
+        if self.template.chat:
+            return self._conversation(demos, query, query_pixels)
         text = self.template.prefix + "".join(self.template.demonstration(item, number)
                                               for number, (item, _) in enumerate(demos, 1))
         pixels = [p for _, px in demos for p in px] + list(query_pixels)

@@ -6,9 +6,16 @@ Registered evaluator kinds (settings in `config.evaluators.<name>`, with
   caption  format "procedural" | "coco" (annotations, images)
   vqa      format "procedural" | "vqav2" (questions, annotations, images,
            image_pattern)
-Both take `shots` (e.g. (0, 4)), `num_examples` (0: all), demonstrations
+  grounding  format "procedural": "where is the red circle? answer with its
+           box." on held-out scenes; accuracy = the share of answers whose
+           first box (`[x1, y1, x2, y2]` in 0-999, `mmjax.data.regions`) has
+           IoU >= 0.5 with the shape's box
+  referring  format "procedural": "what is in [x1, y1, x2, y2]?"; VQA accuracy
+           of the answer ("a red circle")
+All take `shots` (e.g. (0, 4)), `num_examples` (0: all), demonstrations
 from `support_*` files (empty: the evaluated set itself, never the query),
 the prompt `query`/`answer`/`separator`/`prefix` (mmjax.eval.prompts),
+`chat` (the prompt in the training chat template, for fine-tuned models),
 `stop` strings, `max_new_tokens`, `max_len` (0: data.seq_len),
 `batch_size` (0: data.global_batch), `blank_images` (also score with every
 image replaced by mid-grey: what the text alone gives) and `seed`.
@@ -56,6 +63,7 @@ _COMMON = {
     "prefix": text,
     "stop": sequence_of(None, text, "a tuple of stop strings, e.g. ('\\n',)"),
     "blank_images": boolean,
+    "chat": boolean,
     "seed": integer(0),
     "images": text,
     "annotations": text,
@@ -65,6 +73,8 @@ _COMMON = {
 CAPTION_FIELDS = dict(_COMMON, format=one_of(lambda: ("procedural", "coco")))
 VQA_FIELDS = dict(_COMMON, format=one_of(lambda: ("procedural", "vqav2")), questions=text,
                   support_questions=text, image_pattern=text)
+REGION_FIELDS = dict(_COMMON, format=one_of(lambda: ("procedural",)))
+IOU_THRESHOLD = 0.5  # a grounding answer counts when its box overlaps the truth this much
 BIG = 10**9  # no truncation by the example builder: prompts are fitted here
 
 
@@ -116,7 +126,31 @@ def _vqa_score(predictions, items):
     return {"accuracy": float(np.mean(per_item))}, per_item
 
 
-SCORINGS = {"caption": Scoring(_reader("caption"), _caption_score), "vqa": Scoring(_reader("vqa"), _vqa_score)}
+def box_iou(a, b) -> float:
+    """Intersection over union of two `(x1, y1, x2, y2)` boxes."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def _grounding_score(predictions, items):
+    """Accuracy (%): the first box in the prediction (`regions.parse_boxes`,
+    in the image's pixels) overlaps the item's box with IoU >= IOU_THRESHOLD;
+    a prediction without a box scores 0."""
+    from mmjax.data.regions import parse_boxes
+
+    per_item = []
+    for text_out, item in zip(predictions, items):
+        height, width = np.asarray(item.image).shape[:2]
+        boxes = parse_boxes(text_out, width, height)
+        per_item.append(100.0 * float(bool(boxes) and box_iou(boxes[0], item.box) >= IOU_THRESHOLD))
+    return {"accuracy": float(np.mean(per_item))}, per_item
+
+
+SCORINGS = {"caption": Scoring(_reader("caption"), _caption_score), "vqa": Scoring(_reader("vqa"), _vqa_score),
+            "grounding": Scoring(_reader("grounding"), _grounding_score),
+            "referring": Scoring(_reader("referring"), _vqa_score)}
 
 
 def stop_token_ids(tokenizer, stops) -> tuple[int, ...]:
@@ -161,7 +195,7 @@ class GenerationTask:
         uses_images = model_spec(config.model).uses_images
         self.builder = ExampleBuilder(tokenizer, BIG, BIG, d.tokens_per_image, d.image_size,
                                       image_split=tuple(d.image_split), tile_separators=d.tile_separators)
-        self.template = Template(s.query, s.answer, s.separator, s.prefix)
+        self.template = Template(s.query, s.answer, s.separator, s.prefix, bool(s.get("chat", False)))
         self.max_len = s.max_len or d.seq_len
         self.where = where
         sampling = Sampling(max_new_tokens=s.max_new_tokens, pad_id=tokenizer.pad_id,
@@ -228,7 +262,7 @@ class GenerationTask:
 
 def _make(kind: str):
     def make(config, setup, tokenizer, name: str):
-        if kind in ("caption", "vqa") and not model_spec(config.model).uses_images \
+        if not model_spec(config.model).uses_images \
                 and "<image>" in config.evaluators[name].query:
             return f"model {config.model.get('name', 'mm1')!r} reads no images"
         return GenerationTask(config, setup, tokenizer, name, kind)
@@ -253,3 +287,5 @@ def check_files(settings, where: str) -> None:
 
 register_evaluator("caption", fields=CAPTION_FIELDS, check=check_files)(_make("caption"))
 register_evaluator("vqa", fields=VQA_FIELDS, check=check_files)(_make("vqa"))
+register_evaluator("grounding", fields=REGION_FIELDS, check=check_shots)(_make("grounding"))
+register_evaluator("referring", fields=REGION_FIELDS, check=check_shots)(_make("referring"))

@@ -101,7 +101,7 @@ def _check_model(config) -> None:
 
 def _check_data(config) -> None:
     from mmjax.data.records import STREAMS
-    from mmjax.data.sources import parse_spec
+    from mmjax.data.sources import weighted_parts
 
     d, m = config.data, config.model
     if d.image_size != m.vit.image_size:
@@ -138,7 +138,7 @@ def _check_data(config) -> None:
                               f"({', '.join(STREAMS)}) needs a source.")
         if not isinstance(sources[stream], str):
             _fail(f"data.sources.{stream}", sources[stream], "must be a spec string such as 'procedural'")
-        parse_spec(sources[stream], f"config.data.sources.{stream}")
+        weighted_parts(sources[stream], f"config.data.sources.{stream}")
 
 
 def _check_optimizer(config) -> None:
