@@ -35,6 +35,9 @@ NOT_RUN = {
     'pip install -e ".[lm_eval]" && python -m mmjax.eval.lm_harness --config experiments/tiny.py '
     "--workdir /tmp/mmjax-tiny --tasks hellaswag": "installs the lm_eval extra and downloads HellaSwag; "
                                                    "test_lm_harness.py runs a local task when lm-eval is installed",
+    "python -m mmjax.train --config experiments/tiny.py:sft --workdir /tmp/mmjax-tiny-sft "
+    "--config.init_from=/tmp/mmjax-tiny": "needs the trained workdir of the README's first command; "
+                                          "test_sft.py chains a shortened pre-training and fine-tuning",
     "python -m mmjax.eval --config experiments/tiny.py --workdir /tmp/mmjax-tiny":
         "needs the trained workdir of the README's first command; test_eval_cli.py scores a shortened run",
     "python -m mmjax.eval --config experiments/tiny.py --workdir DIR --step 200 --tasks shapes_vqa":
