@@ -14,8 +14,9 @@ follows it (MM1.5's last stage at toy scale):
 
 It starts from the pre-trained workdir's model and trains on the embedded
 procedural conversations (`mmjax/data/procedural_sft.py`: questions,
-grounding with boxes, referring to boxes, multi-image comparison, text
-continuation; single-image : multi-image : text = 80 : 10 : 10, loss on the
+grounding with boxes, referring to a region (its box as text and a region
+token pooled from the ViT features inside it, `model.region_sampler`),
+multi-image comparison, text continuation; single-image : multi-image : text = 80 : 10 : 10, loss on the
 answers only), evaluated with the chat-template tasks (VQA, grounding IoU >=
 0.5, referring) before the first step and at the end.
 """
@@ -54,6 +55,9 @@ def fine_tuning(c) -> None:
     """The tiny SFT stage in place (module doc)."""
     c.data.sources = dict(caption="procedural:sft", interleaved="procedural:sft", text="procedural:sft")
     c.data.mix_weights = (80.0, 10.0, 10.0)
+    # Ferret-style region tokens after a region's coordinates (the sampler is new: it starts fresh)
+    c.model.region_sampler.enabled = True
+    c.data.max_regions = 2
     c.optimizer.lr = SFT_LR
     c.optimizer.warmup_steps = 20
     c.train.steps = SFT_STEPS

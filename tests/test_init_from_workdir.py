@@ -100,7 +100,9 @@ def test_only_shared_components_are_taken(tmp_path):
     ckpt.close()
     fresh = init_train_state(c, setup)
     connector = _pure(fresh["params"]["connector"])
-    out = apply_init_from(fresh, [str(tmp_path / "enc")], lambda _: None)
+    lines = []
+    out = apply_init_from(fresh, [str(tmp_path / "enc")], lines.append)
+    assert any("keep their initialisation: connector" in line for line in lines), lines
     jax.tree.map(np.testing.assert_array_equal, _pure(out["params"]["vit"]), _pure(state["params"]["vit"]))
     jax.tree.map(np.testing.assert_array_equal, _pure(out["params"]["connector"]), connector)
 

@@ -18,7 +18,7 @@ IMAGE = 32
 
 
 def _images(record) -> int:
-    return sum("text" not in seg for seg in record["segments"])
+    return sum("image" in seg for seg in record["segments"])
 
 
 def test_procedural_conversations_by_stream():
@@ -94,7 +94,8 @@ def test_procedural_region_items():
     referring = formats.procedural_items("referring", "eval", 20, IMAGE, 0)
     assert len(grounding) == len(referring) == 20
     assert all(item.box and "answer with its box" in item.question for item in grounding)
-    assert all(parse_boxes(item.question) and item.answer.startswith("a ") for item in referring)
+    assert all(item.question == "what is in <region>?" and len(item.box) == 4 and item.answer.startswith("a ")
+               for item in referring)
     # the existing tasks' items did not move (same random stream per item)
     vqa = formats.procedural_items("vqa", "eval", 3, IMAGE, 0)
     assert [i.question for i in vqa] == [i.question for i in formats.procedural_items("vqa", "eval", 3, IMAGE, 0)]
@@ -123,3 +124,30 @@ def test_the_sft_stage_starts_from_the_pretrained_workdir(tmp_path):
     assert summary["loss_first10_mean"] < fresh["loss_first10_mean"]
     for key in ("shapes_vqa/accuracy@0shot", "shapes_grounding/accuracy@0shot", "shapes_referring/accuracy@0shot"):
         assert key in summary["eval"]["initial"] and key in summary["eval"]["final"]
+
+
+def test_a_referring_prompt_carries_its_region_token():
+    """In the chat template with region tokens on, a referring prompt writes
+    the region's box as text and puts a region token after it, pointing at
+    the prompt's image, with the region's coverage; a batch of such prompts
+    carries the region fields padded per row."""
+    from mmjax.data.examples import ExampleBuilder
+    from mmjax.eval.batching import pad_batch
+    from mmjax.eval.prompts import PromptMaker, Template
+
+    c = small_config()
+    tok = default_tokenizer(c.data)
+    builder = ExampleBuilder(tok, 10**6, 10**6, c.data.tokens_per_image, c.data.image_size, max_regions=10**6,
+                             region_grid=8)
+    items = formats.procedural_items("referring", "eval", 3, c.data.image_size, 0)
+    template = Template("<image> {question}", "{answer}", "", "", chat=True)
+    one_shot = PromptMaker(builder, template, items, 1, 4096, 8, 0, "test").make(0, items[0])
+    (at,) = np.nonzero(one_shot.regions["region_slots"] >= 0)[0][-1:]  # the query's region
+    assert one_shot.ids[at] == tok.image_id and one_shot.regions["region_images"].tolist() == [0, 1]
+    box_text = tok.decode(one_shot.ids[max(0, at - 24):at].tolist())
+    assert parse_boxes(box_text), box_text
+    assert one_shot.regions["region_masks"][-1].sum() > 0
+    zero_shot = PromptMaker(builder, template, items, 0, 4096, 8, 0, "test").make(1, items[1])
+    batch = pad_batch([one_shot, zero_shot], 2, (c.data.image_size,) * 2 + (3,))
+    assert batch["region_images"].tolist() == [[0, 1], [0, -1]] and batch["region_masks"].shape == (2, 2, 8, 8)
+    assert (batch["region_slots"] >= 0).sum(axis=1).tolist() == [2, 1]

@@ -10,7 +10,10 @@ from `(seed, split, stream, index)` alone.
                  describe   "describe the picture." -> the exact caption
                  grounding  "where is the red circle? answer with its box."
                             -> "[x1, y1, x2, y2]" (`mmjax.data.regions.format_box`)
-                 referring  "what is in [x1, y1, x2, y2]?" -> "a red circle."
+                 referring  "what is in <region>?" -> "a red circle.", the region
+                            a shape's box: written as "[x1, y1, x2, y2]"
+                            and, with `data.max_regions > 0`, followed by a
+                            region token (`mmjax.models.region_sampler`)
   interleaved  2-3 numbered pictures ("picture 1: <image> picture 2: <image>"),
                then one comparison: which picture has the most shapes, which
                one shows a given shape, how many shapes in all.
@@ -46,9 +49,23 @@ def _rng(seed: int, split: str, stream: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], _STREAM_OFFSET + STREAMS.index(stream), index])
 
 
-def _turn(role: str, *parts) -> list[dict]:
-    """Segments of one turn: strings become text, arrays images."""
-    return [{"text": p, "role": role} if isinstance(p, str) else {"image": p, "role": role} for p in parts]
+REGION_MARK = "<region>"
+
+
+def _turn(role: str, *parts, box=None) -> list[dict]:
+    """Segments of one turn: strings become text (a `<region>` in one becomes
+    a region segment of `box` on the record's first image), arrays images."""
+    out: list[dict] = []
+    for part in parts:
+        if not isinstance(part, str):
+            out.append({"image": part, "role": role})
+            continue
+        for n, piece in enumerate(part.split(REGION_MARK)):
+            if n:
+                out.append({"region": {"image": 0, "box": list(box)}, "role": role})
+            if piece.strip():
+                out.append({"text": piece.strip(), "role": role})
+    return out
 
 
 def grounding_question(scene: list[shapes.Shape], boxes: list, image_size: int,
@@ -65,26 +82,27 @@ def grounding_question(scene: list[shapes.Shape], boxes: list, image_size: int,
             format_box(boxes[i], image_size, image_size), tuple(boxes[i]))
 
 
-def referring_question(scene: list[shapes.Shape], boxes: list, image_size: int,
-                       rng: np.random.Generator) -> tuple[str, str]:
-    """(question, answer) naming the shape inside one shape's box."""
+def referring_question(scene: list[shapes.Shape], boxes: list, rng: np.random.Generator) -> tuple[str, str, tuple]:
+    """(question with a `<region>` mark, answer, the region's pixel box) naming
+    the shape inside one shape's box."""
     i = int(rng.integers(len(scene)))
-    return f"what is in {format_box(boxes[i], image_size, image_size)}?", f"a {scene[i].colour} {scene[i].kind}."
+    return f"what is in {REGION_MARK}?", f"a {scene[i].colour} {scene[i].kind}.", tuple(boxes[i])
 
 
-def _single_image_turns(scene, boxes, image_size, rng) -> list[tuple[str, str]]:
+def _single_image_turns(scene, boxes, image_size, rng) -> list[tuple[str, str, tuple | None]]:
+    """(question, answer, region box or None) for 1-3 turns about one scene."""
     s = scene[int(rng.integers(len(scene)))]
     n = len(scene)
     asks = [
-        ("how many shapes are there?", f"{shapes.COUNT_WORDS[n]}."),
-        (f"what colour is the shape at the {s.position}?", f"{s.colour}."),
-        (f"what is at the {s.position}?", f"a {s.colour} {s.kind}."),
-        ("describe the picture.", shapes.caption(scene)),
-        referring_question(scene, boxes, image_size, rng),
+        ("how many shapes are there?", f"{shapes.COUNT_WORDS[n]}.", None),
+        (f"what colour is the shape at the {s.position}?", f"{s.colour}.", None),
+        (f"what is at the {s.position}?", f"a {s.colour} {s.kind}.", None),
+        ("describe the picture.", shapes.caption(scene), None),
+        referring_question(scene, boxes, rng),
     ]
     grounding = grounding_question(scene, boxes, image_size, rng)
     if grounding is not None:
-        asks.append(grounding[:2])
+        asks.append(grounding[:2] + (None,))
     picks = rng.choice(len(asks), size=int(rng.integers(1, 4)), replace=False)
     return [asks[i] for i in picks]
 
@@ -118,8 +136,8 @@ class SingleImageConversations(_Source):
         scene, boxes = shapes.sample_scene(rng), []
         image = shapes.render_scene(scene, self.image_size, rng, boxes)
         segments: list[dict] = []
-        for n, (question, answer) in enumerate(_single_image_turns(scene, boxes, self.image_size, rng)):
-            segments += _turn("user", image, question) if n == 0 else _turn("user", question)
+        for n, (question, answer, box) in enumerate(_single_image_turns(scene, boxes, self.image_size, rng)):
+            segments += _turn("user", image, question, box=box) if n == 0 else _turn("user", question, box=box)
             segments += _turn("assistant", answer)
         return self._record(segments, index)
 

@@ -2,7 +2,8 @@
 generation that runs on them.
 
 A batch holds `tokens [b, P]` (right-padded), `lengths [b]` and, for models
-that read images, `image_slots [b, P]` and `images [b, n, T, T, 3]`. `P` is
+that read images, `image_slots [b, P]` and `images [b, n, T, T, 3]` (and the
+region fields when the prompts have region tokens). `P` is
 rounded up to a multiple of `LENGTH_BUCKET` so that few shapes compile. Rows
 past the last prompt repeat the first prompt and are dropped afterwards.
 Arrays are placed with the training batch sharding (batch over the data
@@ -41,7 +42,29 @@ def pad_batch(prompts: list[Prompt], batch_size: int, image_shape: tuple[int, ..
         if image_shape is not None:
             batch["image_slots"][i, :len(p.ids)] = p.slots
             batch["images"][i, :len(p.images)] = p.images
+    if image_shape is not None and any(p.regions is not None for p in rows):
+        batch.update(_region_fields(rows, length))
     return batch
+
+
+def _region_fields(rows: list[Prompt], length: int) -> dict:
+    """`region_slots [b, P]` (-1 padding), `region_images [b, R]` (-1),
+    `region_masks [b, R, G, G]` for prompts with region tokens (R: the most
+    regions of a row, at least 1)."""
+    known = [p.regions for p in rows if p.regions is not None]
+    grid = known[0]["region_masks"].shape[-1]
+    most = max(1, max(len(r["region_images"]) for r in known))
+    out = {"region_slots": np.full((len(rows), length), -1, np.int32),
+           "region_images": np.full((len(rows), most), -1, np.int32),
+           "region_masks": np.zeros((len(rows), most, grid, grid), np.float32)}
+    for i, p in enumerate(rows):
+        if p.regions is None:
+            continue
+        r = p.regions
+        out["region_slots"][i, :len(r["region_slots"])] = r["region_slots"]
+        out["region_images"][i, :len(r["region_images"])] = r["region_images"]
+        out["region_masks"][i, :len(r["region_masks"])] = r["region_masks"]
+    return out
 
 
 def place(batch: dict, mesh, batch_spec) -> dict:

@@ -51,7 +51,7 @@ class Item:
     choices: tuple[str, ...] = ()
     gold: int = -1
     answer: str = ""
-    box: tuple = ()  # grounding: the pixel box `(x1, y1, x2, y2)` the answer names
+    box: tuple = ()  # pixel box `(x1, y1, x2, y2)`: the answer (grounding) or the `<region>` (referring)
 
     def shown_answer(self) -> str:
         return self.answer or (self.references[0] if self.references else "")
@@ -208,9 +208,12 @@ def procedural_items(kind: str, split: str, count: int, image_size: int, seed: i
             if asked is not None:
                 items.append(Item(item_id, image, question=asked[0], references=(asked[1],), box=asked[2]))
         else:
-            question, answer = (referring_question(scene, boxes, image_size, rng) if kind == "referring"
-                                else _scene_questions(scene, rng))
+            box = ()
+            if kind == "referring":
+                question, answer, box = referring_question(scene, boxes, rng)
+            else:
+                question, answer = _scene_questions(scene, rng)
             answer = answer.rstrip(".")  # references normalised, as VQA releases are
             items.append(Item(item_id, image, question=question,
-                              references=(normalize_answer(answer),) * 10, answer=answer))
+                              references=(normalize_answer(answer),) * 10, answer=answer, box=box))
     return items

@@ -29,6 +29,7 @@ from mmjax.data.records import warn_bad_input
 from mmjax.eval.formats import Item
 
 IMAGE_MARK = "<image>"
+REGION_MARK = "<region>"  # an item's `box` on its own image (referring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +55,16 @@ class Template:
 
 @dataclasses.dataclass
 class Prompt:
-    """`ids [L]` (no `<eos>`), `slots [L]` (-1 for text), `images [n, T, T, 3]`."""
+    """`ids [L]` (no `<eos>`), `slots [L]` (-1 for text), `images [n, T, T, 3]`;
+    `regions`: the region fields (`region_slots [L]`, `region_images [r]`,
+    `region_masks [r, G, G]`) when the builder makes region tokens."""
 
     ids: np.ndarray
     slots: np.ndarray
     images: np.ndarray
     shots: int
     dropped_shots: int
+    regions: dict | None = None
 
 
 def load_image(item: Item, where: str) -> np.ndarray | None:
@@ -76,15 +80,40 @@ def load_image(item: Item, where: str) -> np.ndarray | None:
         return None
 
 
-def _segments(text: str, pixels: list[np.ndarray]) -> list[dict]:
-    """Text with `<image>` marks -> raw-record segments, consuming `pixels` in order."""
-    out, pieces = [], re.split(f"({re.escape(IMAGE_MARK)})", text)
+def _segments(text: str, pixels: list[np.ndarray], box=()) -> list[dict]:
+    """Text with `<image>` (and `<region>`) marks -> raw-record segments,
+    consuming `pixels` in order; a region is `box` on the last image before
+    it (`"image"` left None: the conversation numbers its images)."""
+    out, pieces = [], re.split(f"({re.escape(IMAGE_MARK)}|{re.escape(REGION_MARK)})", text)
     for piece in pieces:
         if piece == IMAGE_MARK:
             out.append({"image": pixels.pop(0)})
+        elif piece == REGION_MARK:
+            out.append({"region": {"image": None, "box": list(box)}})
         elif piece.strip():
             out.append({"text": piece.strip(" ")})
     return out
+
+
+def _number_regions(segments: list[dict]) -> list[dict]:
+    """Regions point at the last image before them, counted over the whole prompt."""
+    images = 0
+    for seg in segments:
+        if "image" in seg:
+            images += 1
+        elif "region" in seg and seg["region"]["image"] is None:
+            seg["region"] = dict(seg["region"], image=images - 1)
+    return segments
+
+
+def _regions_as_text(text: str, item: Item, pixels: list[np.ndarray]) -> str:
+    """A plain (not chat) prompt writes an item's region as its coordinates."""
+    if REGION_MARK not in text:
+        return text
+    from mmjax.data.regions import format_box
+
+    height, width = np.shape(pixels[-1])[:2] if pixels else (1, 1)
+    return text.replace(REGION_MARK, format_box(item.box, width, height))
 
 
 class PromptMaker:
@@ -122,20 +151,20 @@ class PromptMaker:
         t = self.template
         segments = [{"text": t.prefix, "role": "system"}] if t.prefix else []
         for number, (item, pixels) in enumerate(demos, 1):
-            segments += [dict(seg, role="user") for seg in _segments(t.prompt(item, number), list(pixels))]
+            segments += [dict(seg, role="user") for seg in _segments(t.prompt(item, number), list(pixels), item.box)]
             segments.append({"text": t.answer.format(answer=item.shown_answer()).strip(), "role": "assistant"})
         segments += [dict(seg, role="user") for seg in _segments(t.prompt(query, len(demos) + 1),
-                                                                 list(query_pixels))]
-        return self.builder({"stream": "interleaved", "segments": segments, "prompt": True,
+                                                                 list(query_pixels), query.box)]
+        return self.builder({"stream": "interleaved", "segments": _number_regions(segments), "prompt": True,
                              "origin": f"{self.where}: item {query.id}"})
 
     def _build(self, demos, query: Item, query_pixels) -> dict:
         if self.template.chat:
             return self._conversation(demos, query, query_pixels)
-        text = self.template.prefix + "".join(self.template.demonstration(item, number)
-                                              for number, (item, _) in enumerate(demos, 1))
+        text = self.template.prefix + "".join(_regions_as_text(self.template.demonstration(item, number), item, px)
+                                              for number, (item, px) in enumerate(demos, 1))
         pixels = [p for _, px in demos for p in px] + list(query_pixels)
-        text += self.template.prompt(query, len(demos) + 1)
+        text += _regions_as_text(self.template.prompt(query, len(demos) + 1), query, list(query_pixels))
         return self.builder({"stream": "interleaved", "segments": _segments(text, pixels),
                              "origin": f"{self.where}: item {query.id}"})
 
@@ -153,5 +182,9 @@ class PromptMaker:
             demos = demos[1:]
         if length + self.max_new_tokens > self.max_len or example["skipped_images"]:
             return None
+        regions = None
+        if "region_slots" in example:
+            regions = {"region_slots": example["region_slots"][:-1], "region_images": example["region_images"],
+                       "region_masks": example["region_masks"]}
         return Prompt(example["ids"][:-1], example["slots"][:-1], example["images"], len(demos),
-                      wanted - len(demos))
+                      wanted - len(demos), regions)

@@ -193,8 +193,12 @@ class GenerationTask:
                                                                   if support is None else "") + ".")
         d = config.data
         uses_images = model_spec(config.model).uses_images
+        from mmjax.models.mm1 import regions_enabled
+
         self.builder = ExampleBuilder(tokenizer, BIG, BIG, d.tokens_per_image, d.image_size,
-                                      image_split=tuple(d.image_split), tile_separators=d.tile_separators)
+                                      image_split=tuple(d.image_split), tile_separators=d.tile_separators,
+                                      max_regions=BIG if regions_enabled(config.model) else 0,
+                                      region_grid=d.get("region_grid", 0))
         self.template = Template(s.query, s.answer, s.separator, s.prefix, bool(s.get("chat", False)))
         self.max_len = s.max_len or d.seq_len
         self.where = where

@@ -135,6 +135,7 @@ def _restore_step(step_dir: str, state: dict, log) -> list[str]:
     taken, target, missing = [], {}, []
     for component in state["params"]:
         if component not in saved:
+            missing.append(component)
             continue
         have = _leaves(saved[component])  # paths end in "value" (nnx.Variable)
         for path, leaf in _leaves(state["params"][component].to_pure_dict()).items():
@@ -159,7 +160,7 @@ def _restore_step(step_dir: str, state: dict, log) -> list[str]:
         values = {path[1:-1]: value for path, value in _leaves(restored["params"]).items() if path[0] == component}
         nnx.replace_by_pure_dict(state["params"][component], _nest(values) if values else {})
     if missing:
-        log(f"init_from: {len(missing)} variable(s) not in {step_dir} keep their initialisation: "
+        log(f"init_from: {len(missing)} component(s) or variable(s) not in {step_dir} keep their initialisation: "
             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     return taken
 
