@@ -29,8 +29,12 @@ def _rng(seed: int, split: str, stream: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], STREAMS.index(stream), index])
 
 
-class _ProceduralSource:
+class ProceduralSource:
+    """A random-access source of generated records of one stream (`origin`
+    names the record in warnings)."""
+
     stream = ""
+    kind = "procedural"
 
     def __init__(self, image_size: int, seed: int = 0, split: str = "train"):
         self.image_size, self.seed, self.split = image_size, seed, split
@@ -39,14 +43,14 @@ class _ProceduralSource:
         return VIRTUAL_LENGTH
 
     def origin(self, index: int) -> str:
-        """Where a record comes from, for warnings: `procedural:<stream>/<split>:<index>`."""
-        return f"procedural:{self.stream}/{self.split}:{index}"
+        """Where a record comes from, for warnings: `<kind>:<stream>/<split>:<index>`."""
+        return f"{self.kind}:{self.stream}/{self.split}:{index}"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, seed={self.seed}, split={self.split!r})"
 
 
-class CaptionSource(_ProceduralSource):
+class CaptionSource(ProceduralSource):
     """One image followed by its exact caption."""
 
     stream = "caption"
@@ -61,7 +65,7 @@ class CaptionSource(_ProceduralSource):
         ], "origin": self.origin(index)}
 
 
-class InterleavedSource(_ProceduralSource):
+class InterleavedSource(ProceduralSource):
     """Documents of 2-4 scenes: half are pages of numbered pictures, each
     followed by questions and answers about it; half are albums of pictures
     each followed by its caption (the layout of few-shot captioning)."""
@@ -81,7 +85,7 @@ class InterleavedSource(_ProceduralSource):
         return {"stream": self.stream, "segments": segments, "origin": self.origin(index)}
 
 
-class TextSource(_ProceduralSource):
+class TextSource(ProceduralSource):
     """Prose chunks from Python's own help topics, chosen at random per index."""
 
     stream = "text"

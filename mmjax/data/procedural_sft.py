@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmjax.data import shapes
-from mmjax.data.procedural import SPLITS, VIRTUAL_LENGTH
+from mmjax.data.procedural import SPLITS, ProceduralSource
 from mmjax.data.records import STREAMS
 from mmjax.data.regions import format_box
 from mmjax.data.text_corpus import pydoc_chunks
@@ -107,20 +107,8 @@ def _single_image_turns(scene, boxes, image_size, rng) -> list[tuple[str, str, t
     return [asks[i] for i in picks]
 
 
-class _Source:
-    stream = ""
-
-    def __init__(self, image_size: int, seed: int = 0, split: str = "train"):
-        self.image_size, self.seed, self.split = image_size, seed, split
-
-    def __len__(self) -> int:
-        return VIRTUAL_LENGTH
-
-    def origin(self, index: int) -> str:
-        return f"procedural:sft:{self.stream}/{self.split}:{index}"
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(image_size={self.image_size}, seed={self.seed}, split={self.split!r})"
+class _Source(ProceduralSource):
+    kind = "procedural:sft"
 
     def _record(self, segments: list[dict], index: int) -> dict:
         return {"stream": self.stream, "segments": segments, "origin": self.origin(index)}

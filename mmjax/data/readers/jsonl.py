@@ -99,6 +99,19 @@ class _JsonObjects:
 
     paths: list[str]
     stream: str
+    _starts: np.ndarray  # per record: its first byte
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def _position(self, index) -> int:
+        """`index` (negative counts from the end) checked against the records."""
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records")
+        return index
 
     def _record(self, data: bytes, origin: str, directory: str) -> dict:
         try:
@@ -171,18 +184,12 @@ class JsonlSource(_JsonObjects):
         self._file_size = np.asarray(sizes, np.int64)
         self._files = OpenFiles(self.paths)
 
-    def __len__(self) -> int:
-        return len(self._starts)
 
     def __repr__(self) -> str:
         return f"JsonlSource({len(self.paths)} files, {len(self)} records, stream={self.stream!r})"
 
     def __getitem__(self, index) -> dict:
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} records")
+        index = self._position(index)
         file = int(np.searchsorted(self._file_first, index, side="right")) - 1
         path = self.paths[file]
         origin = f"{path}:{int(self._lines[index])}"
@@ -279,18 +286,12 @@ class JsonSource(_JsonObjects):
         self._file_first = np.asarray(first, np.int64)
         self._files = OpenFiles(self.paths)
 
-    def __len__(self) -> int:
-        return len(self._starts)
 
     def __repr__(self) -> str:
         return f"JsonSource({len(self.paths)} files, {len(self)} records, stream={self.stream!r})"
 
     def __getitem__(self, index) -> dict:
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} records")
+        index = self._position(index)
         if index in self._tails:
             origin, reason = self._tails[index]
             return bad_record(self.stream, origin, reason)
