@@ -30,7 +30,7 @@ def base_config() -> mlc.ConfigDict:
     c.init_from = ()
 
     c.model = mlc.ConfigDict()
-    c.model.name = "mm1"  # a registered model (mmjax/models/registry.py): mm1 | text_lm
+    c.model.name = "mm1"  # a registered model (mmjax/models/registry.py): mm1 | text_lm | dual_encoder
     c.model.dtype = "float32"
     c.model.vit = dict(flavour="siglip", image_size=image_size, patch_size=4, embed=64, depth=2, heads=4,
                        mlp=256, layer_norm_eps=1e-5, feature_layer=-1, map_head=False, scan=False,
@@ -57,6 +57,10 @@ def base_config() -> mlc.ConfigDict:
     # patch features inside each region of data.max_regions (> 0 then) into a region token's embedding.
     # hidden: the sampler's point-feature width; pos_freqs: Fourier frequencies of a point's position.
     c.model.region_sampler = dict(enabled=False, hidden=64, pos_freqs=4)
+    # The dual encoder (model.name="dual_encoder", mmjax/models/dual_encoder.py): vit and decoder are its
+    # image and text towers. loss: "clip" (softmax) | "siglip" (sigmoid); embed: the shared embedding width;
+    # image_pool: "token" (CLIP class token / SigLIP MAP head) | "mean"; text_pool: "last" | "mean".
+    c.model.contrastive = dict(loss="siglip", embed=64, image_pool="mean", text_pool="last", text_causal=True)
 
     c.data = mlc.ConfigDict()
     c.data.seq_len = 128

@@ -1,11 +1,15 @@
 """Models by name: `config.model.name` picks a builder from `MODELS`.
 
 A registered model is built as `build(model_cfg, rngs)` and must provide
-`forward_batch(batch) -> (logits [b, s, vocab] float32, aux)`, where `batch`
-is a dict holding (at least) the fields the entry lists in `inputs` and `aux`
-holds MoE losses and routing statistics stacked over MoE layers (empty for a
-dense model). The train step, the evaluators and the benchmarks only go
-through this entry: none of them branches on a model's name.
+`forward_batch(batch) -> (outputs, aux)`, where `batch` is a dict holding (at
+least) the fields the entry lists in `inputs` and `aux` holds MoE losses and
+routing statistics stacked over MoE layers (empty for a dense model). What
+`outputs` is depends on the entry's `objective`, the loss it trains with
+(`mmjax.train.objectives`): "next_token" (the default) takes logits
+`[b, s, vocab]` float32, "contrastive" the dual encoder's embeddings
+(`mmjax.models.dual_encoder`). The train step, the evaluators and the
+benchmarks only go through this entry: none of them branches on a model's
+name.
 
     @register_model("my_model", inputs=("tokens", "segment_ids", "positions"))
     def build(cfg, rngs): return MyModel(cfg, rngs=rngs)
@@ -26,11 +30,15 @@ from mmjax.errors import ConfigError
 # Per-row shapes of the batch fields a model may read (see mmjax.data.packing):
 # sequence fields are `[seq_len]`, images `[max_images, size, size, 3]`,
 # region_slots `[seq_len]`, region_images `[max_regions]`,
-# region_masks `[max_regions, region_grid, region_grid]`.
+# region_masks `[max_regions, region_grid, region_grid]`; those are the fields
+# of packed batches. Image-text pair batches (one pair per row) hold `image`
+# `[size, size, 3]` with the text in `tokens` and `segment_ids` (1 on the
+# text, 0 on padding); the packed pipeline does not produce `image`.
 SEQUENCE_FIELDS = ("tokens", "image_slots", "segment_ids", "positions")
-IMAGE_FIELDS = ("images",)
+IMAGE_FIELDS = ("images", "image")
 REGION_FIELDS = ("region_slots", "region_images", "region_masks")
 KNOWN_FIELDS = SEQUENCE_FIELDS + IMAGE_FIELDS + REGION_FIELDS
+PACKED_FIELDS = SEQUENCE_FIELDS + ("images",) + REGION_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +47,7 @@ class ModelSpec:
     build: Callable[..., nnx.Module]  # (model_cfg, rngs) -> module with forward_batch
     inputs: tuple[str, ...]           # batch fields forward_batch reads
     optional_inputs: Callable[..., tuple[str, ...]] | None = None  # model_cfg -> further fields it reads
+    objective: str = "next_token"    # the loss it trains with (mmjax.train.objectives)
 
     @property
     def uses_images(self) -> bool:
@@ -54,14 +63,15 @@ MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, inputs: tuple[str, ...],
-                   optional_inputs: Callable[..., tuple[str, ...]] | None = None):
+                   optional_inputs: Callable[..., tuple[str, ...]] | None = None,
+                   objective: str = "next_token"):
     """Decorator registering `build(model_cfg, rngs)` as model `name`."""
     unknown = [f for f in inputs if f not in KNOWN_FIELDS]
     if unknown:
         raise ValueError(f"model {name!r} reads unknown batch fields {unknown}; known: {KNOWN_FIELDS}.")
 
     def register(build):
-        MODELS[name] = ModelSpec(name, build, tuple(inputs), optional_inputs)
+        MODELS[name] = ModelSpec(name, build, tuple(inputs), optional_inputs, objective)
         return build
 
     return register

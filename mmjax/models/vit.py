@@ -195,6 +195,15 @@ class ViT(nnx.Module):
             raise ValueError("this SigLIP encoder has no MAP head (config.model.vit.map_head=False)")
         return self.head(x)
 
+    def mean_pooled(self, images: jax.Array) -> jax.Array:
+        """`[b, vit_embed]`: the mean of the patch tokens of the last hidden
+        state (the class token left out), post-normed: SigLIP's norm is on the
+        sequence already, CLIP's `ln_post` is applied to the mean."""
+        x = self(images)
+        if self.flavour.class_token:
+            return self.ln_post(x[:, 1:].mean(axis=1))
+        return x.mean(axis=1)
+
     def features(self, images: jax.Array) -> jax.Array:
         """Patch features for the connector `[b, patches, vit_embed]` from
         `feature_layer` (-1: last block, post-normed for SigLIP; -2: the block

@@ -112,6 +112,21 @@ def _flavours():
     return FLAVOURS
 
 
+def _contrastive_losses():
+    from mmjax.models.dual_encoder import CONTRASTIVE_LOSSES
+    return CONTRASTIVE_LOSSES
+
+
+def _image_pools():
+    from mmjax.models.dual_encoder import IMAGE_POOLS
+    return IMAGE_POOLS
+
+
+def _text_pools():
+    from mmjax.models.text_encoder import TEXT_POOLS
+    return TEXT_POOLS
+
+
 def _connectors():
     from mmjax.models.connectors import CONNECTORS
     return CONNECTORS
@@ -168,6 +183,11 @@ FIELDS: dict[str, Rule] = {
     "model.region_sampler.enabled": boolean,
     "model.region_sampler.hidden": integer(1),
     "model.region_sampler.pos_freqs": integer(0),
+    "model.contrastive.loss": one_of(_contrastive_losses),
+    "model.contrastive.embed": integer(1),
+    "model.contrastive.image_pool": one_of(_image_pools),
+    "model.contrastive.text_pool": one_of(_text_pools),
+    "model.contrastive.text_causal": boolean,
     "model.vit.flavour": one_of(_flavours),
     "model.vit.image_size": integer(1),
     "model.vit.patch_size": integer(1),

@@ -24,6 +24,7 @@ import numpy as np
 from mmjax.data.pipeline import default_tokenizer, make_dataset, to_global_arrays
 from mmjax.data.packing import COUNTS
 from mmjax.data.records import STREAMS
+from mmjax.models.registry import PACKED_FIELDS, model_spec
 from mmjax.parallel import get_layout, make_mesh
 from mmjax.train import hooks
 from mmjax.train.checkpoint import Checkpointer
@@ -35,6 +36,7 @@ from mmjax.train.evaluators import make_evaluators
 from mmjax.train.flops import peak_flops_per_device, train_flops
 from mmjax.train.guards import PreemptionFlag
 from mmjax.train.metrics import MetricsWriter, format_duration, log
+from mmjax.train.objectives import batch_loss
 from mmjax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
 from mmjax.train.prefetch import Prefetcher
 from mmjax.train.state import abstract_train_state, build_train_setup, init_train_state, split_params
@@ -64,7 +66,8 @@ def build_step(config, mesh, rules) -> tuple:
                                  trainable=trainable_mask(config.optimizer, setup.abstract_params),
                                  skip_nonfinite=config.train.on_nonfinite == "skip",
                                  router_bias_rate=moe.get("bias_update_rate", 0.0)
-                                 if moe.get("balance", "aux_loss") == "bias" else 0.0)
+                                 if moe.get("balance", "aux_loss") == "bias" else 0.0,
+                                 batch_loss=batch_loss(config.model))
     return setup, train_step
 
 
@@ -77,6 +80,7 @@ def train(config, workdir) -> dict:
     if not is_remote(workdir):
         os.makedirs(workdir, exist_ok=True)
     check_config(config, jax.device_count(), jax.process_count())
+    _check_data_feeds_model(config)
     finished = finished_run(workdir, config.train.steps)
     if finished is not None:  # outputs stay untouched: nothing is opened for writing
         log(f"{workdir} holds a finished run of {config.train.steps} steps (summary.json, checkpoint "
@@ -148,6 +152,16 @@ def train(config, workdir) -> dict:
     run.writer.close()
     _write_summary(workdir, run.summary)
     return run.summary
+
+
+def _check_data_feeds_model(config) -> None:
+    """ConfigError when the model reads batch fields the packed data
+    pipeline does not produce (e.g. the pair batches' `image`)."""
+    unfed = [f for f in model_spec(config.model).inputs_for(config.model) if f not in PACKED_FIELDS]
+    if unfed:
+        raise ConfigError(f"config.model.name={config.model.name!r} reads batch fields {unfed}, which the data "
+                          "pipeline (mmjax.data) does not produce; train it with the step of "
+                          "mmjax.train.loop.build_step on batches that hold them.")
 
 
 def finished_run(workdir, total_steps: int) -> dict | None:

@@ -8,7 +8,8 @@ the optimizer see only the `nnx.Param`s (`split_params`); the train step
 updates the other variables itself. Optimizer moments inherit the sharding
 of the parameter they belong to. The model is the one
 `config.model.name` names (`mmjax.models.registry`); the batch fields the step
-receives are the ones it reads plus the loss's `LOSS_INPUTS`.
+receives are the ones it reads plus those its objective's loss reads
+(`mmjax.train.objectives`).
 """
 
 from __future__ import annotations
@@ -24,24 +25,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmjax.models import build_model, model_spec
 from mmjax.parallel import activation_resolver, batch_sharding, tree_shardings
-
-# Batch fields the loss reads besides the model's inputs.
-LOSS_INPUTS = ("targets", "loss_mask")
+from mmjax.train.objectives import model_objective
 
 
 def step_inputs(config) -> tuple[str, ...]:
     """Batch fields the jitted step consumes (model inputs + loss inputs);
     anything else stays on the host."""
-    return model_spec(config.model).inputs_for(config.model) + LOSS_INPUTS
+    return model_spec(config.model).inputs_for(config.model) + model_objective(config.model).inputs
 
 
 def batch_row_shapes(config) -> dict[str, tuple[int, ...]]:
     """Per-row shape of each step input: `[seq_len]`, images `[max_images, size, size, 3]`,
-    region_images `[max_regions]`, region_masks `[max_regions, region_grid, region_grid]`."""
+    image `[size, size, 3]` (pair batches), region_images `[max_regions]`,
+    region_masks `[max_regions, region_grid, region_grid]`."""
     d = config.data
     regions, grid = d.get("max_regions", 0), d.get("region_grid", 0)
-    special = {"images": (d.max_images, d.image_size, d.image_size, 3), "region_images": (regions,),
-               "region_masks": (regions, grid, grid)}
+    special = {"images": (d.max_images, d.image_size, d.image_size, 3), "image": (d.image_size, d.image_size, 3),
+               "region_images": (regions,), "region_masks": (regions, grid, grid)}
     return {k: special.get(k, (d.seq_len,)) for k in step_inputs(config)}
 
 

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mmjax.errors import ConfigError
 from mmjax.models.moe import router_biases, set_router_biases, update_router_bias
 from mmjax.models.partitioning import activation_sharding
 from mmjax.models.precision import cast_weights_once
@@ -142,10 +143,14 @@ def balance_router_biases(variables: nnx.State, expert_fraction: jax.Array | Non
 def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: float,
                     load_balance_weight: float = 0.0, router_z_weight: float = 0.0, *,
                     grad_accum_steps: int = 1, trainable=None, skip_nonfinite: bool = False,
-                    router_bias_rate: float = 0.0) -> Callable:
+                    router_bias_rate: float = 0.0, batch_loss: Callable | None = None) -> Callable:
     """Returns `step(state, batch) -> (state, metrics)` (jitted, state donated).
 
-    The loss is next-token CE + z-loss + the weighted MoE aux losses.
+    The loss is next-token CE + z-loss + the weighted MoE aux losses, or,
+    with `batch_loss` (`outputs -> (loss, metrics)`, a loss of the whole
+    batch from the model's outputs: `mmjax.train.objectives`), that loss +
+    the weighted MoE aux losses; `batch_loss` runs under the activation
+    shardings and needs grad_accum_steps=1.
     Gradients and the optimizer update cover the `nnx.Param`s; after the
     update the MoE router biases (if the model has them, `moe.balance="bias"`)
     move by `router_bias_rate` towards balance (`balance_router_biases`), on
@@ -172,6 +177,9 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
     k = int(grad_accum_steps)
     if k < 1:
         raise ValueError(f"grad_accum_steps={grad_accum_steps} must be at least 1.")
+    if batch_loss is not None and k > 1:
+        raise ConfigError(f"config.train.grad_accum_steps={k}: this model's loss is over the whole batch "
+                          "(every pair against every other), which micro-batches would change; use 1.")
 
     def freeze(params):
         if trainable is None:
@@ -184,8 +192,13 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
 
         def loss_fn(p):
             variables = nnx.merge_state(freeze(p), others)
-            logits, aux = model_forward(setup.graphdef, variables, batch, setup.resolver)
-            loss, metrics = cross_entropy_loss(logits, batch["targets"], batch["loss_mask"], z_loss_weight)
+            outputs, aux = model_forward(setup.graphdef, variables, batch, setup.resolver)
+            if batch_loss is not None:
+                with activation_sharding(setup.resolver):
+                    loss, metrics = batch_loss(outputs)
+                moe_loss, moe_metrics = moe_losses(aux, load_balance_weight, router_z_weight)
+                return loss + moe_loss, {**metrics, **moe_metrics}
+            loss, metrics = cross_entropy_loss(outputs, batch["targets"], batch["loss_mask"], z_loss_weight)
             moe_loss, moe_metrics = moe_losses(aux, load_balance_weight, router_z_weight)
             share = metrics["loss_tokens"] / jnp.maximum(total_tokens, 1.0)
             metrics = {name: (value * share if name in _TOKEN_WEIGHTED else value)
@@ -195,6 +208,8 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     def accumulated_grads(params, others, batch):
+        if batch_loss is not None:
+            return micro_grads(params, others, batch, None)
         total_tokens = batch["loss_mask"].astype(jnp.float32).sum()
         if k == 1:
             return micro_grads(params, others, batch, total_tokens)

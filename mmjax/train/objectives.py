@@ -1,0 +1,51 @@
+"""Training objectives by name: a registered model names the one it trains
+with (`ModelSpec.objective`, `mmjax.models.registry`); the train step and
+its batch fields follow it, never the model's name.
+
+- "next_token": the train step's next-token cross-entropy and z-loss on the
+  logits `forward_batch` returns (`mmjax.train.loss`), token-weighted over
+  micro-batches; reads `targets` and `loss_mask`.
+- "contrastive": CLIP's or SigLIP's loss (`config.model.contrastive.loss`)
+  over the global batch on a dual encoder's embeddings
+  (`mmjax.train.contrastive`); a loss of the whole batch, so it takes no
+  gradient accumulation; reads no further batch field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+from mmjax.models import model_spec
+from mmjax.train.contrastive import contrastive_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    inputs: tuple[str, ...]  # batch fields the loss reads besides the model's inputs
+    # model_cfg -> `outputs -> (loss, metrics)`, a loss of the whole batch; None: the step's next-token loss
+    batch_loss: Callable | None = None
+
+
+OBJECTIVES = {
+    "next_token": Objective(inputs=("targets", "loss_mask")),
+    "contrastive": Objective(inputs=(), batch_loss=lambda m: functools.partial(contrastive_loss,
+                                                                               kind=m.contrastive.loss)),
+}
+
+
+def model_objective(model_cfg) -> Objective:
+    """The objective of the model `config.model.name` names."""
+    name = model_spec(model_cfg).objective
+    if name not in OBJECTIVES:
+        raise ValueError(f"model {model_spec(model_cfg).name!r} trains with objective {name!r}, which is not one "
+                         f"of {sorted(OBJECTIVES)}.")
+    return OBJECTIVES[name]
+
+
+def batch_loss(model_cfg) -> Callable | None:
+    """The model's whole-batch loss `outputs -> (loss, metrics)`, or None
+    for the next-token loss (see `make_train_step`)."""
+    objective = model_objective(model_cfg)
+    return None if objective.batch_loss is None else objective.batch_loss(model_cfg)
