@@ -21,6 +21,7 @@ import time
 import jax
 import numpy as np
 
+from mmjax.data.pairs import PAIR_FIELDS, make_pair_dataset
 from mmjax.data.pipeline import default_tokenizer, make_dataset, to_global_arrays
 from mmjax.data.packing import COUNTS
 from mmjax.data.records import STREAMS
@@ -93,8 +94,8 @@ def train(config, workdir) -> dict:
                           f"config.model.decoder.vocab_size={config.model.decoder.vocab_size}.")
     total_steps = config.train.steps
     pc, pi = jax.process_count(), jax.process_index()  # the data sources are opened (DataError) before the model
-    source = iter(make_dataset(config.data, tokenizer, batch_size=config.data.global_batch // pc,
-                               process_index=pi, process_count=pc))
+    source = iter(make_train_dataset(config, tokenizer, batch_size=config.data.global_batch // pc,
+                                     process_index=pi, process_count=pc))
     setup, train_step = build_step(config, mesh, get_layout(config.rules))
     # The next batches are read and placed on the devices while a step runs; checkpoints hold
     # the position after the last consumed batch (mmjax/train/prefetch.py).
@@ -154,13 +155,31 @@ def train(config, workdir) -> dict:
     return run.summary
 
 
+def _pairs(config) -> bool:
+    """Whether the model trains on image-text pairs (its objective is
+    "contrastive") rather than packed sequences."""
+    return model_spec(config.model).objective == "contrastive"
+
+
+def make_train_dataset(config, tokenizer, *, batch_size: int, process_index: int, process_count: int):
+    """The training batches the model reads: pair batches
+    (`mmjax.data.pairs`) for a contrastive model, else packed sequences
+    (`mmjax.data.pipeline`)."""
+    make = make_pair_dataset if _pairs(config) else make_dataset
+    return make(config.data, tokenizer, batch_size=batch_size, process_index=process_index,
+                process_count=process_count)
+
+
 def _check_data_feeds_model(config) -> None:
-    """ConfigError when the model reads batch fields the packed data
-    pipeline does not produce (e.g. the pair batches' `image`)."""
-    unfed = [f for f in model_spec(config.model).inputs_for(config.model) if f not in PACKED_FIELDS]
+    """ConfigError when the model reads batch fields its data pipeline
+    (packed sequences, or pairs for a contrastive model) does not produce."""
+    pairs = _pairs(config)
+    produced = PAIR_FIELDS if pairs else PACKED_FIELDS
+    unfed = [f for f in model_spec(config.model).inputs_for(config.model) if f not in produced]
     if unfed:
-        raise ConfigError(f"config.model.name={config.model.name!r} reads batch fields {unfed}, which the data "
-                          "pipeline (mmjax.data) does not produce; train it with the step of "
+        pipeline = "pair pipeline (mmjax.data.pairs)" if pairs else "packed data pipeline (mmjax.data.pipeline)"
+        raise ConfigError(f"config.model.name={config.model.name!r} reads batch fields {unfed}, which the "
+                          f"{pipeline} does not produce; train it with the step of "
                           "mmjax.train.loop.build_step on batches that hold them.")
 
 
