@@ -156,3 +156,16 @@ def test_train_dual_encoder_learns_and_resumes(tmp_path):
     assert [r["step"] for r in after] == list(range(11, 21))
     for r, w in zip(after, _records(tmp_path / "whole")[10:]):  # same batches, same values
         assert r["loss"] == pytest.approx(w["loss"], rel=1e-5), r["step"]
+
+
+def test_clip_tiny_config():
+    from mmjax.train.config_checks import check_config
+
+    for loss in ("siglip", "clip"):
+        c = clip_tiny_config(loss)
+        check_config(c, 8, 1)
+        assert c.model.contrastive.loss == loss and c.model.vit.flavour == loss
+        assert not any(c.eval.values())
+    assert clip_tiny_config().model.contrastive.loss == "siglip"
+    with pytest.raises(ValueError, match="'siglip' \\(default\\) or 'clip'"):
+        clip_tiny_config("vit")

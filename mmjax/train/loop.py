@@ -1,7 +1,8 @@
 """The training loop: build everything from the config, resume, step, and
 let the hooks (`mmjax.train.hooks`) do the rest.
 
-`train` builds the run (mesh, model by `config.model.name`, data, state,
+`train` builds the run (mesh, model by `config.model.name`, data (packed
+sequences, or image-text pairs for a contrastive model), state,
 checkpointer, evaluators by `config.eval`), runs the evaluators on a fresh
 run's initial parameters, steps, then saves and evaluates at the end.
 `run_steps` is the step loop: fetch a batch (counted over all processes),
