@@ -32,6 +32,7 @@ import numpy as np
 
 from mmjax.data import images as image_ops
 from mmjax.data.packing import COUNTS
+from mmjax.data.pipeline import shard_split
 from mmjax.data.records import STREAMS, DataError, warn_bad_input
 from mmjax.data.sources import open_stream
 from mmjax.data.tokenizer import Tokenizer
@@ -133,13 +134,7 @@ def make_pair_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split:
     each read by its own pipeline; a process concatenates the batches of its
     `shards / process_count` shards, so the global batch is the same for any
     process count that divides `data.shards`."""
-    shards = data_cfg.get("shards", 0) or process_count
-    if shards % process_count:
-        raise DataError(f"config.data.shards={shards} is not a multiple of the {process_count} processes.")
-    per_process = shards // process_count
-    if batch_size % per_process:
-        raise DataError(f"the per-process batch of {batch_size} cannot be split between "
-                        f"config.data.shards / processes = {per_process} shards.")
+    shards, per_process = shard_split(data_cfg, batch_size, process_count)
     parts = [pairs(data_cfg, tokenizer, split=split, process_index=process_index * per_process + j,
                    process_count=shards).batch(batch_size // per_process, drop_remainder=True)
              for j in range(per_process)]

@@ -68,6 +68,20 @@ def mixed_examples(data_cfg, tokenizer: Tokenizer, *, split: str = "train", proc
     return grain.IterDataset.mix(per_stream, [weights[s] for s in chosen])
 
 
+def shard_split(data_cfg, batch_size: int, process_count: int) -> tuple[int, int]:
+    """(virtual shards, shards per process) for `data.shards` (0: one per
+    process); `DataError` when they do not divide the processes or the
+    per-process batch."""
+    shards = data_cfg.get("shards", 0) or process_count
+    if shards % process_count:
+        raise DataError(f"config.data.shards={shards} is not a multiple of the {process_count} processes.")
+    per_process = shards // process_count
+    if batch_size % per_process:
+        raise DataError(f"the per-process batch of {batch_size} cannot be split between "
+                        f"config.data.shards / processes = {per_process} shards.")
+    return shards, per_process
+
+
 def make_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split: str = "train",
                  process_index: int = 0, process_count: int = 1,
                  streams: tuple[str, ...] | None = None, with_attributes: bool = False,
@@ -86,13 +100,7 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split: str 
       streams: restrict to these streams (default: all, mixed by weight).
       pack: False puts one example in each sequence (evaluation).
     """
-    shards = data_cfg.get("shards", 0) or process_count
-    if shards % process_count:
-        raise DataError(f"config.data.shards={shards} is not a multiple of the {process_count} processes.")
-    per_process = shards // process_count
-    if batch_size % per_process:
-        raise DataError(f"the per-process batch of {batch_size} cannot be split between "
-                        f"config.data.shards / processes = {per_process} shards.")
+    shards, per_process = shard_split(data_cfg, batch_size, process_count)
     packer = Packer(data_cfg.seq_len, data_cfg.max_images, data_cfg.tokens_per_image, data_cfg.image_size,
                     tokenizer.pad_id, **region_settings(data_cfg))
     if data_cfg.workers > 0 and per_process == 1:
