@@ -9,8 +9,9 @@ expert=2 mesh, 300 steps of 64 image-caption pairs (`mmjax.data.pairs`).
 The argument picks the loss: `siglip` (default: sigmoid loss, a SigLIP ViT
 mean-pooled) or `clip` (softmax loss, a CLIP ViT pooled by its class token).
 The text tower is causal and pooled at the caption's last token (`<eos>`).
-No evaluator runs: the caption-accuracy and shapes tasks score a generative
-model; the train metrics carry the batch's image<->text retrieval accuracy.
+Evaluators: zero-shot classification of held-out `procedural:classes`
+images by their shape kind, and image<->text retrieval recall@1/5/10 on
+held-out captions; the train metrics carry the batch's retrieval accuracy.
 """
 
 from mmjax.config_base import base_config
@@ -35,6 +36,10 @@ def get_config(arg=None):
     c.data.max_images = 0  # packed sequences' image slots; a pair batch holds one image per row
     c.optimizer.update(lr=1e-3, warmup_steps=20)
     c.train.steps = 300
-    c.train.eval_every = 0
-    c.eval = dict(caption_accuracy=False)
+    # Zero-shot classification by class-name prompts and image<->text retrieval recall@K on held-out
+    # data (mmjax/train/contrastive_eval.py): at the start, every 100 steps and at the end.
+    c.train.eval_every = 100
+    c.eval = dict(caption_accuracy=False, zero_shot=True, retrieval=True)
+    c.evaluators.zero_shot.num_examples = 256
+    c.evaluators.retrieval.num_examples = 256
     return c

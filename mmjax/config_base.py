@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from mmjax.data import shapes
+
 
 def base_config() -> mlc.ConfigDict:
     image_size = mlc.FieldReference(32)
@@ -108,6 +110,15 @@ def base_config() -> mlc.ConfigDict:
     # evaluators.<name>; they run at the start of a fresh run, every train.eval_every steps and at the end.
     c.eval = dict(caption_accuracy=True)
     c.evaluators = dict(caption_accuracy=dict(num_examples=128))
+    # A dual encoder's zero-shot classification and image<->text retrieval (mmjax/train/contrastive_eval.py).
+    # zero_shot: images of `source` (split "eval") with a class of data.labels.classes, each class embedded as
+    # the renormalised mean of its `templates` ("{}" -> the class name; the default: the procedural data's
+    # one-shape captions in every cell and colour, so colour and place average out and the kind remains).
+    # retrieval: recall@1/5/10 both ways on `num_examples` pairs of `source` ("" = data.sources.caption).
+    c.evaluators.zero_shot = dict(source="procedural:classes", num_examples=256,
+                                  templates=tuple(f"one shape. {p}: {colour} {{}}." for p in shapes.POSITIONS
+                                                  for colour in shapes.COLOURS))
+    c.evaluators.retrieval = dict(source="", num_examples=256)
     c.train.eval_every = 0  # 0: only at the start and the end
     c.train.watchdog_s = 600.0  # report a step that takes longer than this (0: off)
     c.train.on_nonfinite = "stop"  # NaN/Inf loss: "stop" (naming the last good checkpoint) or "skip" the update
