@@ -9,6 +9,10 @@ its batch fields follow it, never the model's name.
   over the global batch on a dual encoder's embeddings
   (`mmjax.train.contrastive`); a loss of the whole batch, so it takes no
   gradient accumulation; reads no further batch field.
+
+An objective also names the batches it trains on (`data`): "packed"
+sequences (`mmjax.data.pipeline`) or image-text "pairs"
+(`mmjax.data.pairs`); `mmjax.train.loop.make_train_dataset` follows it.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ class Objective:
     inputs: tuple[str, ...]  # batch fields the loss reads besides the model's inputs
     # model_cfg -> `outputs -> (loss, metrics)`, a loss of the whole batch; None: the step's next-token loss
     batch_loss: Callable | None = None
+    data: str = "packed"  # the batches it trains on: "packed" sequences or image-text "pairs"
 
 
 OBJECTIVES = {
     "next_token": Objective(inputs=("targets", "loss_mask")),
     "contrastive": Objective(inputs=(), batch_loss=lambda m: functools.partial(contrastive_loss,
-                                                                               kind=m.contrastive.loss)),
+                                                                               kind=m.contrastive.loss),
+                             data="pairs"),
 }
 
 
