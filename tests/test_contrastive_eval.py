@@ -1,9 +1,10 @@
 """Zero-shot classification and image<->text retrieval of a dual encoder
 (`mmjax.train.contrastive_eval`): recall@K and zero-shot accuracy equal
 references written here (sorting, loops), including tied scores and repeated
-captions; the evaluators' jitted sharded embeddings equal the model called
-eagerly; inside `train()` they land as `eval/<name>/<metric>`; a model that
-does not train on pairs is skipped with the reason; bad settings are refused."""
+captions; inside `train()` they land as `eval/<name>/<metric>` and equal the
+references on the checkpoint's model called eagerly (its jitted embeddings
+are replicated on the mesh); a model that does not train on pairs, or reads
+no text, is skipped with the reason; bad settings are refused."""
 
 import json
 import os
@@ -19,13 +20,14 @@ from experiments.clip_tiny import get_config as clip_tiny_config
 from mmjax.data.labels import label_set
 from mmjax.data.pairs import PairBuilder, make_pair_dataset
 from mmjax.data.pipeline import default_tokenizer
+from mmjax.eval.runner import load_params
 from mmjax.errors import Refusal
+from mmjax.models.registry import MODELS, ModelSpec
 from mmjax.parallel import get_layout, make_mesh
 from mmjax.train import contrastive_eval as ce
 from mmjax.train.config_checks import check_config
 from mmjax.train.evaluators import make_evaluators
 from mmjax.train.loop import build_step, train
-from mmjax.train.state import init_train_state
 
 N_EVAL = 40  # not a multiple of the batch: the last batch is cut
 
@@ -172,46 +174,66 @@ def _eager_embeddings(graphdef, params, images: np.ndarray, tokens: np.ndarray, 
             np.asarray(model.embed_texts(tokens, segment_ids > 0)))
 
 
-def test_evaluators_equal_the_model_called_eagerly():
-    c = _dual_config()
+def _eval_records(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if any(k.startswith("eval/") for k in r)]
+
+
+def _logged(record: dict, name: str) -> dict:
+    return {k[len(f"eval/{name}/"):]: v for k, v in record.items() if k.startswith(f"eval/{name}/")}
+
+
+@pytest.mark.slow
+def test_train_logs_the_evaluators_and_they_equal_the_model_called_eagerly(tmp_path):
+    c = _dual_config(4)
+    summary = train(c, str(tmp_path))
+    records = _eval_records(tmp_path)
+    assert [r["step"] for r in records] == [0, 2, 4]  # a fresh run's start, eval_every, the end
+    for r in records:
+        assert r["eval/zero_shot/chance"] == 0.25 and r["eval/zero_shot/examples"] == N_EVAL
+        assert "eval/zero_shot/top5_accuracy" not in r  # 4 classes
+        assert r["eval/retrieval/pairs"] == N_EVAL and r["eval/retrieval/chance@1"] == 1 / N_EVAL
+    assert summary["eval"]["initial"] == {k[len("eval/"):]: v for k, v in records[0].items() if k != "step"}
+    assert summary["eval"]["final"] != summary["eval"]["initial"]
+
+    # The logged final metrics, recomputed from the step-4 checkpoint with the model called eagerly.
     tok = default_tokenizer(c.data)
-    setup, _ = build_step(c, make_mesh(dict(c.mesh)), get_layout(c.rules))
-    params = init_train_state(c, setup)["params"]
+    setup, params, step = load_params(c, str(tmp_path), 0, [])
+    assert step == 4
 
-    # the jitted embeddings: replicated on the mesh, equal to the eager model's
-    embed_images, embed_texts = ce.make_embedders(setup)
-    eval_data = c.data.copy_and_resolve_references()
-    eval_data.sources.caption = "procedural:classes"
-    rows = next(iter(make_pair_dataset(eval_data, tok, batch_size=c.data.global_batch, split="eval")))
-    placed = {k: jax.device_put(rows[k], setup.batch_shardings[k]) for k in ("image", "tokens", "segment_ids")}
-    jit_image = embed_images(params, placed["image"])
-    jit_text = embed_texts(params, placed["tokens"], placed["segment_ids"])
-    assert jit_image.sharding.spec == PartitionSpec() and jit_text.sharding.spec == PartitionSpec()
-    ref_image, ref_text = _eager_embeddings(setup.graphdef, params, rows["image"], rows["tokens"], rows["segment_ids"])
-    np.testing.assert_allclose(np.asarray(jit_image), ref_image, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(jit_text), ref_text, atol=1e-5)
-
-    # retrieval: the run's caption stream, held out
-    got = ce.make_retrieval(c, setup, tok)(params)
+    # retrieval: the run's caption stream, split "eval" (not the training pairs)
     held = next(iter(make_pair_dataset(c.data, tok, batch_size=64, split="eval")))
-    image, text = _eager_embeddings(setup.graphdef, params, *(held[k][:N_EVAL] for k in ("image", "tokens", "segment_ids")))
+    image, text = _eager_embeddings(setup.graphdef, params,
+                                    *(held[k][:N_EVAL] for k in ("image", "tokens", "segment_ids")))
     captions = [tuple(t) for t in held["tokens"][:N_EVAL].tolist()]
-    _assert_metrics(got, _reference_retrieval(image, text, captions), tol=1e-9)
+    want = _reference_retrieval(image, text, captions)
+    _assert_metrics(_logged(records[-1], "retrieval"), want, tol=1e-9)
     train_rows = next(iter(make_pair_dataset(c.data, tok, batch_size=N_EVAL)))
-    assert not np.array_equal(train_rows["image"], held["image"][:N_EVAL])  # not the training pairs
+    assert not np.array_equal(train_rows["image"], held["image"][:N_EVAL])
 
-    # zero-shot: procedural:classes images, class prompts in both templates
-    got = ce.make_zero_shot(c, setup, tok)(params)
-    held = next(iter(make_pair_dataset(eval_data, tok, batch_size=64, split="eval")))
-    classes = label_set(c.data).classes
-    templates = c.evaluators.zero_shot.templates
+    # zero-shot: procedural:classes images of split "eval", the classes in both templates
+    classes_data = c.data.copy_and_resolve_references()
+    classes_data.sources.caption = "procedural:classes"
+    held = next(iter(make_pair_dataset(classes_data, tok, batch_size=64, split="eval")))
+    classes, templates = label_set(c.data).classes, c.evaluators.zero_shot.templates
     tokens, segment_ids = ce.tokenize_texts(tok, [t.format(k) for k in classes for t in templates], c.data.seq_len)
     labels = held["class_id"][:N_EVAL]
     assert (labels >= 0).all() and set(labels.tolist()) == set(range(len(classes)))
     image, _ = _eager_embeddings(setup.graphdef, params, held["image"][:N_EVAL], tokens[:1], segment_ids[:1])
     _, prompts = _eager_embeddings(setup.graphdef, params, held["image"][:1], tokens, segment_ids)
     want = _reference_zero_shot(image, prompts, labels, len(classes), len(templates))
-    _assert_metrics(got, {**want, "unlabelled": 0}, tol=1e-9)
+    _assert_metrics(_logged(records[-1], "zero_shot"), {**want, "unlabelled": 0}, tol=1e-9)
+
+    # the jitted embeddings are replicated on the mesh and equal the eager model's
+    embed_images, embed_texts = ce.make_embedders(setup)
+    rows = {k: held[k][:c.data.global_batch] for k in ("image", "tokens", "segment_ids")}
+    placed = {k: jax.device_put(v, setup.batch_shardings[k]) for k, v in rows.items()}
+    jit_image = embed_images(params, placed["image"])
+    jit_text = embed_texts(params, placed["tokens"], placed["segment_ids"])
+    assert jit_image.sharding.spec == PartitionSpec() and jit_text.sharding.spec == PartitionSpec()
+    ref_image, ref_text = _eager_embeddings(setup.graphdef, params, *rows.values())
+    np.testing.assert_allclose(np.asarray(jit_image), ref_image, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jit_text), ref_text, atol=1e-5)
 
 
 def test_a_model_that_does_not_train_on_pairs_is_skipped_with_the_reason():
@@ -220,16 +242,25 @@ def test_a_model_that_does_not_train_on_pairs_is_skipped_with_the_reason():
     setup, _ = build_step(c, make_mesh(dict(c.mesh)), get_layout(c.rules))
     logged = []
     assert make_evaluators(c, setup, default_tokenizer(c.data), logged.append) == {}
-    assert len(logged) == 2
-    for name, line in zip(("zero_shot", "retrieval"), logged):
-        assert line.startswith(f"evaluator {name!r} skipped: model 'mm1' trains with objective 'next_token'"), line
+    assert sorted(line.split("'")[1] for line in logged) == ["retrieval", "zero_shot"]
+    for line in logged:
+        assert "skipped: model 'mm1' trains with objective 'next_token' on packed sequences" in line, line
+
+
+def test_a_pair_model_without_a_text_tower_is_skipped(monkeypatch):
+    monkeypatch.setitem(MODELS, "image_only", ModelSpec("image_only", build=None, inputs=("image",),
+                                                        objective="contrastive"))
+    c = _dual_config()
+    c.model.name = "image_only"
+    assert ce.embedding_model_problem(c, setup=None) == (
+        "model 'image_only' as configured reads no tokens or segment_ids: it has no image and text towers to compare")
 
 
 @pytest.mark.parametrize("name,setting,value,match", [
     ("zero_shot", "templates", (), "templates is empty"),
     ("zero_shot", "templates", ("a photo",), "evaluators.zero_shot.templates"),
     ("zero_shot", "templates", ("{} and {}",), "one '{}'"),
-    ("zero_shot", "templates", "a {}", "tuple of prompt templates"),
+    ("zero_shot", "templates", ("{}", 3), "tuple of prompt templates"),
     ("zero_shot", "num_examples", 0, "evaluators.zero_shot.num_examples"),
     ("zero_shot", "source", "nosuchformat:x", "config.evaluators.zero_shot.source='nosuchformat:x'"),
     ("retrieval", "num_examples", 10, "an integer > 10"),
@@ -249,21 +280,3 @@ def test_clip_tiny_switches_the_evaluators_on():
         check_config(c, 8, 1)
         assert c.eval.zero_shot and c.eval.retrieval and not c.eval.caption_accuracy
         assert 0 < c.train.eval_every < c.train.steps
-
-
-@pytest.mark.slow
-def test_train_logs_the_evaluators(tmp_path):
-    summary = train(_dual_config(4), str(tmp_path))
-    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
-        records = [r for r in map(json.loads, f) if any(k.startswith("eval/") for k in r)]
-    assert [r["step"] for r in records] == [0, 2, 4]  # a fresh run's start, eval_every, the end
-    for r in records:
-        assert r["eval/zero_shot/chance"] == 0.25 and r["eval/zero_shot/examples"] == N_EVAL
-        assert 0 <= r["eval/zero_shot/top1_accuracy"] <= 1 and "eval/zero_shot/top5_accuracy" not in r
-        assert r["eval/retrieval/pairs"] == N_EVAL and r["eval/retrieval/chance@1"] == 1 / N_EVAL
-        for direction in ("image_to_text", "text_to_image"):
-            recalls = [r[f"eval/retrieval/{direction}/recall@{k}"] for k in (1, 5, 10)]
-            assert 0 <= recalls[0] <= recalls[1] <= recalls[2] <= 1
-    assert summary["eval"]["initial"]["zero_shot/chance"] == 0.25
-    assert summary["eval"]["final"]["retrieval/pairs"] == N_EVAL
-    assert summary["eval"]["final"] != summary["eval"]["initial"]

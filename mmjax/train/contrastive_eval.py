@@ -34,6 +34,10 @@ against, costs the pair a place; the set's share of such pairs is reported
 candidate whose caption is the query's (for image->text a text with the
 same tokens, for text->image an image paired with the same tokens).
 Also: chance@K = K / pairs, pairs.
+
+Held out: the procedural sources (and TFDS) have an "eval" split of their
+own; a file source (WebDataset, JSONL, ...) reads the same files for every
+split, so give such a run a `source` of held-out files.
 """
 
 from __future__ import annotations
@@ -150,12 +154,18 @@ def zero_shot_metrics(image: np.ndarray, classes: np.ndarray, labels: np.ndarray
 
 
 def embedding_model_problem(config, setup: TrainSetup) -> str | None:
-    """Why the run's model cannot be scored by its embeddings, or None."""
+    """Why the run's model cannot be scored by its embeddings, or None: its
+    objective does not train on image-text pairs, it reads no image or no
+    text (`ModelSpec.inputs_for`), or it lacks `embed_images` / `embed_texts`."""
     name = config.model.get("name", "mm1")
-    objective = model_spec(config.model).objective
+    spec = model_spec(config.model)
     if model_objective(config.model).data != "pairs":
-        return (f"model {name!r} trains with objective {objective!r} on packed sequences, not on image-text "
-                "pairs: it has no image and text embeddings to compare")
+        return (f"model {name!r} trains with objective {spec.objective!r} on packed sequences, not on "
+                "image-text pairs: it has no image and text embeddings to compare")
+    unread = [f for f in ("image", "tokens", "segment_ids") if f not in spec.inputs_for(config.model)]
+    if unread:
+        return (f"model {name!r} as configured reads no {' or '.join(unread)}: it has no image and text towers "
+                "to compare")
     model = nnx.merge(setup.graphdef, setup.abstract_params)
     missing = [m for m in ("embed_images", "embed_texts") if not callable(getattr(model, m, None))]
     if missing:
