@@ -253,7 +253,7 @@ def test_a_pair_model_without_a_text_tower_is_skipped(monkeypatch):
     c = _dual_config()
     c.model.name = "image_only"
     assert ce.embedding_model_problem(c, setup=None) == (
-        "model 'image_only' as configured reads no tokens or segment_ids: it has no image and text towers to compare")
+        "model 'image_only' as configured reads no tokens or segment_ids, so it does not embed both images and texts")
 
 
 @pytest.mark.parametrize("name,setting,value,match", [

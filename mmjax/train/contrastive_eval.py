@@ -164,8 +164,8 @@ def embedding_model_problem(config, setup: TrainSetup) -> str | None:
                 "image-text pairs: it has no image and text embeddings to compare")
     unread = [f for f in ("image", "tokens", "segment_ids") if f not in spec.inputs_for(config.model)]
     if unread:
-        return (f"model {name!r} as configured reads no {' or '.join(unread)}: it has no image and text towers "
-                "to compare")
+        return (f"model {name!r} as configured reads no {' or '.join(unread)}, so it does not embed both images "
+                "and texts")
     model = nnx.merge(setup.graphdef, setup.abstract_params)
     missing = [m for m in ("embed_images", "embed_texts") if not callable(getattr(model, m, None))]
     if missing:
