@@ -247,6 +247,14 @@ def test_a_model_that_does_not_train_on_pairs_is_skipped_with_the_reason():
         assert "skipped: model 'mm1' trains with objective 'next_token' on packed sequences" in line, line
 
 
+def test_zero_shot_on_images_without_classes_is_skipped_with_the_reason():
+    c = _dual_config()
+    c.evaluators.zero_shot.source = "procedural"  # captions with entities but no class
+    setup, _ = build_step(c, make_mesh(dict(c.mesh)), get_layout(c.rules))
+    assert ce.make_zero_shot(c, setup, default_tokenizer(c.data)) == (
+        f"config.evaluators.zero_shot.source='procedural' gave no image with a class label in {N_EVAL} examples")
+
+
 def test_a_pair_model_without_a_text_tower_is_skipped(monkeypatch):
     monkeypatch.setitem(MODELS, "image_only", ModelSpec("image_only", build=None, inputs=("image",),
                                                         objective="contrastive"))
