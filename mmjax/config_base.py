@@ -61,6 +61,12 @@ def base_config() -> mlc.ConfigDict:
     # image and text towers. loss: "clip" (softmax) | "siglip" (sigmoid); embed: the shared embedding width;
     # image_pool: "token" (CLIP class token / SigLIP MAP head) | "mean"; text_pool: "last" | "mean".
     c.model.contrastive = dict(loss="siglip", embed=64, image_pool="mean", text_pool="last", text_causal=True)
+    # MOFI (mmjax/models/dual_encoder.py, mmjax/train/entity_loss.py): num_labels > 0 puts an entity
+    # classification head on the dual encoder's image embedding, over the label set's entities
+    # (data.labels); loss: "softmax" (MOFI: against the multi-hot target spread evenly over an image's
+    # entities) | "sigmoid" (binary CE per entity); the objective is contrastive_weight * contrastive +
+    # classification_weight * classification (contrastive_weight=0: no text tower is built).
+    c.model.mofi = dict(num_labels=0, classification_weight=0.0, contrastive_weight=1.0, loss="softmax")
 
     c.data = mlc.ConfigDict()
     c.data.seq_len = 128

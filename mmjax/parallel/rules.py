@@ -34,6 +34,10 @@ LAYOUTS: dict[str, dict[str, MeshAxes]] = {
         "heads": "model",
         "kv_heads": "model",
         "vocab": "model",
+        # MOFI's entity head (mmjax/models/dual_encoder.py): its label axis, up to millions of labels,
+        # split over model and fsdp (its input dimension stays whole); its logits split theirs over model.
+        "entities": ("model", "fsdp"),
+        "act_entities": "model",
         "expert": "expert",
         "conv_out": "model",
     },

@@ -35,6 +35,7 @@ def check_static(config) -> None:
     resolve_mesh_shape(dict(config.mesh), _any_device_count(config.mesh))
     _check_model(config)
     _check_data(config)
+    _check_mofi(config)
     _check_optimizer(config)
     _check_train(config)
     _check_evaluators(config)
@@ -139,6 +140,35 @@ def _check_data(config) -> None:
         if not isinstance(sources[stream], str):
             _fail(f"data.sources.{stream}", sources[stream], "must be a spec string such as 'procedural'")
         weighted_parts(sources[stream], f"config.data.sources.{stream}")
+
+
+def _check_mofi(config) -> None:
+    """MOFI's entity head and loss weights (`config.model.mofi`)."""
+    mofi = config.model.get("mofi")
+    if mofi is None:
+        return
+    labels, contrastive, classification = mofi.num_labels, mofi.contrastive_weight, mofi.classification_weight
+    if labels and config.model.name != "dual_encoder":
+        _fail("model.mofi.num_labels", labels, f"puts an entity head on the dual encoder, but "
+              f"config.model.name={config.model.name!r}; use 0")
+    if config.model.name != "dual_encoder":
+        return
+    if contrastive == 0 and classification == 0:
+        _fail("model.mofi.contrastive_weight", contrastive, "and config.model.mofi.classification_weight=0 leave "
+              "the dual encoder no loss; give one of them a positive weight")
+    if classification and not labels:
+        _fail("model.mofi.classification_weight", classification, "weighs an entity loss without an entity head; "
+              "set config.model.mofi.num_labels to the number of entities or the weight to 0")
+    if labels and not classification:
+        _fail("model.mofi.num_labels", labels, "builds an entity head that config.model.mofi.classification_weight=0 "
+              "leaves untrained; give the classification a positive weight or set num_labels=0")
+    if labels:
+        from mmjax.data.labels import label_set
+
+        entities = len(label_set(config.data).entities)
+        if labels != entities:
+            _fail("model.mofi.num_labels", labels, f"differs from the {entities} entities of the label set "
+                  f"(config.data.labels.entities)")
 
 
 def _check_optimizer(config) -> None:
