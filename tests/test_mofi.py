@@ -1,0 +1,286 @@
+"""MOFI on the dual encoder: the entity head's parameters and logits are
+split on the label axis of the 8-device mesh, the entity loss (softmax and
+sigmoid) and every gradient there equal a single-device reference written
+here, the weighted objective combines its parts exactly, classification
+alone builds no text tower, training raises the entity precision well above
+chance, and bad MOFI settings are refused before anything is built."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_config
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from mmjax.errors import ConfigError
+from mmjax.models.dual_encoder import EntityHead
+from mmjax.models.partitioning import activation_sharding
+from mmjax.parallel import activation_resolver, get_layout, make_mesh
+from mmjax.train.config_checks import check_static
+from mmjax.train.contrastive import contrastive_loss
+from mmjax.train.entity_loss import dual_encoder_loss, entity_loss, mofi_loss
+from mmjax.train.loop import build_step
+from mmjax.train.objectives import batch_loss
+from mmjax.train.state import abstract_model, init_train_state, step_inputs
+from mmjax.train.step import model_forward
+
+BATCH, TEXT_LEN, LABELS, K = 16, 8, 16, 4
+# 4 batch shards (data x fsdp) and the label axis split in 4 (model x fsdp) for parameters, 2 (model) for logits
+LABEL_MESH = {"data": 2, "fsdp": 2, "expert": 1, "model": 2}
+
+
+def _config(weights=(1.0, 1.0), loss: str = "softmax", labels: int = LABELS, steps: int = 10):
+    c = small_config(steps)
+    c.model.name = "dual_encoder"
+    c.model.vit.flavour = "clip"
+    c.model.vit.patch_size = 8
+    c.model.decoder.update(embed=64, heads=4, kv_heads=2, head_dim=16, mlp=128)
+    c.model.contrastive.update(loss="clip", embed=32, image_pool="token", text_causal=True, text_pool="last")
+    c.model.mofi.update(num_labels=labels, contrastive_weight=weights[0], classification_weight=weights[1],
+                        loss=loss)
+    c.data.global_batch = BATCH
+    c.data.seq_len = TEXT_LEN
+    c.data.max_images = 0
+    c.optimizer.update(lr=3e-3, warmup_steps=min(5, steps))
+    return c
+
+
+def _entity_ids(rng, rows: int = BATCH, labels: int = LABELS) -> np.ndarray:
+    """`[rows, K]`: 0..K labels per row (a repeated one in row 1), -1 padding; rows 0 and 5 have none."""
+    ids = np.full((rows, K), -1, np.int32)
+    for i in range(rows):
+        n = 0 if i in (0, 5) else int(rng.integers(1, K + 1))
+        ids[i, :n] = rng.choice(labels, n, replace=False)
+    ids[1, :3] = [3, 3, 7]
+    return ids
+
+
+def _random_batch(seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, TEXT_LEN + 1, BATCH)
+    segment_ids = (np.arange(TEXT_LEN)[None] < lengths[:, None]).astype(np.int32)
+    return {"image": rng.integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8),
+            "tokens": (rng.integers(4, 200, (BATCH, TEXT_LEN)) * segment_ids).astype(np.int32),
+            "segment_ids": segment_ids, "entity_ids": _entity_ids(rng)}
+
+
+def _place(batch: dict, setup) -> dict:
+    return {k: jax.device_put(batch[k], s) for k, s in setup.batch_shardings.items()}
+
+
+# ------------------------------------------------------------------ references
+
+def _targets(entity_ids: np.ndarray, labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(multi-hot `[B, V]`, labelled-row mask `[B]`) in numpy."""
+    hot = np.zeros((len(entity_ids), labels))
+    for i, row in enumerate(entity_ids):
+        hot[i, sorted({int(v) for v in row if v >= 0})] = 1.0
+    return hot, hot.sum(1) > 0
+
+
+def _numpy_entity_loss(logits: np.ndarray, entity_ids: np.ndarray, kind: str) -> tuple[float, float]:
+    """(loss, top-1 precision) from the definitions, float64, row by row."""
+    logits = np.float64(logits)
+    hot, labelled = _targets(entity_ids, logits.shape[1])
+    losses, hits = [], []
+    for z, y in zip(logits[labelled], hot[labelled]):
+        if kind == "softmax":
+            log_p = z - np.log(np.exp(z - z.max()).sum()) - z.max()
+            losses.append(-(y / y.sum() * log_p).sum())
+        else:
+            p = 1 / (1 + np.exp(-z))
+            losses.append(-(y * np.log(p) + (1 - y) * np.log(1 - p)).sum())
+        hits.append(y[np.argmax(z)])
+    return float(np.mean(losses)), float(np.mean(hits))
+
+
+def _reference_loss(out: dict, entity_ids: np.ndarray, kind: str, weights) -> jax.Array:
+    """The weighted objective on one device: CLIP's loss from log-softmaxes,
+    the entity loss against a target built in numpy."""
+    hot, labelled = _targets(entity_ids, out["entity_logits"].shape[1])
+    rows = jnp.asarray(labelled, jnp.float32) / labelled.sum()
+    z = out["entity_logits"]
+    if kind == "softmax":
+        per_row = -jnp.sum(jnp.asarray(hot / np.maximum(hot.sum(1, keepdims=True), 1)) * jax.nn.log_softmax(z), 1)
+    else:
+        per_row = -jnp.sum(hot * jax.nn.log_sigmoid(z) + (1 - hot) * jax.nn.log_sigmoid(-z), 1)
+    loss = weights[1] * jnp.sum(rows * per_row)
+    if weights[0]:
+        logits = jnp.exp(jnp.minimum(out["logit_scale"], jnp.log(100.0))) * out["image"] @ out["text"].T
+        n = logits.shape[0]
+        clip = -(jnp.trace(jax.nn.log_softmax(logits, 1)) + jnp.trace(jax.nn.log_softmax(logits, 0))) / (2 * n)
+        loss = loss + weights[0] * clip
+    return loss
+
+
+def _leaves(tree) -> dict:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# ------------------------------------------------------------------------ tests
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_entity_loss_matches_numpy_on_split_labels(kind):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (BATCH, LABELS)).astype(np.float32)
+    ids = _entity_ids(rng)
+    mesh = make_mesh(LABEL_MESH)
+    resolver = activation_resolver(mesh, get_layout("fsdp"))
+    split = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), "model"))
+    rows = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
+
+    def loss(z, i):
+        with activation_sharding(resolver):
+            return entity_loss(z, i, kind)
+
+    value, metrics = jax.jit(loss)(jax.device_put(logits, split), jax.device_put(ids, rows))
+    want, precision = _numpy_entity_loss(logits, ids, kind)
+    np.testing.assert_allclose(float(value), want, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["entity_precision"]), precision, rtol=1e-6)
+    assert float(metrics["entity_images"]) == BATCH - 2
+    single = jax.jit(lambda z, i: entity_loss(z, i, kind)[0])
+    np.testing.assert_allclose(float(single(logits, ids)), float(value), rtol=1e-6)
+    # an unlabelled row (0) changes nothing; a label listed twice (row 1: 3, 3, 7) counts once
+    other = logits.copy()
+    other[0] = rng.normal(0, 3, LABELS)
+    once = ids.copy()
+    once[1, :3] = [7, 3, -1]
+    np.testing.assert_allclose(float(single(other, once)), float(value), rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,weights", [("softmax", (1.0, 1.0)), ("sigmoid", (0.0, 1.0))])
+def test_split_head_loss_and_gradients_equal_single_device_reference(kind, weights, capfd):
+    config = _config(weights, kind)
+    config.mesh.update(LABEL_MESH)
+    setup, _ = build_step(config, make_mesh(dict(config.mesh)), get_layout(config.rules))
+    params = init_train_state(config, setup)["params"]
+    head = params["entity_head"]
+    assert head["kernel"].shape == (32, LABELS)
+    assert head["kernel"].sharding.spec == P(None, ("model", "fsdp"))  # the label axis split 4 ways
+    assert head["bias"].sharding.spec == P(("model", "fsdp"))
+    batch = _random_batch(1)
+    loss_fn = batch_loss(config.model)
+
+    def sharded(p, b):
+        def f(q):
+            outputs, _ = model_forward(setup.graphdef, q, b, setup.resolver)
+            with activation_sharding(setup.resolver):
+                return loss_fn(outputs)[0], outputs["entity_logits"]
+        return jax.value_and_grad(f, has_aux=True)(p)
+
+    (loss, logits), grads = jax.jit(sharded, in_shardings=(setup.state_shardings["params"],
+                                                           setup.batch_shardings))(params, _place(batch, setup))
+    assert logits.sharding.spec == P(("data", "fsdp"), "model")  # rows over the batch axes, labels over model
+
+    device = jax.devices()[0]
+    host_params = jax.device_put(jax.device_get(params), device)
+    host_batch = jax.device_put({k: batch[k] for k in setup.batch_shardings}, device)
+
+    def reference(p, b):
+        return jax.value_and_grad(lambda q: _reference_loss(model_forward(setup.graphdef, q, b)[0],
+                                                            batch["entity_ids"], kind, weights))(p)
+
+    ref_loss, ref_grads = jax.jit(reference)(host_params, host_batch)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    got, want = _leaves(grads), _leaves(ref_grads)
+    assert got.keys() == want.keys() and any("entity_head" in k for k in got)
+    assert any("text" in k for k in got) == bool(weights[0])  # classification alone: no text tower
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+        if not ("key" in name and "bias" in name):  # softmax ignores a bias shared by every key
+            assert np.abs(want[name]).max() > 1e-4, name
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+def test_weights_combine_exactly_and_pick_the_inputs():
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(2, BATCH, 32)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    outputs = {"image": jnp.asarray(emb[0]), "text": jnp.asarray(emb[1]), "logit_scale": jnp.float32(2.0),
+               "entity_logits": jnp.asarray(rng.normal(0, 2, (BATCH, LABELS)), jnp.float32),
+               "entity_ids": jnp.asarray(_entity_ids(rng))}
+    contrastive, _ = contrastive_loss(outputs, "clip")
+    for kind in ("softmax", "sigmoid"):
+        entity, _ = entity_loss(outputs["entity_logits"], outputs["entity_ids"], kind)
+        for weights in ((1.0, 1.0), (0.0, 1.0), (2.0, 0.5)):
+            loss, metrics = dual_encoder_loss(_config(weights, kind).model)(outputs)
+            assert float(loss) == float(weights[0] * contrastive + weights[1] * entity), (kind, weights)
+            assert float(metrics["entity_loss"]) == float(entity)
+            assert ("contrastive_loss" in metrics) == bool(weights[0])
+        without_text = {k: v for k, v in outputs.items() if k not in ("text", "logit_scale")}
+        assert float(mofi_loss(without_text, contrastive_kind="clip", entity_kind=kind, contrastive_weight=0.0,
+                               classification_weight=1.0)[0]) == float(entity)
+    plain = _config((1.0, 0.0), labels=0).model
+    assert float(dual_encoder_loss(plain)(outputs)[0]) == float(contrastive)  # (1, 0): plain CLIP
+
+    assert step_inputs(_config((1.0, 0.0), labels=0)) == ("image", "tokens", "segment_ids")
+    assert step_inputs(_config((1.0, 1.0))) == ("image", "tokens", "segment_ids", "entity_ids")
+    assert step_inputs(_config((0.0, 1.0))) == ("image", "entity_ids")  # no text reaches the devices
+    _, alone = abstract_model(_config((0.0, 1.0)).model)
+    assert set(alone.keys()) == {"vit", "image_projection", "entity_head"}
+    _, both = abstract_model(_config((1.0, 1.0), "sigmoid").model)
+    assert {"text", "text_projection", "logit_scale", "entity_head"} <= set(both.keys())
+    for path, v in jax.tree_util.tree_flatten_with_path(both, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        assert len(v.get_metadata()["logical_axes"]) == len(v.shape), jax.tree_util.keystr(path)
+    # the sigmoid head starts at the log-odds of a 1/V prior, the softmax head at 0
+    sigmoid = EntityHead(32, LABELS, "sigmoid", rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(sigmoid.bias[...]), -math.log(LABELS - 1), rtol=1e-6)
+    assert not np.asarray(EntityHead(32, LABELS, "softmax", rngs=nnx.Rngs(0)).bias[...]).any()
+
+
+def _two_colour_batch(rng, palette: np.ndarray, labels: int) -> dict:
+    """Each row: top and bottom halves of two palette colours (plus noise);
+    its entities are those colours (one when both agree); every 8th row has none."""
+    colours = rng.integers(0, labels, (BATCH, 2))
+    image = np.concatenate([np.repeat(palette[colours[:, :1]][:, :, None], 16, 1),
+                            np.repeat(palette[colours[:, 1:]][:, :, None], 16, 1)], axis=1)
+    image = np.broadcast_to(image, (BATCH, 32, 32, 3)) + rng.normal(0, 8, (BATCH, 32, 32, 3))
+    ids = np.full((BATCH, K), -1, np.int32)
+    ids[:, :2] = colours
+    ids[::8] = -1
+    tokens = np.zeros((BATCH, TEXT_LEN), np.int32)
+    tokens[:, :3] = np.stack([10 + colours[:, 0], 10 + colours[:, 1], np.full(BATCH, 5)], axis=1)
+    return {"image": np.clip(image, 0, 255).astype(np.uint8), "tokens": tokens,
+            "segment_ids": (tokens > 0).astype(np.int32), "entity_ids": ids}
+
+
+@pytest.mark.slow
+def test_classification_alone_learns_entities(capfd):
+    steps, labels = 60, 10
+    config = _config((0.0, 1.0), "softmax", labels=labels, steps=steps)
+    setup, step = build_step(config, make_mesh(dict(config.mesh)), get_layout(config.rules))
+    state = init_train_state(config, setup)
+    rng = np.random.default_rng(0)
+    palette = rng.uniform(0, 255, (labels, 3))
+    losses, precision = [], []
+    for _ in range(steps):
+        state, metrics = step(state, _place(_two_colour_batch(rng, palette, labels), setup))
+        losses.append(float(metrics["loss"]))
+        precision.append(float(metrics["entity_precision"]))
+    assert np.isfinite(losses).all() and float(metrics["entity_images"]) == BATCH - 2
+    assert np.mean(losses[-10:]) < 0.4 * losses[0], losses
+    # the first step's metrics are the initial head's: about chance (2 of 10 labels)
+    assert precision[0] < 0.45 and np.mean(precision[-10:]) > 0.9, precision
+    assert "contrastive_loss" not in metrics
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(loss="focal"), r"config.model.mofi.loss='focal' is invalid; use one of 'sigmoid', 'softmax'"),
+    (dict(contrastive_weight=-1.0), r"config.model.mofi.contrastive_weight=-1.0 is invalid; use a non-negative"),
+    (dict(classification_weight=-0.5), r"config.model.mofi.classification_weight=-0.5 is invalid"),
+    (dict(contrastive_weight=0.0, classification_weight=0.0), r"contrastive_weight=0.0 and config.model.mofi."
+                                                              r"classification_weight=0 leave the dual encoder"),
+    (dict(num_labels=0), r"config.model.mofi.classification_weight=1.0 weighs an entity loss without an entity"),
+    (dict(classification_weight=0.0), r"config.model.mofi.num_labels=10 builds an entity head that config.model."
+                                      r"mofi.classification_weight=0 leaves untrained"),
+])
+def test_refusals(change, message):
+    config = _config(labels=10)
+    config.model.mofi.update(change)
+    with pytest.raises(ConfigError, match=message):
+        check_static(config)
