@@ -12,8 +12,11 @@ its batch fields follow it, never the model's name.
   with MOFI's entity head (`config.model.mofi`, `mmjax.train.entity_loss`:
   the weighted sum of the contrastive and the entity classification loss).
 
-An objective's `optional_inputs(model_cfg)` names batch fields its loss
-reads only under some configs; `model_objective` adds them to `inputs`.
+An objective also names the batches it trains on (`data`): "packed"
+sequences (`mmjax.data.pipeline`) or image-text "pairs"
+(`mmjax.data.pairs`); `mmjax.train.loop.make_train_dataset` follows it.
+Its `optional_inputs(model_cfg)` names batch fields its loss reads only
+under some configs; `model_objective` adds them to `inputs`.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ class Objective:
     inputs: tuple[str, ...]  # batch fields the loss reads besides the model's inputs
     # model_cfg -> `outputs -> (loss, metrics)`, a loss of the whole batch; None: the step's next-token loss
     batch_loss: Callable | None = None
+    data: str = "packed"  # the batches it trains on: "packed" sequences or image-text "pairs"
     optional_inputs: Callable | None = None  # model_cfg -> further batch fields the loss reads
 
 
 OBJECTIVES = {
     "next_token": Objective(inputs=("targets", "loss_mask")),
-    "contrastive": Objective(inputs=(), batch_loss=dual_encoder_loss, optional_inputs=entity_inputs),
+    "contrastive": Objective(inputs=(), batch_loss=dual_encoder_loss, data="pairs", optional_inputs=entity_inputs),
 }
 
 
