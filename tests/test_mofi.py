@@ -5,6 +5,7 @@ here, the weighted objective combines its parts exactly, classification
 alone builds no text tower, training raises the entity precision well above
 chance, and bad MOFI settings are refused before anything is built."""
 
+import json
 import math
 
 import jax
@@ -15,14 +16,17 @@ from conftest import small_config
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from experiments.clip_tiny import get_config as clip_tiny_config
+from mmjax.data.pairs import make_pair_dataset
+from mmjax.data.pipeline import default_tokenizer
 from mmjax.errors import ConfigError
 from mmjax.models.dual_encoder import EntityHead
 from mmjax.models.partitioning import activation_sharding
 from mmjax.parallel import activation_resolver, get_layout, make_mesh
-from mmjax.train.config_checks import check_static
+from mmjax.train.config_checks import check_config, check_static
 from mmjax.train.contrastive import contrastive_loss
 from mmjax.train.entity_loss import dual_encoder_loss, entity_loss, mofi_loss
-from mmjax.train.loop import build_step
+from mmjax.train.loop import build_step, train
 from mmjax.train.objectives import batch_loss
 from mmjax.train.state import abstract_model, init_train_state, step_inputs
 from mmjax.train.step import model_forward
@@ -232,41 +236,51 @@ def test_weights_combine_exactly_and_pick_the_inputs():
     assert not np.asarray(EntityHead(32, LABELS, "softmax", rngs=nnx.Rngs(0)).bias[...]).any()
 
 
-def _two_colour_batch(rng, palette: np.ndarray, labels: int) -> dict:
-    """Each row: top and bottom halves of two palette colours (plus noise);
-    its entities are those colours (one when both agree); every 8th row has none."""
-    colours = rng.integers(0, labels, (BATCH, 2))
-    image = np.concatenate([np.repeat(palette[colours[:, :1]][:, :, None], 16, 1),
-                            np.repeat(palette[colours[:, 1:]][:, :, None], 16, 1)], axis=1)
-    image = np.broadcast_to(image, (BATCH, 32, 32, 3)) + rng.normal(0, 8, (BATCH, 32, 32, 3))
-    ids = np.full((BATCH, K), -1, np.int32)
-    ids[:, :2] = colours
-    ids[::8] = -1
-    tokens = np.zeros((BATCH, TEXT_LEN), np.int32)
-    tokens[:, :3] = np.stack([10 + colours[:, 0], 10 + colours[:, 1], np.full(BATCH, 5)], axis=1)
-    return {"image": np.clip(image, 0, 255).astype(np.uint8), "tokens": tokens,
-            "segment_ids": (tokens > 0).astype(np.int32), "entity_ids": ids}
+def _tiny_mofi(steps: int):
+    """experiments/clip_tiny.py:mofi shrunk: one ViT block and text layer, 16 pairs a step."""
+    c = clip_tiny_config("mofi")
+    c.model.vit.depth = 1
+    c.model.decoder.layers = 1
+    c.data.global_batch = 16
+    c.data.seq_len = 24
+    c.optimizer.update(lr=3e-3, warmup_steps=5)
+    c.train.update(steps=steps, log_every=1, checkpoint_every=steps)
+    return c
 
 
 @pytest.mark.slow
-def test_classification_alone_learns_entities(capfd):
-    steps, labels = 60, 10
-    config = _config((0.0, 1.0), "softmax", labels=labels, steps=steps)
-    setup, step = build_step(config, make_mesh(dict(config.mesh)), get_layout(config.rules))
-    state = init_train_state(config, setup)
-    rng = np.random.default_rng(0)
-    palette = rng.uniform(0, 255, (labels, 3))
-    losses, precision = [], []
-    for _ in range(steps):
-        state, metrics = step(state, _place(_two_colour_batch(rng, palette, labels), setup))
-        losses.append(float(metrics["loss"]))
-        precision.append(float(metrics["entity_precision"]))
-    assert np.isfinite(losses).all() and float(metrics["entity_images"]) == BATCH - 2
-    assert np.mean(losses[-10:]) < 0.4 * losses[0], losses
-    # the first step's metrics are the initial head's: about chance (2 of 10 labels)
-    assert precision[0] < 0.45 and np.mean(precision[-10:]) > 0.9, precision
-    assert "contrastive_loss" not in metrics
-    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+def test_mofi_on_procedural_pairs_raises_entity_precision_well_above_chance(tmp_path):
+    config = _tiny_mofi(30)
+    # chance: a label picked at random is one of the image's n entities with probability n / 10
+    batch = next(iter(make_pair_dataset(config.data, default_tokenizer(config.data), batch_size=64)))
+    counts = (batch["entity_ids"] >= 0).sum(1)
+    chance = float(np.mean(counts[counts > 0] / config.model.mofi.num_labels))
+    assert 0.2 < chance < 0.45 and counts.min() > 0
+    train(config, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [r for r in map(json.loads, f) if "loss" in r]
+    assert len(records) == 30
+    precision = [r["entity_precision"] for r in records]
+    assert np.mean(precision[:3]) < chance + 0.2, precision  # the first steps' metrics: the initial head's
+    assert np.mean(precision[-5:]) > max(0.75, chance + 0.4), precision
+    for part in ("entity_loss", "contrastive_loss"):  # both objectives train
+        first, last = (np.mean([r[part] for r in rs]) for rs in (records[:5], records[-5:]))
+        assert last < 0.9 * first, (part, first, last)
+    for r in records:
+        assert r["loss"] == pytest.approx(r["contrastive_loss"] + r["entity_loss"], rel=1e-5)
+
+
+def test_clip_tiny_mofi_configs():
+    both, alone = clip_tiny_config("mofi"), clip_tiny_config("mofi-cls")
+    for c in (both, alone):
+        check_config(c, 8, 1)
+        assert c.model.mofi.num_labels == 10 and c.model.mofi.classification_weight == 1.0
+    assert both.model.mofi.contrastive_weight == 1.0 and both.data.pair_text == "entities"
+    assert alone.model.mofi.contrastive_weight == 0.0
+    assert step_inputs(alone) == ("image", "entity_ids")
+    assert clip_tiny_config("clip").model.mofi.num_labels == 0  # the CLIP / SigLIP variants are unchanged
+    with pytest.raises(ValueError, match="'siglip' \\(default\\) or 'clip', or MOFI's 'mofi' or 'mofi-cls'"):
+        clip_tiny_config("mofi-x")
 
 
 @pytest.mark.parametrize("change,message", [
@@ -283,4 +297,18 @@ def test_refusals(change, message):
     config = _config(labels=10)
     config.model.mofi.update(change)
     with pytest.raises(ConfigError, match=message):
+        check_static(config)
+
+
+def test_refusals_of_the_label_count_and_the_model():
+    config = _config(labels=10)
+    check_static(config)  # the procedural label set: 6 colours and 4 kinds
+    config.model.mofi.num_labels = 12
+    with pytest.raises(ConfigError, match=r"config.model.mofi.num_labels=12 differs from the 10 entities of the "
+                                          r"label set \(config.data.labels.entities\)"):
+        check_static(config)
+    config = small_config()
+    config.model.mofi.update(num_labels=10, classification_weight=1.0)
+    with pytest.raises(ConfigError, match=r"config.model.mofi.num_labels=10 puts an entity head on the dual "
+                                          r"encoder, but config.model.name='mm1'"):
         check_static(config)
