@@ -300,6 +300,13 @@ def test_refusals(change, message):
         check_static(config)
 
 
+def test_a_dual_encoder_without_text_tower_or_entity_head_is_refused():
+    config = _config((0.0, 1.0), labels=0)
+    with pytest.raises(ConfigError, match=r"contrastive_weight=0.0 drops the text tower, which leaves a dual encoder "
+                                          r"without an entity head"):
+        build_step(config, make_mesh(dict(config.mesh)), get_layout(config.rules))
+
+
 def test_refusals_of_the_label_count_and_the_model():
     config = _config(labels=10)
     check_static(config)  # the procedural label set: 6 colours and 4 kinds

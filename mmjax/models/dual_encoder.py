@@ -129,6 +129,10 @@ class DualEncoder(nnx.Module):
         self.image_pool, self.flavour = c.image_pool, cfg.vit.flavour
         self.vit = ViT(cfg.vit, rngs=rngs, dtype=dtype)
         text = has_text_tower(cfg)  # classification alone builds (and runs) no text tower
+        if not text and mofi["num_labels"] <= 0:
+            raise ConfigError(f"config.model.mofi.contrastive_weight={mofi['contrastive_weight']!r} drops the text "
+                              "tower, which leaves a dual encoder without an entity head (mofi.num_labels=0) nothing "
+                              "to train; give the contrastive loss a positive weight.")
         scale, bias = CONTRASTIVE_LOSSES[c.loss]
         self.text = (TextEncoder(cfg.decoder, causal=c.text_causal, pool=c.text_pool, rngs=rngs, dtype=dtype)
                      if text else None)
