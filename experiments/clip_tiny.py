@@ -18,8 +18,12 @@ MOFI (`config.model.mofi`): `mofi` is `clip` with an entity head over the
 label set's entities (the procedural set: 6 colours and 4 kinds) trained
 with MOFI's softmax loss, plus the contrastive loss against the entity names
 as text (`data.pair_text="entities"`), both weighted 1; `mofi-cls` trains
-the entity head alone (no text tower). Their train metrics add entity_loss
-and entity_precision (the top-scoring entity is one of the image's).
+the entity head alone (no text tower; a record needs no caption). The 10
+labels split evenly over the fsdp=2 shards of the head; a label set whose
+size does not divide them pads the head (`mofi.num_labels` rounded up,
+`mofi.num_entities` the label set's size). Their train metrics add
+entity_loss and entity_precision (the top-scoring entity is one of the
+image's).
 """
 
 from mmjax.config_base import base_config

@@ -18,7 +18,8 @@ Outputs (`forward_batch`), what the "contrastive" objective
   logit_scale `[]` the log of the similarities' multiplier;
   logit_bias `[]` (SigLIP only) added to the scaled similarities;
   entity_logits `[b, num_labels]` float32 and entity_ids `[b, K]` (MOFI's
-  entity head, `mofi.num_labels > 0`).
+  entity head, `mofi.num_labels > 0`; labels from `mofi.num_entities` on
+  pad the head and are masked in the loss).
 Without a text tower (`mofi.contrastive_weight == 0`: classification alone)
 there is no text, logit_scale or logit_bias.
 
@@ -28,19 +29,25 @@ L2 normalisation: the embedding both objectives shape (retrieval uses its
 direction), while the pre-normalisation vector leaves the logits' scale to
 the head (a unit-norm input would need a temperature). Its label axis is the
 logical `entities` axis, which the layouts split over the mesh
-(`mmjax.parallel.rules`), so a vocabulary of millions of entities is held in
-pieces; the logits keep their label axis split (`act_entities`) and the
-softmax over it is the compiler's cross-device reduction. The bias starts at
-0 for the softmax loss and at the log-odds of a 1/num_labels prior for the
-sigmoid loss (each label's binary loss starts near its prior).
+(`mmjax.parallel.rules`: model and fsdp), so a vocabulary of millions of
+entities is held in pieces. As the text embeddings in
+`mmjax.train.contrastive.pair_logits`, the small image features `[b, embed]`
+are gathered over the mesh axes that split the labels (rows stay split over
+`act_entity_rows`, the other batch axes), so each device multiplies them by
+the kernel piece it holds and the kernel never moves; the logits' label axis
+(`act_entities`) is split exactly like the kernel's, and the softmax over it
+is the compiler's cross-device reduction. The bias starts at 0 for the
+softmax loss and at the log-odds of a 1/num_entities prior for the sigmoid
+loss (each label's binary loss starts near its prior).
 
 Config fields: vit (image tower; pooled by `contrastive.image_pool`: "token"
 is CLIP's class token or SigLIP's MAP head, "mean" the mean patch token),
 decoder (text tower, `mmjax.models.text_encoder`), dtype,
 contrastive: loss ("clip" | "siglip"), embed (shared dimension),
 image_pool, text_pool ("last" | "mean"), text_causal, and
-mofi: num_labels (0: no entity head), loss ("softmax" | "sigmoid"),
-contrastive_weight (0: no text tower), classification_weight.
+mofi: num_labels (0: no entity head), num_entities (0: num_labels),
+loss ("softmax" | "sigmoid"), contrastive_weight (0: no text tower),
+classification_weight.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mmjax.config_base import MOFI_DEFAULTS
 from mmjax.errors import ConfigError
 from mmjax.models.layers import Dense, fan_in_init, make_param
 from mmjax.models.partitioning import constrain
@@ -70,8 +78,12 @@ ENTITY_LOSSES = ("softmax", "sigmoid")
 
 def mofi_settings(cfg) -> dict:
     """`config.model.mofi` with its defaults (an older config may lack it)."""
-    defaults = dict(num_labels=0, classification_weight=0.0, contrastive_weight=1.0, loss="softmax")
-    return {**defaults, **dict(cfg.get("mofi") or {})}
+    return {**MOFI_DEFAULTS, **dict(cfg.get("mofi") or {})}
+
+
+def num_entities(mofi: dict) -> int:
+    """How many of the head's `num_labels` outputs are entities (the rest pad it)."""
+    return int(mofi["num_entities"] or mofi["num_labels"])
 
 
 def has_text_tower(cfg) -> bool:
@@ -93,19 +105,23 @@ def _constant(value: float):
 class EntityHead(nnx.Module):
     """MOFI's entity classifier: x `[b, embed]` -> logits `[b, num_labels]`
     float32 (kernel `[embed, num_labels]` on the logical axes
-    (`joint_embed`, `entities`), bias `[num_labels]`)."""
+    (`joint_embed`, `entities`), bias `[num_labels]`); `entities` of the
+    labels are real, the rest padding (module doc)."""
 
     cast_at_use = ("kernel",)
 
-    def __init__(self, embed: int, num_labels: int, loss: str, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, embed: int, num_labels: int, loss: str, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 entities: int | None = None):
         self.dtype = dtype
-        bias = -math.log(max(num_labels - 1, 1)) if loss == "sigmoid" else 0.0
+        prior = entities or num_labels
+        bias = -math.log(max(prior - 1, 1)) if loss == "sigmoid" else 0.0
         self.kernel = make_param(rngs, fan_in_init(embed), (embed, num_labels), ("joint_embed", "entities"))
         self.bias = make_param(rngs, _constant(bias), (num_labels,), ("entities",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        logits = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype)).astype(jnp.float32)
-        return constrain(logits + self.bias[...], ("batch", "act_entities"))
+        x = constrain(x.astype(self.dtype), ("act_entity_rows", None))  # gathered over the label split's axes
+        logits = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits + self.bias[...], ("act_entity_rows", "act_entities"))
 
 
 class DualEncoder(nnx.Module):
@@ -141,7 +157,8 @@ class DualEncoder(nnx.Module):
                                 if text else None)
         self.logit_scale = make_param(rngs, _constant(scale), (), ()) if text else None
         self.logit_bias = make_param(rngs, _constant(bias), (), ()) if text and bias is not None else None
-        self.entity_head = (EntityHead(c.embed, mofi["num_labels"], mofi["loss"], rngs=rngs, dtype=dtype)
+        self.entity_head = (EntityHead(c.embed, mofi["num_labels"], mofi["loss"], rngs=rngs, dtype=dtype,
+                                       entities=num_entities(mofi))
                             if mofi["num_labels"] > 0 else None)
 
     def image_features(self, images: jax.Array) -> jax.Array:

@@ -194,6 +194,7 @@ FIELDS: dict[str, Rule] = {
     "model.contrastive.text_pool": one_of(_text_pools),
     "model.contrastive.text_causal": boolean,
     "model.mofi.num_labels": integer(0),
+    "model.mofi.num_entities": integer(0),
     "model.mofi.classification_weight": number(0),
     "model.mofi.contrastive_weight": number(0),
     "model.mofi.loss": one_of(_entity_losses),
