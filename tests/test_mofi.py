@@ -16,17 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import grain
+import ml_collections
 from conftest import small_config
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from experiments.clip_tiny import get_config as clip_tiny_config
+from mmjax.config_base import base_config
 from mmjax.data import pairs as pairs_module
 from mmjax.data.labels import label_set
 from mmjax.data.pairs import make_pair_dataset
 from mmjax.data.pipeline import default_tokenizer
 from mmjax.errors import ConfigError
-from mmjax.models.dual_encoder import EntityHead
+from mmjax.models.dual_encoder import EntityHead, mofi_settings
 from mmjax.models.partitioning import activation_sharding
 from mmjax.parallel import activation_resolver, get_layout, make_mesh
 from mmjax.train.config_checks import check_config, check_static
@@ -323,6 +325,9 @@ def test_clip_tiny_mofi_configs():
     assert alone.model.mofi.contrastive_weight == 0.0
     assert step_inputs(alone) == ("image", "entity_ids")
     assert clip_tiny_config("clip").model.mofi.num_labels == 0  # the CLIP / SigLIP variants are unchanged
+    # one set of defaults: a model config without a mofi block reads the base config's
+    assert mofi_settings(clip_tiny_config("clip").model) == mofi_settings(ml_collections.ConfigDict()) == dict(
+        base_config().model.mofi)
     with pytest.raises(ValueError, match="'siglip' \\(default\\) or 'clip', or MOFI's 'mofi' or 'mofi-cls'"):
         clip_tiny_config("mofi-x")
 
