@@ -14,6 +14,11 @@ import ml_collections as mlc
 from mmjax.data import shapes
 
 
+# config.model.mofi's defaults: no entity head, the dual encoder's contrastive loss alone.
+MOFI_DEFAULTS = dict(num_labels=0, num_entities=0, classification_weight=0.0, contrastive_weight=1.0,
+                     loss="softmax")
+
+
 def base_config() -> mlc.ConfigDict:
     image_size = mlc.FieldReference(32)
     tokens_per_image = mlc.FieldReference(4)
@@ -63,6 +68,14 @@ def base_config() -> mlc.ConfigDict:
     # image and text towers. loss: "clip" (softmax) | "siglip" (sigmoid); embed: the shared embedding width;
     # image_pool: "token" (CLIP class token / SigLIP MAP head) | "mean"; text_pool: "last" | "mean".
     c.model.contrastive = dict(loss="siglip", embed=64, image_pool="mean", text_pool="last", text_causal=True)
+    # MOFI (mmjax/models/dual_encoder.py, mmjax/train/entity_loss.py): num_labels > 0 puts an entity
+    # classification head of num_labels outputs on the dual encoder's image embedding; its first
+    # num_entities (0: all num_labels) are the label set's entities (data.labels), the rest pad the head to
+    # a multiple of the mesh axes that split it (never a target, masked out of the loss); loss: "softmax"
+    # (MOFI: against the multi-hot target spread evenly over an image's entities) | "sigmoid" (binary CE
+    # per entity); the objective is contrastive_weight * contrastive + classification_weight *
+    # classification (contrastive_weight=0: no text tower is built, and records need no caption).
+    c.model.mofi = dict(MOFI_DEFAULTS)
 
     c.data = mlc.ConfigDict()
     c.data.seq_len = 128

@@ -9,7 +9,9 @@
                    label set (`mmjax.data.labels`)
   SkipIterDataset: drops records without an image or a caption (or whose
                    first image cannot be decoded); their counts ride on the
-                   next pair
+                   next pair. `require_text=False` (a model that reads no
+                   text: MOFI's classification alone) keeps a record without
+                   a caption, its tokens all `<pad>` and segment_ids 0
   batch:           `batch_size` pairs per process (`data.shards` virtual
                    shards as in `mmjax.data.pipeline.make_dataset`; Grain
                    workers with `data.workers > 0`); the iterator state stays
@@ -113,17 +115,19 @@ def pick_caption(captions: dict, mix: tuple[tuple[str, float], ...], seed: int, 
 class PairBuilder:
     """Callable: raw record -> one pair (the fields of the module doc without
     the batch dimension), or an empty pair (`tokens` of length 0) carrying
-    `skipped_records = 1` for a record without an image or caption."""
+    `skipped_records = 1` for a record without an image, or without a caption
+    when `require_text`."""
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int, image_size: int, *, labels: LabelSet | None = None,
                  max_entities: int = 8, mix: tuple[tuple[str, float], ...] = (), text: str = "caption",
-                 seed: int = 0):
+                 seed: int = 0, require_text: bool = True):
         if seq_len < 2:
             raise DataError(f"config.data.seq_len={seq_len} leaves no room for a caption and its <eos>.")
         if text not in PAIR_TEXTS:
             raise DataError(f"config.data.pair_text={text!r} is unknown; choose one of {PAIR_TEXTS}.")
         self.tok, self.seq_len, self.image_size = tokenizer, seq_len, image_size
         self.labels, self.max_entities, self.mix, self.text, self.seed = labels, max_entities, mix, text, seed
+        self.require_text = require_text
 
     def _empty(self, skipped_images: int = 0) -> dict:
         return {"tokens": np.zeros((0,), np.int32), "skipped_records": np.int32(1),
@@ -173,14 +177,14 @@ class PairBuilder:
         labels = record.get("labels") if isinstance(record.get("labels"), dict) else {}
         first = next((s for s in segments if "image" in s or "image_bytes" in s), None)
         text, choice = self._text(record, segments, labels)
-        if first is None or not text:
+        if first is None or (self.require_text and not text):
             return self._empty()
         try:
             image = self._pixels(first)
         except ValueError as err:
             warn_bad_input(f"{record.get('origin') or 'a caption record'}, image 1", str(err))
             return self._empty(skipped_images=1)
-        ids = self.tok.encode(text)[:self.seq_len - 1] + [self.tok.eos_id]
+        ids = self.tok.encode(text)[:self.seq_len - 1] + [self.tok.eos_id] if text else []
         tokens = np.full((self.seq_len,), self.tok.pad_id, np.int32)
         tokens[:len(ids)] = ids
         segment_ids = np.zeros((self.seq_len,), np.int32)
@@ -221,20 +225,25 @@ class _SkipIterator(grain.DatasetIterator):
 
 
 def pairs(data_cfg, tokenizer: Tokenizer, *, split: str = "train", process_index: int = 0,
-          process_count: int = 1) -> grain.IterDataset:
-    """Endless unbatched pairs of the caption stream for one shard."""
+          process_count: int = 1, require_text: bool = True) -> grain.IterDataset:
+    """Endless unbatched pairs of the caption stream for one shard (records
+    without a caption kept unless `require_text`)."""
     records = open_stream(data_cfg.sources[STREAM], STREAM, split=split, image_size=data_cfg.image_size,
                           seed=data_cfg.seed, process_index=process_index, process_count=process_count)
     labels = data_cfg.get("labels", {})
     builder = PairBuilder(tokenizer, data_cfg.seq_len, data_cfg.image_size, labels=label_set(data_cfg),
                           max_entities=int(labels.get("max_entities", 8)), mix=caption_mix(data_cfg),
-                          text=data_cfg.get("pair_text", "caption"), seed=data_cfg.seed)
+                          text=data_cfg.get("pair_text", "caption"), seed=data_cfg.seed,
+                          require_text=require_text)
     return SkipIterDataset(records.map(builder))
 
 
 def make_pair_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split: str = "train",
-                      process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Pair batches (module doc) of `batch_size` rows for this process.
+                      process_index: int = 0, process_count: int = 1,
+                      require_text: bool = True) -> grain.IterDataset:
+    """Pair batches (module doc) of `batch_size` rows for this process;
+    `require_text=False` for a model that reads no text keeps records
+    without a caption.
 
     As `make_dataset`: `data.shards` virtual shards (0: one per process),
     each read by its own pipeline; a process concatenates the batches of its
@@ -242,7 +251,8 @@ def make_pair_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split:
     process count that divides `data.shards`."""
     shards, per_process = shard_split(data_cfg, batch_size, process_count)
     parts = [pairs(data_cfg, tokenizer, split=split, process_index=process_index * per_process + j,
-                   process_count=shards).batch(batch_size // per_process, drop_remainder=True)
+                   process_count=shards, require_text=require_text).batch(batch_size // per_process,
+                                                                          drop_remainder=True)
              for j in range(per_process)]
     it = parts[0] if per_process == 1 else grain.experimental.ZipIterDataset(parts).map(_concatenate)
     if data_cfg.workers > 0:

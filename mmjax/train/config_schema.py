@@ -127,6 +127,11 @@ def _text_pools():
     return TEXT_POOLS
 
 
+def _entity_losses():
+    from mmjax.models.dual_encoder import ENTITY_LOSSES
+    return ENTITY_LOSSES
+
+
 def _connectors():
     from mmjax.models.connectors import CONNECTORS
     return CONNECTORS
@@ -188,6 +193,11 @@ FIELDS: dict[str, Rule] = {
     "model.contrastive.image_pool": one_of(_image_pools),
     "model.contrastive.text_pool": one_of(_text_pools),
     "model.contrastive.text_causal": boolean,
+    "model.mofi.num_labels": integer(0),
+    "model.mofi.num_entities": integer(0),
+    "model.mofi.classification_weight": number(0),
+    "model.mofi.contrastive_weight": number(0),
+    "model.mofi.loss": one_of(_entity_losses),
     "model.vit.flavour": one_of(_flavours),
     "model.vit.image_size": integer(1),
     "model.vit.patch_size": integer(1),

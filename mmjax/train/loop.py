@@ -175,11 +175,15 @@ def data_counters(config) -> tuple[str, ...]:
 
 def make_train_dataset(config, tokenizer, *, batch_size: int, process_index: int, process_count: int):
     """The training batches the model reads: pair batches
-    (`mmjax.data.pairs`) for a contrastive model, else packed sequences
+    (`mmjax.data.pairs`) for a contrastive model (records without a caption
+    kept when it reads no `tokens`), else packed sequences
     (`mmjax.data.pipeline`)."""
-    make = make_pair_dataset if _pairs(config) else make_dataset
-    return make(config.data, tokenizer, batch_size=batch_size, process_index=process_index,
-                process_count=process_count)
+    if _pairs(config):
+        return make_pair_dataset(config.data, tokenizer, batch_size=batch_size, process_index=process_index,
+                                 process_count=process_count,
+                                 require_text="tokens" in model_spec(config.model).inputs_for(config.model))
+    return make_dataset(config.data, tokenizer, batch_size=batch_size, process_index=process_index,
+                        process_count=process_count)
 
 
 def _check_data_feeds_model(config) -> None:
