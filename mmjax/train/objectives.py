@@ -9,6 +9,10 @@ its batch fields follow it, never the model's name.
   over the global batch on a dual encoder's embeddings
   (`mmjax.train.contrastive`); a loss of the whole batch, so it takes no
   gradient accumulation; reads no further batch field.
+- "classification": an image classifier's softmax cross-entropy on
+  `class_id` (-1 rows left out) plus its vision MoE's aux losses weighted by
+  `config.model.vit.moe` (`mmjax.train.classification`); a whole-batch loss
+  (the labels travel in the model's outputs); reads `class_id`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import functools
 from typing import Callable
 
 from mmjax.models import model_spec
+from mmjax.train.classification import classification_loss
 from mmjax.train.contrastive import contrastive_loss
 
 
@@ -32,6 +37,8 @@ OBJECTIVES = {
     "next_token": Objective(inputs=("targets", "loss_mask")),
     "contrastive": Objective(inputs=(), batch_loss=lambda m: functools.partial(contrastive_loss,
                                                                                kind=m.contrastive.loss)),
+    "classification": Objective(inputs=("class_id",), batch_loss=lambda m: functools.partial(
+        classification_loss, moe_cfg=m.vit.get("moe"))),
 }
 
 
