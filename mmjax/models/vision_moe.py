@@ -131,8 +131,10 @@ class VisionMoE(nnx.Module):
 
     def router_logits(self, x: jax.Array) -> jax.Array:
         """x `[b, n, vit_embed]` -> logits `[b, E]` float32 from the mean patch token."""
-        pooled = x[:, self.prefix:].astype(jnp.float32).mean(axis=1)
-        return pooled @ self.router[...].astype(jnp.float32)
+        # Rows stay split like the batch (and so do their gradients): without the hint the
+        # backward pass meets the router's fsdp-split embedding and replicates the [b, M] mean.
+        pooled = constrain(x[:, self.prefix:].astype(jnp.float32).mean(axis=1), ("batch", "act_vit_embed"))
+        return constrain(pooled @ self.router[...].astype(jnp.float32), ("batch", None))
 
     def experts(self, x: jax.Array) -> jax.Array:
         """x `[E, G, C, n, M]` -> `[E, G, C, n, M]`, each expert its own MLP."""
