@@ -103,6 +103,10 @@ def base_config() -> mlc.ConfigDict:
     # example's image slots or seq_len run short); frame folders without an "fps" of their own use video_fps.
     c.data.video_frames = 8
     c.data.video_fps = 1.0
+    # Image-text pairs (mmjax/data/pairs.py) and image labels (mmjax/data/labels.py):
+    c.data.pair_text = "caption"  # a pair's text: "caption" | "entities" (MOFI: entity names joined by ", ")
+    c.data.caption_mix = ""  # VeCLIP: "alt_text@0.5|rewritten@0.5" picks a caption field per record; "" = off
+    c.data.labels = dict(entities="procedural", classes="procedural", max_entities=8)
     c.data.seed = 0
     c.data.shards = 0  # virtual data shards (0: one per process); fixed -> same batches for any process count
     c.data.workers = 0  # >0: Grain multiprocess workers (mp_prefetch)

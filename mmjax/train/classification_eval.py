@@ -44,7 +44,7 @@ def eval_batches(config, tokenizer, setup: TrainSetup, source: str, num_examples
     iterator = iter(make_pair_dataset(data, tokenizer, batch_size=data.global_batch // pc, split="eval",
                                       process_index=pi, process_count=pc))
     shardings = {k: v for k, v in setup.batch_shardings.items() if k not in LABELS}
-    rows = jax.sharding.NamedSharding(setup.mesh, setup.batch_shardings["image"].spec[:1])
+    rows = NamedSharding(setup.mesh, PartitionSpec(setup.batch_shardings["image"].spec[0]))
     shardings.update({k: rows for k in LABELS})
     batches = []
     for _ in range(max(1, -(-num_examples // data.global_batch))):

@@ -139,6 +139,11 @@ def _check_data(config) -> None:
         if not isinstance(sources[stream], str):
             _fail(f"data.sources.{stream}", sources[stream], "must be a spec string such as 'procedural'")
         weighted_parts(sources[stream], f"config.data.sources.{stream}")
+    from mmjax.data.labels import label_set
+    from mmjax.data.pairs import caption_mix
+
+    caption_mix(d)  # VeCLIP's "FIELD@W|FIELD@W"
+    label_set(d)  # label files exist and hold labels
 
 
 def _check_optimizer(config) -> None:

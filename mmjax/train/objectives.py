@@ -12,7 +12,11 @@ its batch fields follow it, never the model's name.
 - "classification": an image classifier's softmax cross-entropy on
   `class_id` (-1 rows left out) plus its vision MoE's aux losses weighted by
   `config.model.vit.moe` (`mmjax.train.classification`); a whole-batch loss
-  (the labels travel in the model's outputs); reads `class_id`.
+  (the labels travel in the model's outputs); reads `class_id`; pairs.
+
+An objective also names the batches it trains on (`data`): "packed"
+sequences (`mmjax.data.pipeline`) or image-text "pairs"
+(`mmjax.data.pairs`); `mmjax.train.loop.make_train_dataset` follows it.
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ class Objective:
     inputs: tuple[str, ...]  # batch fields the loss reads besides the model's inputs
     # model_cfg -> `outputs -> (loss, metrics)`, a loss of the whole batch; None: the step's next-token loss
     batch_loss: Callable | None = None
+    data: str = "packed"  # the batches it trains on: "packed" sequences or image-text "pairs"
 
 
 OBJECTIVES = {
     "next_token": Objective(inputs=("targets", "loss_mask")),
     "contrastive": Objective(inputs=(), batch_loss=lambda m: functools.partial(contrastive_loss,
-                                                                               kind=m.contrastive.loss)),
+                                                                               kind=m.contrastive.loss),
+                             data="pairs"),
     "classification": Objective(inputs=("class_id",), batch_loss=lambda m: functools.partial(
-        classification_loss, moe_cfg=m.vit.get("moe"))),
+        classification_loss, moe_cfg=m.vit.get("moe")), data="pairs"),
 }
 
 
