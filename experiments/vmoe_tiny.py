@@ -1,7 +1,7 @@
 """A tiny Mobile V-MoE image classifier and its dense twin on the procedural
 shapes (`procedural:classes`: class = the shapes' kind, one of 4;
 super-class round / angular), 8 simulated CPU devices on a data=2 x fsdp=2
-x expert=2 mesh, 64 images per step (`mmjax.data.pairs`), held-out top-1
+x expert=2 mesh, 150 steps of 64 images of 8x8 pixels (`mmjax.data.pairs`), held-out top-1
 accuracy on the "eval" split (`top1_accuracy` evaluator).
 
   python -m mmjax.train --config experiments/vmoe_tiny.py --workdir /tmp/mmjax-vmoe-tiny
@@ -36,20 +36,23 @@ def get_config(arg=None):
     c.runtime.cpu_devices = 8
     c.mesh.update(data=2, fsdp=2, expert=2, model=1)
     c.model.name = "vit_classifier"
-    c.model.vit.update(flavour="siglip", patch_size=4, embed=64, depth=4, heads=4, mlp=128, map_head=False)
+    # 8x8 images of 2x2 patches: at 32x32 both variants reach 100 % held-out top-1 within 200 steps
+    # (the kinds are easy to tell apart); at 8x8 the shapes are a few pixels wide and the task is not saturated.
+    c.data.image_size = 8  # linked to model.vit.image_size
+    c.model.vit.update(flavour="siglip", patch_size=2, embed=64, depth=4, heads=4, mlp=128, map_head=False)
     c.model.classifier.update(num_classes=4, pool="mean")
     if variant == "moe":
         c.model.vit.moe.update(num_experts=2, top_k=1, moe_every=2, expert_mlp=c.model.vit.mlp,
-                               capacity_factor=2.0, superclass_weight=0.1, load_balance_weight=0.01,
+                               capacity_factor=2.0, superclass_weight=1.0, load_balance_weight=0.01,
                                router_z_weight=0.001)
     c.data.sources.caption = "procedural:classes"
     c.data.seq_len = 32  # the pair pipeline also tokenizes the caption; the classifier does not read it
     c.data.global_batch = 64
     c.data.max_images = 0  # packed sequences' image slots; a pair batch holds one image per row
     c.optimizer.update(lr=1e-3, warmup_steps=20)
-    c.train.steps = 200
-    c.train.log_every = 20
-    c.train.checkpoint_every = 200
+    c.train.steps = 150
+    c.train.log_every = 25
+    c.train.checkpoint_every = 150
     c.train.eval_every = 0
     c.eval = dict(caption_accuracy=False, top1_accuracy=True)
     c.evaluators.top1_accuracy = dict(source="procedural:classes", num_examples=512)

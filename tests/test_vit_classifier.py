@@ -21,12 +21,13 @@ from mmjax.train.objectives import batch_loss
 from mmjax.train.state import init_train_state, step_inputs
 from mmjax.train.step import model_forward
 
-BATCH = 16
+BATCH, SIZE = 16, 16
 
 
 def _config(steps: int = 10, **moe):
     c = get_config("moe")
-    c.model.vit.depth = 2
+    c.model.vit.update(depth=2, patch_size=4)
+    c.data.image_size = SIZE
     c.model.vit.moe.update(dict(num_experts=4, top_k=2, capacity_factor=2.0, superclass_weight=0.5), **moe)
     c.data.global_batch = BATCH
     c.train.steps = steps
@@ -45,7 +46,7 @@ def _random_batch(seed: int) -> dict:
     class_id[:3] = -1  # unlabelled rows are left out
     superclass_id = np.where(class_id == 0, 0, 1).astype(np.int32)
     superclass_id[:2] = -1
-    return {"image": rng.integers(0, 256, (BATCH, 32, 32, 3), dtype=np.uint8), "class_id": class_id,
+    return {"image": rng.integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8), "class_id": class_id,
             "superclass_id": superclass_id}
 
 
@@ -65,6 +66,49 @@ def test_registered_with_the_classification_objective_and_a_vocab_sharded_head()
     axes = model.head.kernel.get_metadata()["logical_axes"]
     mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 2, "expert": 1, "model": 2})
     assert logical_to_spec(axes, get_layout("fsdp"), mesh, (64, 4)) == jax.sharding.PartitionSpec("fsdp", "model")
+
+
+@pytest.mark.slow  # the held-out batches rendered, two compiles
+def test_top1_evaluator_equals_numpy():
+    from mmjax.data.labels import label_set
+    from mmjax.data.pairs import make_pair_dataset
+    from mmjax.data.pipeline import default_tokenizer
+    from mmjax.train.evaluators import evaluator_spec
+
+    config = _config()
+    config.data.sources.caption = "procedural"  # the evaluator reads its own source, not the training one
+    config.evaluators.top1_accuracy.num_examples = 40  # 3 batches of 16
+    setup, _ = build_step(config, make_mesh(dict(config.mesh)), get_layout(config.rules))
+    params = init_train_state(config, setup)["params"]
+    tokenizer = default_tokenizer(config.data)
+    got = evaluator_spec(config, "top1_accuracy").make(config, setup, tokenizer, "top1_accuracy")(params)
+    # numpy: the source's held-out records, the model on one device
+    data = config.data.copy_and_resolve_references()
+    data.sources.caption = "procedural:classes"
+    rows = iter(make_pair_dataset(data, tokenizer, batch_size=BATCH, split="eval"))
+    host = jax.device_put(jax.device_get(params), jax.devices()[0])
+    predicted, class_id, superclass_id = [], [], []
+    for _ in range(3):
+        batch = next(rows)
+        logits = jax.jit(lambda p, b: model_forward(setup.graphdef, p, b)[0]["logits"])(
+            host, {"image": batch["image"], "superclass_id": batch["superclass_id"]})
+        predicted.append(np.argmax(np.asarray(logits), axis=-1))
+        class_id.append(batch["class_id"])
+        superclass_id.append(batch["superclass_id"])
+    predicted, class_id, superclass_id = map(np.concatenate, (predicted, class_id, superclass_id))
+    assert (class_id >= 0).all()  # every procedural:classes record is labelled
+    correct = predicted == class_id
+    want = {"top1_accuracy": correct.mean(), "eval_images": 48}
+    for s, name in enumerate(label_set(config.data).superclasses):
+        want[f"superclass/{name}"] = correct[superclass_id == s].mean()
+    assert got.keys() == want.keys() and got["eval_images"] == 48
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+    assert 0 < got["top1_accuracy"] < 1  # an untrained head: neither all right nor all wrong
+    # a model that is not a classifier is skipped with a reason
+    other = get_config("moe")
+    other.model.name = "dual_encoder"
+    assert "is not a classifier" in evaluator_spec(other, "top1_accuracy").make(other, setup, tokenizer, "x")
 
 
 @pytest.mark.slow  # two compiles of the forward and backward pass (8 devices and one)
@@ -113,7 +157,7 @@ def test_sharded_loss_and_gradients_equal_single_device():
 def _shape_batch(rng, palette) -> dict:
     """Class c: images of colour c (plus noise); super-class: c == 0 or not."""
     class_id = rng.integers(0, 4, BATCH).astype(np.int32)
-    noise = rng.normal(0, 16, (BATCH, 32, 32, 3))
+    noise = rng.normal(0, 16, (BATCH, SIZE, SIZE, 3))
     images = np.clip(palette[class_id][:, None, None, :] + noise, 0, 255).astype(np.uint8)
     return {"image": images, "class_id": class_id, "superclass_id": (class_id != 0).astype(np.int32)}
 
