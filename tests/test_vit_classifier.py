@@ -200,3 +200,7 @@ def test_vision_pair_of_moe_vs_dense_matches_per_image_compute():
     assert m["total"] > m["active"]
     with pytest.raises(ValueError, match="takes one of"):
         vmoe_tiny.get_config("sparse")
+    from mmjax.train.config_checks import check_config
+
+    for name in vmoe_tiny.NAMES:
+        check_config(vmoe_tiny.get_config(name), 8)
