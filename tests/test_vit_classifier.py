@@ -6,7 +6,6 @@ the jitted train step learns; the top1_accuracy evaluator equals numpy."""
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -144,7 +143,8 @@ def test_sharded_loss_and_gradients_equal_single_device():
     # the loss is CE + the MoE aux losses weighted by vit.moe (one MoE block)
     moe_cfg = config.model.vit.moe
     want = (metrics["classification_loss"] + moe_cfg.load_balance_weight * metrics["load_balance_loss"]
-            + moe_cfg.router_z_weight * metrics["router_z_loss"] + moe_cfg.superclass_weight * metrics["superclass_loss"])
+            + moe_cfg.router_z_weight * metrics["router_z_loss"]
+            + moe_cfg.superclass_weight * metrics["superclass_loss"])
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
     got, ref = _leaves(grads), _leaves(ref_grads)
     assert got.keys() == ref.keys() and any("moe" in k and "wi" in k for k in got)
