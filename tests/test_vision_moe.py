@@ -179,7 +179,7 @@ def test_superclass_loss_is_minimised_by_its_mapping():
 
 def _vit_cfg(**moe):
     c = base_config().model.vit
-    c.moe.update(num_experts=4, top_k=1, moe_every=2, expert_mlp=c.mlp, **moe)
+    c.moe.update(dict(num_experts=4, top_k=1, moe_every=2, expert_mlp=c.mlp), **moe)
     return c
 
 
@@ -237,3 +237,23 @@ def test_moe_vit_refuses_the_aux_less_calls_and_the_schema_checks_fields():
     c.model.classifier.pool = "token"  # a SigLIP ViT without its MAP head
     with pytest.raises(ConfigError, match=r"classifier.pool='token' pools a SigLIP ViT with its MAP head"):
         build_model(c.model, nnx.Rngs(0))
+
+
+def test_scanned_moe_vit_equals_the_listed_one():
+    listed_cfg = _vit_cfg(moe_every=1, top_k=2, expert_mlp=64)
+    scanned_cfg = listed_cfg.copy_and_resolve_references()
+    scanned_cfg.scan = True
+    listed, scanned = ViT(listed_cfg, rngs=nnx.Rngs(0)), ViT(scanned_cfg, rngs=nnx.Rngs(1))
+    per_layer = nnx.state(listed.blocks.layers, nnx.Param)
+    nnx.update(scanned.blocks.layers, jax.tree.map(lambda *xs: jnp.stack(xs), *[per_layer[i] for i in range(2)]))
+    scanned.pos_embed.set_value(listed.pos_embed[...])
+    for name in ("patch_embed", "ln_post"):
+        nnx.update(getattr(scanned, name), nnx.state(getattr(listed, name)))
+    images = jnp.asarray(np.random.default_rng(6).normal(size=(4, 32, 32, 3)), jnp.float32)
+    superclass_id = jnp.array([0, 1, -1, 1])
+    run = nnx.jit(lambda m, i, s: m.forward(i, s))
+    (x, aux), (y, scanned_aux) = run(listed, images, superclass_id), run(scanned, images, superclass_id)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-6)
+    assert aux.keys() == scanned_aux.keys() and aux["superclass_loss"].shape == (2,)
+    for key in aux:
+        np.testing.assert_allclose(np.asarray(scanned_aux[key]), np.asarray(aux[key]), rtol=1e-6, err_msg=key)
