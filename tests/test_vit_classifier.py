@@ -180,6 +180,12 @@ def test_train_step_learns_to_classify(capfd):
     assert accuracy[:5].mean() < 0.6 and accuracy[-5:].mean() > 0.9, accuracy
     assert routed[-5:].mean() > routed[:5].mean()  # the super-class loss pulls routing to its mapping
     assert metrics["expert_fraction_image"].shape == (1, 4) and float(metrics["moe_tokens_image"]) == BATCH
+    # the routing health report reads the images' statistics (no text tokens)
+    from mmjax.train.routing_health import routing_scalars
+
+    scalars = routing_scalars(jax.device_get(metrics))
+    assert {"moe_layer0/image/load_max_over_mean", "moe_layer0/all/dropped_fraction"} <= set(scalars)
+    assert not any("/text/" in k for k in scalars)
     assert "Involuntary full rematerialization" not in capfd.readouterr().err
 
 
