@@ -42,6 +42,17 @@ def base_config() -> mlc.ConfigDict:
     c.model.vit = dict(flavour="siglip", image_size=image_size, patch_size=4, embed=64, depth=2, heads=4,
                        mlp=256, layer_norm_eps=1e-5, feature_layer=-1, map_head=False, scan=False,
                        remat="", attention="xla")
+    # Vision MoE (Mobile V-MoE, mmjax/models/vision_moe.py; num_experts=0: dense): every moe_every-th ViT
+    # block's MLP becomes num_experts MLPs of width expert_mlp, top_k of them chosen per IMAGE by a router on
+    # the image's mean patch token (weights: the softmax probabilities, renormalised over the k chosen when
+    # renormalize); capacity_factor: images per expert per batch shard = ceil(top_k * images *
+    # capacity_factor / num_experts), the rest dropped (>= num_experts / top_k: none dropped).
+    # superclass_weight: Mobile V-MoE's super-class routing loss (images of super-class s -> expert
+    # superclass_experts[s % len], or s mod num_experts when that is empty). The aux losses' weights here
+    # apply to a model trained with the "classification" objective (vit_classifier).
+    c.model.vit.moe = dict(num_experts=0, top_k=1, moe_every=2, renormalize=False, capacity_factor=2.0,
+                           expert_mlp=256, superclass_weight=0.0, superclass_experts=(),
+                           load_balance_weight=0.01, router_z_weight=0.001)
     # kind: c_abstractor | avg_pool | attention_pool (hidden/depth: C-Abstractor; heads: attention pool;
     # scan: the C-Abstractor's ResBlocks stacked and scanned per stage)
     c.model.connector = dict(kind="c_abstractor", num_tokens=tokens_per_image, hidden=64, depth=1, heads=4,
@@ -76,6 +87,10 @@ def base_config() -> mlc.ConfigDict:
     # per entity); the objective is contrastive_weight * contrastive + classification_weight *
     # classification (contrastive_weight=0: no text tower is built, and records need no caption).
     c.model.mofi = dict(MOFI_DEFAULTS)
+    # The image classifier (model.name="vit_classifier", mmjax/models/classifier.py): the vit pooled by
+    # `pool` ("token": CLIP class token / SigLIP MAP head, "mean": the mean patch token) and a linear head
+    # over num_classes classes, trained with the "classification" objective on the pair batches' class_id.
+    c.model.classifier = dict(num_classes=4, pool="mean")
 
     c.data = mlc.ConfigDict()
     c.data.seq_len = 128

@@ -11,6 +11,10 @@ its batch fields follow it, never the model's name.
   gradient accumulation; reads no further batch field, but `entity_ids`
   with MOFI's entity head (`config.model.mofi`, `mmjax.train.entity_loss`:
   the weighted sum of the contrastive and the entity classification loss).
+- "classification": an image classifier's softmax cross-entropy on
+  `class_id` (-1 rows left out) plus its vision MoE's aux losses weighted by
+  `config.model.vit.moe` (`mmjax.train.classification`); a whole-batch loss;
+  reads `class_id`; pairs.
 
 An objective also names the batches it trains on (`data`): "packed"
 sequences (`mmjax.data.pipeline`) or image-text "pairs"
@@ -22,9 +26,11 @@ under some configs; `model_objective` adds them to `inputs`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 from mmjax.models import model_spec
+from mmjax.train.classification import classification_loss
 from mmjax.train.entity_loss import dual_encoder_loss, entity_inputs
 
 
@@ -40,6 +46,8 @@ class Objective:
 OBJECTIVES = {
     "next_token": Objective(inputs=("targets", "loss_mask")),
     "contrastive": Objective(inputs=(), batch_loss=dual_encoder_loss, data="pairs", optional_inputs=entity_inputs),
+    "classification": Objective(inputs=("class_id",), batch_loss=lambda m: functools.partial(
+        classification_loss, moe_cfg=m.vit.get("moe")), data="pairs"),
 }
 
 
