@@ -95,7 +95,7 @@ def test_recall_matches_a_sorting_reference_with_ties_and_repeated_captions():
     n, d = 37, 8
     captions = [f"caption {c}" for c in rng.integers(0, 20, n)]  # many repeats
     # Texts of one caption embed alike; coarse values make many exact ties besides.
-    text_of = {c: np.round(_unit(rng.normal(size=d)) * 2) / 2 for c in set(captions)}
+    text_of = {c: np.round(_unit(rng.normal(size=d)) * 2) / 2 for c in sorted(set(captions))}
     text = np.stack([text_of[c] for c in captions])
     image = np.round(rng.normal(size=(n, d)) * 2) / 2
     image[3] = 0.0  # one image ties with every text

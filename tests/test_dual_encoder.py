@@ -131,7 +131,7 @@ def test_sharded_loss_and_gradients_equal_single_device_reference(kind, capfd):
         def f(q):
             outputs, _ = model_forward(setup.graphdef, q, b, setup.resolver)
             with activation_sharding(setup.resolver):
-                return loss_fn(outputs)[0]
+                return loss_fn(outputs, b)[0]
         return jax.value_and_grad(f)(p)
 
     loss, grads = jax.jit(sharded, in_shardings=(setup.state_shardings["params"], setup.batch_shardings))(

@@ -211,7 +211,7 @@ def test_split_head_loss_and_gradients_equal_single_device_reference(kind, weigh
         def f(q):
             outputs, _ = model_forward(setup.graphdef, q, b, setup.resolver)
             with activation_sharding(setup.resolver):
-                return loss_fn(outputs)[0], outputs["entity_logits"]
+                return loss_fn(outputs, b)[0], outputs["entity_logits"]
         return jax.value_and_grad(f, has_aux=True)(p)
 
     placed = _place(batch, setup)
@@ -251,21 +251,21 @@ def test_weights_combine_exactly_and_pick_the_inputs():
     emb = rng.normal(size=(2, BATCH, 32)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
     outputs = {"image": jnp.asarray(emb[0]), "text": jnp.asarray(emb[1]), "logit_scale": jnp.float32(2.0),
-               "entity_logits": jnp.asarray(rng.normal(0, 2, (BATCH, LABELS)), jnp.float32),
-               "entity_ids": jnp.asarray(_entity_ids(rng))}
+               "entity_logits": jnp.asarray(rng.normal(0, 2, (BATCH, LABELS)), jnp.float32)}
+    batch = {"entity_ids": jnp.asarray(_entity_ids(rng))}
     contrastive, _ = contrastive_loss(outputs, "clip")
     for kind in ("softmax", "sigmoid"):
-        entity, _ = entity_loss(outputs["entity_logits"], outputs["entity_ids"], kind)
+        entity, _ = entity_loss(outputs["entity_logits"], batch["entity_ids"], kind)
         for weights in ((1.0, 1.0), (0.0, 1.0), (2.0, 0.5)):
-            loss, metrics = dual_encoder_loss(_config(weights, kind).model)(outputs)
+            loss, metrics = dual_encoder_loss(_config(weights, kind).model)(outputs, batch)
             assert float(loss) == float(weights[0] * contrastive + weights[1] * entity), (kind, weights)
             assert float(metrics["entity_loss"]) == float(entity)
             assert ("contrastive_loss" in metrics) == bool(weights[0])
         without_text = {k: v for k, v in outputs.items() if k not in ("text", "logit_scale")}
-        assert float(mofi_loss(without_text, contrastive_kind="clip", entity_kind=kind, contrastive_weight=0.0,
+        assert float(mofi_loss(without_text, batch, contrastive_kind="clip", entity_kind=kind, contrastive_weight=0.0,
                                classification_weight=1.0)[0]) == float(entity)
     plain = _config((1.0, 0.0), labels=0).model
-    assert float(dual_encoder_loss(plain)(outputs)[0]) == float(contrastive)  # (1, 0): plain CLIP
+    assert float(dual_encoder_loss(plain)(outputs, batch)[0]) == float(contrastive)  # (1, 0): plain CLIP
 
     assert step_inputs(_config((1.0, 0.0), labels=0)) == ("image", "tokens", "segment_ids")
     assert step_inputs(_config((1.0, 1.0))) == ("image", "tokens", "segment_ids", "entity_ids")

@@ -126,7 +126,7 @@ def test_sharded_loss_and_gradients_equal_single_device():
         def f(q):
             outputs, _ = model_forward(setup.graphdef, q, b, resolver)
             with activation_sharding(resolver):
-                loss, metrics = loss_fn(outputs)
+                loss, metrics = loss_fn(outputs, b)
             return loss, metrics
         return jax.value_and_grad(f, has_aux=True)(p)
 

@@ -7,12 +7,11 @@ Batch fields (pair batches, one image per row, `mmjax.data.pairs`):
   superclass_id  `[b]` int32 (optional: read when the super-class routing loss
                                 is on) super-class of the image, -1 none
   class_id       `[b]` int32 the label (read by the "classification"
-                                objective, carried through the outputs)
+                                objective's loss from the batch)
 
 Outputs (`forward_batch`), what the "classification" objective
 (`mmjax.train.objectives`) reads:
   logits    `[b, num_classes]` float32
-  class_id  `[b]` the batch's labels when it has them
   moe_aux   the ViT's MoE aux stacked over its MoE blocks `[n_moe, ...]`
             ({} for a dense ViT; `mmjax.models.vision_moe`). It travels in the
             outputs rather than as the model's aux so that the objective
@@ -67,10 +66,7 @@ class ViTClassifier(nnx.Module):
     def forward_batch(self, batch) -> tuple[dict, dict]:
         """(outputs of the module doc, {}) for a pair batch."""
         logits, aux = self(batch["image"], batch.get("superclass_id"))
-        out = {"logits": logits, "moe_aux": aux}
-        if "class_id" in batch:
-            out["class_id"] = batch["class_id"]
-        return out, {}
+        return {"logits": logits, "moe_aux": aux}, {}
 
 
 def _optional_inputs(cfg) -> tuple[str, ...]:

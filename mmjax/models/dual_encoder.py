@@ -7,17 +7,15 @@ Batch fields (one image-text pair per row, see `mmjax.models.registry`):
                               flavour's mean/std) or float32 normalised pixels
   tokens       `[b, L]` int32 the text, from position 0
   segment_ids  `[b, L]` int32 1 on the text, 0 on padding
-
-  entity_ids   `[b, K]` int32 (MOFI, with the entity head) the image's
-                              entity labels, -1 padding; passed through to
-                              the outputs for the loss
+The objective's loss also reads `entity_ids` `[b, K]` (MOFI's entity
+labels, with the entity head) from the batch.
 
 Outputs (`forward_batch`), what the "contrastive" objective
 (`mmjax.train.contrastive`, `mmjax.train.entity_loss`) reads:
   image `[b, embed]`, text `[b, embed]` float32, unit norm;
   logit_scale `[]` the log of the similarities' multiplier;
   logit_bias `[]` (SigLIP only) added to the scaled similarities;
-  entity_logits `[b, num_labels]` float32 and entity_ids `[b, K]` (MOFI's
+  entity_logits `[b, num_labels]` float32 (MOFI's
   entity head, `mofi.num_labels > 0`; labels from `mofi.num_entities` on
   pad the head and are masked in the loss).
 Without a text tower (`mofi.contrastive_weight == 0`: classification alone)
@@ -201,16 +199,10 @@ class DualEncoder(nnx.Module):
 
     def forward_batch(self, batch) -> tuple[dict, dict]:
         """(outputs, {}) for a pair batch (`image`, and `tokens`,
-        `segment_ids` with a text tower). With the entity head the batch's
-        `entity_ids` join the outputs unchanged: the train step hands a
-        whole-batch loss the outputs alone."""
+        `segment_ids` with a text tower)."""
         if self.text is None:
-            out = self(batch["image"])
-        else:
-            out = self(batch["image"], batch["tokens"], batch["segment_ids"] > 0)
-        if self.entity_head is not None and "entity_ids" in batch:
-            out["entity_ids"] = batch["entity_ids"]
-        return out, {}
+            return self(batch["image"]), {}
+        return self(batch["image"], batch["tokens"], batch["segment_ids"] > 0), {}
 
 
 def _text_inputs(cfg) -> tuple[str, ...]:

@@ -2,9 +2,10 @@
 cross-entropy of an image classifier's logits on `class_id`, plus its vision
 MoE's aux losses weighted by `config.model.vit.moe`.
 
-outputs (`mmjax.models.classifier`): logits `[B, C]` float32, class_id `[B]`
-int32 (-1: no label, left out of the loss and the accuracy), moe_aux (the
-ViT's MoE aux stacked over its MoE blocks `[n_moe, ...]`, {} when dense).
+outputs (`mmjax.models.classifier`): logits `[B, C]` float32, moe_aux (the
+ViT's MoE aux stacked over its MoE blocks `[n_moe, ...]`, {} when dense);
+batch: class_id `[B]` int32 (-1: no label, left out of the loss and the
+accuracy).
 
 loss = mean CE over labelled rows
        + load_balance_weight * sum_layers load_balance_loss
@@ -35,11 +36,11 @@ def label_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return (nll * mask).sum() / count, (correct * mask).sum() / count, mask.sum()
 
 
-def classification_loss(outputs: dict, moe_cfg) -> tuple[jax.Array, dict]:
+def classification_loss(outputs: dict, batch: dict, moe_cfg) -> tuple[jax.Array, dict]:
     """(loss, metrics) of the module doc; `moe_cfg` is `config.model.vit.moe` (or None)."""
     from mmjax.train.step import moe_losses  # the step imports the objectives
 
-    ce, accuracy, labelled = label_cross_entropy(outputs["logits"], outputs["class_id"])
+    ce, accuracy, labelled = label_cross_entropy(outputs["logits"], batch["class_id"])
     metrics = {"classification_loss": ce, "accuracy": accuracy, "labelled_images": labelled}
     aux = dict(outputs.get("moe_aux") or {})
     if not aux:

@@ -105,30 +105,31 @@ def entity_loss(logits: jax.Array, entity_ids: jax.Array, kind: str,
     return loss, metrics
 
 
-def mofi_loss(outputs: dict, *, contrastive_kind: str, entity_kind: str, contrastive_weight: float,
+def mofi_loss(outputs: dict, batch: dict, *, contrastive_kind: str, entity_kind: str, contrastive_weight: float,
               classification_weight: float, num_entities: int | None = None) -> tuple[jax.Array, dict]:
     """(loss, metrics) of a dual encoder with the entity head: the weighted
     sum of the contrastive loss (on `image`, `text`, `logit_scale`,
-    `logit_bias`) and the entity loss (on `entity_logits`, `entity_ids`,
-    the labels from `num_entities` on padding)."""
+    `logit_bias`) and the entity loss (on `entity_logits` and the batch's
+    `entity_ids`, the labels from `num_entities` on padding)."""
     loss, metrics = jnp.zeros((), jnp.float32), {}
     if contrastive_weight > 0:
         part, part_metrics = contrastive_loss(outputs, contrastive_kind)
         loss, metrics = loss + contrastive_weight * part, {**metrics, **part_metrics}
     if classification_weight > 0:
-        part, part_metrics = entity_loss(outputs["entity_logits"], outputs["entity_ids"], entity_kind,
+        part, part_metrics = entity_loss(outputs["entity_logits"], batch["entity_ids"], entity_kind,
                                          num_entities)
         loss, metrics = loss + classification_weight * part, {**metrics, **part_metrics}
     return loss, metrics
 
 
 def dual_encoder_loss(model_cfg) -> Callable:
-    """The dual encoder's whole-batch loss `outputs -> (loss, metrics)`:
+    """The dual encoder's whole-batch loss `(outputs, batch) -> (loss, metrics)`:
     CLIP's or SigLIP's alone without the entity head, else `mofi_loss`
     with `config.model.mofi`'s weights."""
     mofi = mofi_settings(model_cfg)
     if not mofi["num_labels"]:
-        return functools.partial(contrastive_loss, kind=model_cfg.contrastive.loss)
+        kind = model_cfg.contrastive.loss
+        return lambda outputs, batch: contrastive_loss(outputs, kind)
     return functools.partial(mofi_loss, contrastive_kind=model_cfg.contrastive.loss, entity_kind=mofi["loss"],
                              contrastive_weight=float(mofi["contrastive_weight"]),
                              classification_weight=float(mofi["classification_weight"]),

@@ -37,7 +37,8 @@ from mmjax.train.entity_loss import dual_encoder_loss, entity_inputs
 @dataclasses.dataclass(frozen=True)
 class Objective:
     inputs: tuple[str, ...]  # batch fields the loss reads besides the model's inputs
-    # model_cfg -> `outputs -> (loss, metrics)`, a loss of the whole batch; None: the step's next-token loss
+    # model_cfg -> `(outputs, batch) -> (loss, metrics)`, a loss of the whole batch (it reads the batch's
+    # `inputs`, e.g. labels); None: the step's next-token loss
     batch_loss: Callable | None = None
     data: str = "packed"  # the batches it trains on: "packed" sequences or image-text "pairs"
     optional_inputs: Callable | None = None  # model_cfg -> further batch fields the loss reads
@@ -66,7 +67,7 @@ def model_objective(model_cfg) -> Objective:
 
 
 def batch_loss(model_cfg) -> Callable | None:
-    """The model's whole-batch loss `outputs -> (loss, metrics)`, or None
+    """The model's whole-batch loss `(outputs, batch) -> (loss, metrics)`, or None
     for the next-token loss (see `make_train_step`)."""
     objective = model_objective(model_cfg)
     return None if objective.batch_loss is None else objective.batch_loss(model_cfg)

@@ -147,8 +147,9 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
     """Returns `step(state, batch) -> (state, metrics)` (jitted, state donated).
 
     The loss is next-token CE + z-loss + the weighted MoE aux losses, or,
-    with `batch_loss` (`outputs -> (loss, metrics)`, a loss of the whole
-    batch from the model's outputs: `mmjax.train.objectives`), that loss +
+    with `batch_loss` (`(outputs, batch) -> (loss, metrics)`, a loss of the
+    whole batch from the model's outputs and the batch fields its objective
+    reads, e.g. labels: `mmjax.train.objectives`), that loss +
     the weighted MoE aux losses; `batch_loss` runs under the activation
     shardings and needs grad_accum_steps=1.
     Gradients and the optimizer update cover the `nnx.Param`s; after the
@@ -195,7 +196,7 @@ def make_train_step(setup: TrainSetup, schedule: optax.Schedule, z_loss_weight: 
             outputs, aux = model_forward(setup.graphdef, variables, batch, setup.resolver)
             if batch_loss is not None:
                 with activation_sharding(setup.resolver):
-                    loss, metrics = batch_loss(outputs)
+                    loss, metrics = batch_loss(outputs, batch)
                 moe_loss, moe_metrics = moe_losses(aux, load_balance_weight, router_z_weight)
                 return loss + moe_loss, {**metrics, **moe_metrics}
             loss, metrics = cross_entropy_loss(outputs, batch["targets"], batch["loss_mask"], z_loss_weight)
