@@ -1,11 +1,16 @@
-"""Training FLOPs per step from the config alone, device peak FLOP/s and MFU.
+"""Training FLOPs per step from the config alone (peak FLOP/s and MFU:
+`mmjax.train.peak_flops`, re-exported here).
 
 `train_flops(config)` counts the matrix multiplications (and the connector's
-convolutions) of one training step of `MM1Model` on `data.global_batch`
-sequences of `data.seq_len` tokens with `data.max_images` images each. A
-multiply-add is 2 FLOPs. Elementwise work (norms, softmax, activations, the
-loss, the optimizer update) is not counted: it is a few percent of the total
-for models whose matmuls are not tiny.
+convolutions) of one training step of the model `config.model.name` names,
+by the objective its registry entry trains with (`step_ops`): "next_token"
+counts `MM1Model` (or a text-only decoder) on `data.global_batch` sequences
+of `data.seq_len` tokens with `data.max_images` images each; "contrastive"
+a dual encoder on `data.global_batch` image-text pairs
+(`mmjax.train.flops_dual`). A multiply-add is 2 FLOPs. Elementwise work
+(norms, softmax, activations, the loss, the optimizer update) is not
+counted: it is a few percent of the total for models whose matmuls are not
+tiny.
 
 Two totals:
 
@@ -57,8 +62,6 @@ for work the partitioner replicates), so compare it with
 `hardware_flops_per_device`. With `scan=True` XLA's cost analysis may count
 a scanned layer stack's body once rather than once per layer; the analytic
 count is always per layer.
-
-Peak FLOP/s and MFU live in `mmjax.train.peak_flops` (re-exported here).
 """
 
 from __future__ import annotations
