@@ -39,9 +39,28 @@ the procedural captions here; point the caption stream at real pairs with
 Hardware (v5p, 95 GiB per chip): 32,768 pairs on tpu-v5p-256 are 256 pairs
 per chip, fully sharded (fsdp=128), both towers scanned and rematerialised
 layer by layer ("full", the TPU presets' policy); attention through XLA in
-both towers (257 and 77 tokens; see `get_config` for the text). Per
-chip from `python -m mmjax.bench.aot --config experiments/clip_pods.py:vit_h14`
-(jax 0.12, libtpu of the venv): see `MEASURED` below.
+both towers (257 and 77 tokens; see `get_config` for the text). Ahead-of-time
+compiles for v5p:4x4x8 (`python -m mmjax.bench.aot --config
+experiments/clip_pods.py:vit_h14`, jax 0.12.0.1 / libtpu 0.0.52, 7-13 minutes
+on the host CPU), per chip:
+
+  pairs   per chip  remat (both towers)  peak GiB  ESTIMATE step  estimated MFU
+  32768      256    full (default)         12.7       808 ms          79.2 %
+  32768      256    dots_no_batch          58.2       835 ms          76.6 %
+  65536      512    full                   24.9      1597 ms          80.1 %
+
+(`--config.model.vit.remat=... --config.model.decoder.remat=...`,
+`--config.data.global_batch=65536`.) The model FLOPs are 2.94e14 per chip
+and step at 32k (`train.flops_dual`: 0.33 TFLOP per image and 0.05 per
+text forward; the `[B, B]` similarity 0.02 %). The estimate is the larger of
+compute and HBM time plus collectives at published rates
+(`mmjax/bench/estimate.py`), not a measurement: with whole-layer remat it is
+compute-bound (787 ms of 808 at 32k, the recompute a fifth of the executed
+FLOPs); `dots_no_batch` recomputes almost nothing (647 ms of compute) but
+its HBM estimate (814 ms, bytes accessed scaled by the scanned loops' trip
+counts) makes it memory-bound and no faster. Collectives: 11.8 GiB
+received per chip per step (XLA runs the scanned stacks' FSDP weight
+gathers as all-reduces; the FSDP minimum is 7.5 GiB), 21 ms at ICI rates.
 """
 
 from __future__ import annotations
