@@ -11,6 +11,13 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
+from mmjax.data import shapes
+
+
+# config.model.mofi's defaults: no entity head, the dual encoder's contrastive loss alone.
+MOFI_DEFAULTS = dict(num_labels=0, num_entities=0, classification_weight=0.0, contrastive_weight=1.0,
+                     loss="softmax")
+
 
 def base_config() -> mlc.ConfigDict:
     image_size = mlc.FieldReference(32)
@@ -35,6 +42,17 @@ def base_config() -> mlc.ConfigDict:
     c.model.vit = dict(flavour="siglip", image_size=image_size, patch_size=4, embed=64, depth=2, heads=4,
                        mlp=256, layer_norm_eps=1e-5, feature_layer=-1, map_head=False, scan=False,
                        remat="", attention="xla")
+    # Vision MoE (Mobile V-MoE, mmjax/models/vision_moe.py; num_experts=0: dense): every moe_every-th ViT
+    # block's MLP becomes num_experts MLPs of width expert_mlp, top_k of them chosen per IMAGE by a router on
+    # the image's mean patch token (weights: the softmax probabilities, renormalised over the k chosen when
+    # renormalize); capacity_factor: images per expert per batch shard = ceil(top_k * images *
+    # capacity_factor / num_experts), the rest dropped (>= num_experts / top_k: none dropped).
+    # superclass_weight: Mobile V-MoE's super-class routing loss (images of super-class s -> expert
+    # superclass_experts[s % len], or s mod num_experts when that is empty). The aux losses' weights here
+    # apply to a model trained with the "classification" objective (vit_classifier).
+    c.model.vit.moe = dict(num_experts=0, top_k=1, moe_every=2, renormalize=False, capacity_factor=2.0,
+                           expert_mlp=256, superclass_weight=0.0, superclass_experts=(),
+                           load_balance_weight=0.01, router_z_weight=0.001)
     # kind: c_abstractor | avg_pool | attention_pool (hidden/depth: C-Abstractor; heads: attention pool;
     # scan: the C-Abstractor's ResBlocks stacked and scanned per stage)
     c.model.connector = dict(kind="c_abstractor", num_tokens=tokens_per_image, hidden=64, depth=1, heads=4,
@@ -61,6 +79,18 @@ def base_config() -> mlc.ConfigDict:
     # image and text towers. loss: "clip" (softmax) | "siglip" (sigmoid); embed: the shared embedding width;
     # image_pool: "token" (CLIP class token / SigLIP MAP head) | "mean"; text_pool: "last" | "mean".
     c.model.contrastive = dict(loss="siglip", embed=64, image_pool="mean", text_pool="last", text_causal=True)
+    # MOFI (mmjax/models/dual_encoder.py, mmjax/train/entity_loss.py): num_labels > 0 puts an entity
+    # classification head of num_labels outputs on the dual encoder's image embedding; its first
+    # num_entities (0: all num_labels) are the label set's entities (data.labels), the rest pad the head to
+    # a multiple of the mesh axes that split it (never a target, masked out of the loss); loss: "softmax"
+    # (MOFI: against the multi-hot target spread evenly over an image's entities) | "sigmoid" (binary CE
+    # per entity); the objective is contrastive_weight * contrastive + classification_weight *
+    # classification (contrastive_weight=0: no text tower is built, and records need no caption).
+    c.model.mofi = dict(MOFI_DEFAULTS)
+    # The image classifier (model.name="vit_classifier", mmjax/models/classifier.py): the vit pooled by
+    # `pool` ("token": CLIP class token / SigLIP MAP head, "mean": the mean patch token) and a linear head
+    # over num_classes classes, trained with the "classification" objective on the pair batches' class_id.
+    c.model.classifier = dict(num_classes=4, pool="mean")
 
     c.data = mlc.ConfigDict()
     c.data.seq_len = 128
@@ -88,6 +118,10 @@ def base_config() -> mlc.ConfigDict:
     # example's image slots or seq_len run short); frame folders without an "fps" of their own use video_fps.
     c.data.video_frames = 8
     c.data.video_fps = 1.0
+    # Image-text pairs (mmjax/data/pairs.py) and image labels (mmjax/data/labels.py):
+    c.data.pair_text = "caption"  # a pair's text: "caption" | "entities" (MOFI: entity names joined by ", ")
+    c.data.caption_mix = ""  # VeCLIP: "alt_text@0.5|rewritten@0.5" picks a caption field per record; "" = off
+    c.data.labels = dict(entities="procedural", classes="procedural", max_entities=8)
     c.data.seed = 0
     c.data.shards = 0  # virtual data shards (0: one per process); fixed -> same batches for any process count
     c.data.workers = 0  # >0: Grain multiprocess workers (mp_prefetch)
@@ -108,6 +142,15 @@ def base_config() -> mlc.ConfigDict:
     # evaluators.<name>; they run at the start of a fresh run, every train.eval_every steps and at the end.
     c.eval = dict(caption_accuracy=True)
     c.evaluators = dict(caption_accuracy=dict(num_examples=128))
+    # A dual encoder's zero-shot classification and image<->text retrieval (mmjax/train/contrastive_eval.py).
+    # zero_shot: images of `source` (split "eval") with a class of data.labels.classes, each class embedded as
+    # the renormalised mean of its `templates` ("{}" -> the class name; the default: the procedural data's
+    # one-shape captions in every cell and colour, so colour and place average out and the kind remains).
+    # retrieval: recall@1/5/10 both ways on `num_examples` pairs of `source` ("" = data.sources.caption).
+    c.evaluators.zero_shot = dict(source="procedural:classes", num_examples=256,
+                                  templates=tuple(f"one shape. {p}: {colour} {{}}." for p in shapes.POSITIONS
+                                                  for colour in shapes.COLOURS))
+    c.evaluators.retrieval = dict(source="", num_examples=256)
     c.train.eval_every = 0  # 0: only at the start and the end
     c.train.watchdog_s = 600.0  # report a step that takes longer than this (0: off)
     c.train.on_nonfinite = "stop"  # NaN/Inf loss: "stop" (naming the last good checkpoint) or "skip" the update

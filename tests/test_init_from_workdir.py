@@ -124,3 +124,31 @@ def test_a_workdir_without_a_checkpoint_is_refused_before_anything_is_built(tmp_
     c.init_from = (str(tmp_path / "nothing"),)
     with pytest.raises(ConfigError, match=r"is neither a training workdir \(no checkpoints/\) nor a folder"):
         check_static(c)
+
+
+def test_a_dual_encoder_run_hands_its_vit_to_mm1(tmp_path):
+    """The encoder pre-training hand-off: an MM1 run whose init_from names a
+    CLIP / SigLIP workdir starts with that run's ViT; its connector and
+    decoder keep their initialisation (the text tower and projections have
+    no place in MM1)."""
+    from experiments.clip_tiny import get_config as clip_tiny_config
+    from experiments.tiny import get_config as tiny_config
+
+    clip = clip_tiny_config()
+    trained = _shifted(init_train_state(clip, _setup(clip)), 3.0)
+    ckpt = Checkpointer(str(tmp_path / "clip"), async_save=False)
+    ckpt.save(5, trained, iter(grain.MapDataset.range(4).to_iter_dataset()))
+    ckpt.close()
+    mm1 = tiny_config()
+    mm1.init_from = (str(tmp_path / "clip"),)
+    check_static(mm1)
+    fresh = init_train_state(mm1, _setup(mm1))
+    kept = {k: _pure(fresh["params"][k]) for k in ("connector", "decoder")}
+    shardings = [leaf.sharding for leaf in jax.tree.leaves(fresh["params"]["vit"])]
+    lines = []
+    out = apply_init_from(fresh, list(mm1.init_from), lines.append)
+    assert any("keep their initialisation: connector, decoder" in line for line in lines), lines
+    jax.tree.map(np.testing.assert_array_equal, _pure(out["params"]["vit"]), _pure(trained["params"]["vit"]))
+    for name, values in kept.items():
+        jax.tree.map(np.testing.assert_array_equal, _pure(out["params"][name]), values)
+    assert [leaf.sharding for leaf in jax.tree.leaves(out["params"]["vit"])] == shardings  # the MM1 run's layout

@@ -137,6 +137,7 @@ def _clip_config(steps: int):
     c.model.decoder.layers = 1
     c.data.global_batch = 16
     c.data.seq_len = SEQ_LEN
+    c.data.caption_mix = "rewritten@0.9|alt_text@0.1"  # VeCLIP: mixed captions resume with the run
     c.optimizer.update(lr=3e-3, warmup_steps=5, min_lr_ratio=1.0)  # the schedule is the same for 10 and 20 steps
     c.train.update(steps=steps, log_every=1, checkpoint_every=10)
     return c
@@ -156,6 +157,10 @@ def test_train_dual_encoder_learns_and_resumes(tmp_path):
     assert [r["step"] for r in after] == list(range(11, 21))
     for r, w in zip(after, _records(tmp_path / "whole")[10:]):  # same batches, same values
         assert r["loss"] == pytest.approx(w["loss"], rel=1e-5), r["step"]
+    last = _records(tmp_path / "whole")[-1]  # every example's caption field is counted and its share logged
+    assert last["data/caption_rewritten"] + last["data/caption_alt_text"] == 20 * 16
+    assert 0.8 < last["data/caption_mix_rewritten"] < 1.0
+    assert last["data/caption_mix_rewritten"] == last["data/caption_rewritten"] / (20 * 16)
 
 
 def test_clip_tiny_config():
@@ -165,7 +170,7 @@ def test_clip_tiny_config():
         c = clip_tiny_config(loss)
         check_config(c, 8, 1)
         assert c.model.contrastive.loss == loss and c.model.vit.flavour == loss
-        assert not any(c.eval.values())
+        assert c.eval.zero_shot and c.eval.retrieval and not c.eval.caption_accuracy
     assert clip_tiny_config().model.contrastive.loss == "siglip"
     with pytest.raises(ValueError, match="'siglip' \\(default\\) or 'clip'"):
         clip_tiny_config("vit")

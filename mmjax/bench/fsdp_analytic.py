@@ -125,7 +125,8 @@ def fsdp_collective_breakdown(setup_or_config, mesh_shape: Mapping[str, int] | N
         params, shardings = setup.abstract_params, setup.state_shardings["params"]
         sizes = dict(setup.mesh.shape)
         if batch_axes is None:
-            spec = setup.batch_shardings["tokens"].spec
+            # every batch field is split over the same batch axes (an image classifier reads no tokens)
+            spec = next(iter(setup.batch_shardings.values())).spec
             batch_axes = spec[0] if spec else None
         if gather_dtype == "auto":
             platform = getattr(setup.mesh.devices.flat[0], "platform", "tpu")

@@ -4,12 +4,15 @@
       [--steps 20] [--topology v5p:2x2x2]
   python -m mmjax.bench.moe_vs_dense --dense experiments/tiny.py --moe experiments/tiny_moe.py
       [--config.FIELD=VALUE ...]   (applied to both configurations)
+  python -m mmjax.bench.moe_vs_dense --config experiments/vmoe_tiny.py:tiny   (a vision MoE pair)
 
 Builds the dense config and the MoE config with each dispatch path
 (`capacity`: GShard einsum with all-to-alls; `dropless`: sort + grouped
 matmul, the routed rows sent along `expert` by ragged all-to-all, emulated
 densely on CPU), compiles each train
-step for the same mesh (`mmjax.bench.harness`), then times `--steps` steps of
+step for the same mesh (`mmjax.bench.harness`; a pair whose MoE is in the
+ViT, `config.model.vit.moe`, has the one `capacity` path: experts routed per
+image, `mmjax.models.vision_moe`), then times `--steps` steps of
 each on one fixed batch, interleaving the configurations round by round so
 machine noise hits all of them alike. Each step is timed to device
 completion (`block_until_ready`). Prints a table with the median step time,
@@ -34,17 +37,70 @@ from __future__ import annotations
 
 import os
 
-from mmjax.bench.harness import TimedConfig, first_batch, time_round_robin
+from mmjax.bench.harness import TimedConfig, time_round_robin
 from mmjax.errors import ConfigError
 from mmjax.paths import save_figure, workdir_path, write_csv
 
 DISPATCHES = ("capacity", "dropless")
 
 
+def vision_moe(config) -> bool:
+    """Whether the config's MoE is the ViT's (per-image experts) rather than the decoder's."""
+    return bool(config.model.vit.get("moe") and config.model.vit.moe.num_experts
+                and not config.model.decoder.moe.num_experts)
+
+
+def dispatch_name(config) -> str:
+    """"dense", or the MoE's dispatch path ("capacity" for a vision MoE)."""
+    if vision_moe(config):
+        return "capacity"
+    return config.model.decoder.moe.dispatch if config.model.decoder.moe.num_experts else "dense"
+
+
+def counts(config) -> dict[str, int]:
+    """{"total", "active"} parameters; a vision MoE's expert weights count
+    `top_k / num_experts` of their size toward `active` (per image)."""
+    import math
+
+    import jax
+    from flax import nnx
+
+    from mmjax.train.param_counts import param_counts
+    from mmjax.train.state import abstract_model
+
+    if not vision_moe(config):
+        return param_counts(config)
+    moe = config.model.vit.moe
+    total = active = 0
+    for leaf in jax.tree.leaves(abstract_model(config.model)[1], is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        size = math.prod(leaf.shape)
+        total += size
+        expert = "expert" in (leaf.get_metadata().get("logical_axes") or ())
+        active += size * moe.top_k // moe.num_experts if expert else size
+    return {"total": total, "active": active}
+
+
+def first_batch(config) -> dict:
+    """One host-local batch of this process from the data pipeline the
+    config's model trains on (packed sequences or pairs)."""
+    import jax
+
+    from mmjax.data.pipeline import default_tokenizer
+    from mmjax.train.loop import make_train_dataset
+
+    pc = jax.process_count()
+    return next(iter(make_train_dataset(config, default_tokenizer(config.data),
+                                        batch_size=config.data.global_batch // pc,
+                                        process_index=jax.process_index(), process_count=pc)))
+
+
 def variants(dense, moe) -> dict:
     """{"dense": dense, "moe-capacity": ..., "moe-dropless": ...}: the MoE
-    config once per dispatch path."""
+    config once per dispatch path (a vision MoE: "moe-capacity" only)."""
     runs = {"dense": dense}
+    if vision_moe(moe):
+        runs["moe-capacity"] = moe
+        return runs
     for dispatch in DISPATCHES:
         cfg = moe.copy_and_resolve_references()
         cfg.model.decoder.moe.dispatch = dispatch
@@ -58,8 +114,6 @@ def compare(dense, moe, steps: int, topology: str | None = None, log=print, aot_
     returns one row per configuration (the module doc lists the columns).
     `aot_only`: only the ahead-of-time compiles for `topology` (a pod not at
     hand), nothing runs here."""
-    from mmjax.train.param_counts import param_counts
-
     others = lambda mesh: {a: v for a, v in dict(mesh).items() if a not in ("fsdp", "expert")}  # noqa: E731
     if others(moe.mesh) != others(dense.mesh) or (-1 not in (moe.mesh.fsdp, dense.mesh.fsdp) and
                                                   moe.mesh.fsdp * moe.mesh.expert != dense.mesh.fsdp * dense.mesh.expert):
@@ -73,11 +127,11 @@ def compare(dense, moe, steps: int, topology: str | None = None, log=print, aot_
         run = TimedConfig(cfg)
         if not aot_only and not run.prepare(local):
             raise ConfigError(f"{name}: {run.row['reason']}")
-        counts = param_counts(cfg)
-        run.row.update(config=name, dispatch=cfg.model.decoder.moe.dispatch if cfg.model.decoder.moe.num_experts
-                       else "dense", params=counts["total"], active_params=counts["active"])
+        n = counts(cfg)
+        run.row.update(config=name, dispatch=dispatch_name(cfg), params=n["total"], active_params=n["active"])
         where = "" if aot_only else f" compiled in {run.row['compile_s']:.1f}s"
-        log(f"{name}:{where} ({counts['total']:,} params, {counts['active']:,} active per token)")
+        unit = "image" if vision_moe(moe) else "token"
+        log(f"{name}:{where} ({n['total']:,} params, {n['active']:,} active per {unit})")
         if topology:
             run.add_topology(topology)
             fits = run.row["tpu_fits"]

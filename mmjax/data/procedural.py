@@ -8,14 +8,24 @@ resumption needs only an index. A raw record is a dict:
    "segments": [{"text": str, "spans": [(start, end), ...]} | {"image": uint8 [h, w, 3]}, ...]}
 
 `spans` (optional) marks the characters of colour and kind words in captions,
-for the caption-accuracy evaluation.
+for the caption-accuracy evaluation. Caption records also carry
+`labels = {"entities": [...]}` (the colour and kind words of the scene, MOFI's
+entity labels) and VeCLIP's two captions, `captions = {"alt_text": ...,
+"rewritten": ...}`: the exact caption is the visually enriched rewrite, the
+alt-text a short web-style line that names one shape of the scene
+(`mmjax.data.pairs` picks one per `config.data.caption_mix`). `ClassesSource`
+(`procedural:classes`) draws scenes of one shape kind, labelled with that
+kind as the class and its round / angular super-class.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from mmjax.data import shapes
+from mmjax.data.labels import SHAPE_SUPERCLASS_OF
 from mmjax.data.records import STREAMS
 from mmjax.data.text_corpus import pydoc_chunks
 
@@ -50,19 +60,59 @@ class ProceduralSource:
         return f"{type(self).__name__}(image_size={self.image_size}, seed={self.seed}, split={self.split!r})"
 
 
+def entities(scene: list[shapes.Shape]) -> list[str]:
+    """The scene's entity labels: its colour words, then its kinds, each once
+    (in the order of `labels.label_set`'s procedural entities)."""
+    present = {s.colour for s in scene} | {s.kind for s in scene}
+    return [name for name in (*shapes.COLOURS, *shapes.KINDS) if name in present]
+
+
+def alt_text(scene: list[shapes.Shape], rng: np.random.Generator) -> str:
+    """A web-style alt-text: names one random shape of the scene and nothing
+    of the rest (VeCLIP's noisy original caption)."""
+    s = scene[rng.integers(len(scene))]
+    return ("picture of a {} {}.", "a {} {} and more.", "{} {} image.")[rng.integers(3)].format(s.colour, s.kind)
+
+
 class CaptionSource(ProceduralSource):
     """One image followed by its exact caption."""
 
     stream = "caption"
 
+    def scene(self, rng: np.random.Generator) -> list[shapes.Shape]:
+        return shapes.sample_scene(rng)
+
+    def labels(self, scene: list[shapes.Shape]) -> dict:
+        return {"entities": entities(scene)}
+
     def __getitem__(self, index: int) -> dict:
         rng = _rng(self.seed, self.split, self.stream, index)
-        scene = shapes.sample_scene(rng)
+        scene = self.scene(rng)
         text = shapes.caption(scene)
+        image = shapes.render_scene(scene, self.image_size, rng)
+        # Its own generator: the records' images and captions stay what they were before alt-texts.
+        alt = alt_text(scene, np.random.default_rng([self.seed, SPLITS[self.split], 7, index]))
         return {"stream": self.stream, "segments": [
-            {"image": shapes.render_scene(scene, self.image_size, rng)},
+            {"image": image},
             {"text": text, "spans": shapes.attribute_spans(text, scene)},
-        ], "origin": self.origin(index)}
+        ], "labels": self.labels(scene), "captions": {"alt_text": alt, "rewritten": text},
+            "origin": self.origin(index)}
+
+
+class ClassesSource(CaptionSource):
+    """`procedural:classes`: 1-3 shapes of one kind (random colours and cells)
+    and their exact caption; the kind is the class, round / angular its
+    super-class."""
+
+    kind = "procedural:classes"
+
+    def scene(self, rng: np.random.Generator) -> list[shapes.Shape]:
+        kind = shapes.KINDS[rng.integers(len(shapes.KINDS))]
+        return [dataclasses.replace(s, kind=kind) for s in shapes.sample_scene(rng)]
+
+    def labels(self, scene: list[shapes.Shape]) -> dict:
+        kind = scene[0].kind
+        return {"entities": entities(scene), "class": kind, "superclass": SHAPE_SUPERCLASS_OF[kind]}
 
 
 class InterleavedSource(ProceduralSource):
@@ -101,6 +151,7 @@ class TextSource(ProceduralSource):
 
 
 SOURCES = {"caption": CaptionSource, "interleaved": InterleavedSource, "text": TextSource}
+CLASS_SOURCES = {"caption": ClassesSource}  # procedural:classes has the caption stream only
 
 
 def tokenizer_corpus(num_generated: int = 3000) -> list[str]:

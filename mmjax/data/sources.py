@@ -4,6 +4,7 @@
 
   procedural                         the embedded generated data (default)
   procedural:sft                     the embedded generated conversations (fine-tuning)
+  procedural:classes                 the embedded labelled scenes of one shape kind (caption stream)
   webdataset:/data/cc3m/{00000..00099}.tar   tar shards (`.jpg/.png` + `.txt`/`.json`)
   array_record:/data/mix/caption-*.array_record   records written by `mmjax.data.convert`
   parquet:/data/obelics/*.parquet    parquet files (`text`, `image` / `texts`, `images`)
@@ -51,8 +52,14 @@ def _sft_sources():
     return SOURCES
 
 
-# "procedural" -> pre-training records; "procedural:sft" -> conversations (mmjax/data/procedural_sft.py)
-PROCEDURAL_KINDS = {"": lambda: PROCEDURAL, "sft": _sft_sources}
+def _class_sources():
+    from mmjax.data.procedural import CLASS_SOURCES
+    return CLASS_SOURCES
+
+
+# "procedural" -> pre-training records; "procedural:sft" -> conversations (mmjax/data/procedural_sft.py);
+# "procedural:classes" -> labelled single-kind scenes (caption stream only, mmjax/data/procedural.py)
+PROCEDURAL_KINDS = {"": lambda: PROCEDURAL, "sft": _sft_sources, "classes": _class_sources}
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -98,7 +105,8 @@ def parse_spec(spec: str, where: str) -> tuple[str, str]:
         raise DataError(f"{where}={spec!r}: give a location after '{fmt}:'.")
     if fmt == "procedural" and location not in PROCEDURAL_KINDS:
         raise DataError(f"{where}={spec!r}: unknown procedural data {location!r}; expected 'procedural' "
-                        "(pre-training) or 'procedural:sft' (conversations).")
+                        "(pre-training), 'procedural:sft' (conversations) or 'procedural:classes' (labelled "
+                        "scenes, caption stream).")
     return fmt, location
 
 
@@ -150,7 +158,11 @@ def _open_stream(spec: str, stream: str, *, split: str, image_size: int, seed: i
     fmt, location = parse_spec(spec, where)
     stream_seed = seed * len(STREAMS) + STREAMS.index(stream)
     if fmt == "procedural":  # already random per index: no shuffle, results stay comparable
-        source = PROCEDURAL_KINDS[location]()[stream](image_size=image_size, seed=seed, split=split)
+        kinds = PROCEDURAL_KINDS[location]()
+        if stream not in kinds:
+            raise DataError(f"{where}={spec!r}: {spec} has no {stream} records; it feeds the "
+                            f"{' and '.join(kinds)} stream{'s' if len(kinds) > 1 else ''}.")
+        source = kinds[stream](image_size=image_size, seed=seed, split=split)
         # Generated in the reading thread: the loop's prefetcher overlaps it with the step, and a
         # thread pool here only adds GIL contention (31 ms of CPU per tiny batch instead of 57 ms).
         return grain.MapDataset.source(source)[process_index::process_count].to_iter_dataset(_PROCEDURAL_READ)

@@ -33,11 +33,14 @@ from mmjax.errors import ConfigError
 # region_masks `[max_regions, region_grid, region_grid]`; those are the fields
 # of packed batches. Image-text pair batches (one pair per row) hold `image`
 # `[size, size, 3]` with the text in `tokens` and `segment_ids` (1 on the
-# text, 0 on padding); the packed pipeline does not produce `image`.
+# text, 0 on padding), and the image's labels: `entity_ids` `[max_entities]`,
+# `class_id` and `superclass_id` `[]` (mmjax.data.pairs); the packed pipeline
+# does not produce those.
 SEQUENCE_FIELDS = ("tokens", "image_slots", "segment_ids", "positions")
 IMAGE_FIELDS = ("images", "image")
 REGION_FIELDS = ("region_slots", "region_images", "region_masks")
-KNOWN_FIELDS = SEQUENCE_FIELDS + IMAGE_FIELDS + REGION_FIELDS
+LABEL_FIELDS = ("entity_ids", "class_id", "superclass_id")
+KNOWN_FIELDS = SEQUENCE_FIELDS + IMAGE_FIELDS + REGION_FIELDS + LABEL_FIELDS
 PACKED_FIELDS = SEQUENCE_FIELDS + ("images",) + REGION_FIELDS
 
 

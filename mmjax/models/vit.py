@@ -24,6 +24,7 @@ from mmjax.models.attention import Attention
 from mmjax.models.layers import Dense, LayerNorm, make_param
 from mmjax.models.partitioning import constrain
 from mmjax.models.stack import LayerStack
+from mmjax.models.vision_moe import VisionMoE, check_vit_moe, is_moe_block
 from mmjax.errors import ConfigError
 
 
@@ -98,21 +99,34 @@ def interpolate_pos_embed(pos: jax.Array, new_grid: int) -> jax.Array:
 
 
 class ViTBlock(nnx.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+    """Pre-LN transformer block: x + attn(ln1(x)); x + mlp(ln2(x)). With
+    `moe=True` the MLP is a per-image routed `VisionMoE` (`vit.moe`) and the
+    block returns (x, aux) (`mmjax.models.vision_moe`)."""
 
-    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32, moe: bool = False):
         eps, e = cfg.layer_norm_eps, cfg.embed
-        self.activation = ACTIVATIONS[FLAVOURS[cfg.flavour].activation]
+        flavour = FLAVOURS[cfg.flavour]
+        self.activation = ACTIVATIONS[flavour.activation]
         self.ln1 = LayerNorm(e, rngs=rngs, eps=eps)
         self.attn = Attention(e, cfg.heads, cfg.heads, e // cfg.heads, rngs=rngs,
                               embed_axis="vit_embed", use_bias=True, dtype=dtype,
                               implementation=cfg.get("attention", "xla"))
         self.ln2 = LayerNorm(e, rngs=rngs, eps=eps)
-        self.fc1 = Dense(e, cfg.mlp, ("vit_embed", "vit_mlp"), rngs=rngs, use_bias=True, dtype=dtype)
-        self.fc2 = Dense(cfg.mlp, e, ("vit_mlp", "vit_embed"), rngs=rngs, use_bias=True, dtype=dtype)
+        if moe:
+            self.moe = VisionMoE(e, cfg.moe, self.activation, prefix=int(flavour.class_token), rngs=rngs,
+                                 dtype=dtype)
+        else:
+            self.moe = None
+            self.fc1 = Dense(e, cfg.mlp, ("vit_embed", "vit_mlp"), rngs=rngs, use_bias=True, dtype=dtype)
+            self.fc2 = Dense(cfg.mlp, e, ("vit_mlp", "vit_embed"), rngs=rngs, use_bias=True, dtype=dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, superclass_id: jax.Array | None = None):
+        """x `[b, n, vit_embed]` -> x, or (x, aux) for a MoE block;
+        superclass_id `[b]` (optional) feeds the MoE's super-class routing loss."""
         x = x + self.attn(self.ln1(x))
+        if self.moe is not None:
+            y, aux = self.moe(self.ln2(x), superclass_id)
+            return constrain(x + y, ("batch", "patches", "act_vit_embed")), aux
         x = x + self.fc2(self.activation(self.fc1(self.ln2(x))))
         return constrain(x, ("batch", "patches", "act_vit_embed"))
 
@@ -141,7 +155,9 @@ class MAPHead(nnx.Module):
 class ViT(nnx.Module):
     """Config fields: flavour, image_size, patch_size, embed, depth, heads,
     mlp, layer_norm_eps, feature_layer (-1 last, -2 penultimate, ...),
-    map_head, scan, remat."""
+    map_head, scan, remat, and moe (`mmjax.models.vision_moe`; num_experts=0:
+    dense). A MoE ViT is called through `forward`, which also returns the
+    routing aux; the aux-less entry points refuse it."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs, dtype=jnp.float32):
         if cfg.flavour not in FLAVOURS:
@@ -162,8 +178,15 @@ class ViT(nnx.Module):
         self.cls_pos_embed = (make_param(rngs, nnx.initializers.normal(0.02), (1, e), (None, "vit_embed"))
                               if flavour.class_token else None)
         self.ln_pre = LayerNorm(e, rngs=rngs, eps=eps) if flavour.pre_norm else None
-        self.blocks = LayerStack(lambda r: ViTBlock(cfg, rngs=r, dtype=dtype), cfg.depth, rngs=rngs,
-                                 scan=cfg.scan, remat=cfg.remat)
+        check_vit_moe(cfg)
+        kinds = {is_moe_block(cfg, i) for i in range(cfg.depth)}
+        self.has_moe = True in kinds
+        if len(kinds) > 1:
+            self.blocks = LayerStack(lambda r, i=0: ViTBlock(cfg, rngs=r, dtype=dtype, moe=is_moe_block(cfg, i)),
+                                     cfg.depth, rngs=rngs, scan=cfg.scan, remat=cfg.remat, indexed=True)
+        else:
+            self.blocks = LayerStack(lambda r: ViTBlock(cfg, rngs=r, dtype=dtype, moe=self.has_moe), cfg.depth,
+                                     rngs=rngs, scan=cfg.scan, remat=cfg.remat)
         self.ln_post = LayerNorm(e, rngs=rngs, eps=eps)
         self.head = MAPHead(cfg, rngs=rngs, dtype=dtype) if cfg.map_head else None
 
@@ -181,33 +204,52 @@ class ViT(nnx.Module):
             x = self.ln_pre(x)
         return constrain(x, ("batch", "patches", "act_vit_embed"))
 
+    def _refuse_moe(self) -> None:
+        if self.has_moe:
+            raise ConfigError("config.model.vit.moe.num_experts > 0 makes a mixture-of-experts ViT, whose routing "
+                              "losses only ViT.forward returns; only the vit_classifier model trains one.")
+
+    def forward(self, images: jax.Array, superclass_id: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """(`last_hidden_state` `[b, tokens, vit_embed]`, MoE aux stacked over
+        the MoE blocks `[n_moe, ...]`, {} for a dense ViT); superclass_id `[b]`
+        (optional, -1: none) feeds the super-class routing loss."""
+        out = self.blocks(self._embed(images), superclass_id) if self.has_moe else self.blocks(self._embed(images))
+        x, aux = out if isinstance(out, tuple) else (out, {})
+        return (self.ln_post(x) if self.flavour.post_norm_on_sequence else x), aux
+
     def __call__(self, images: jax.Array) -> jax.Array:
         """`last_hidden_state` `[b, tokens, vit_embed]`, as the reference models return it."""
+        self._refuse_moe()
         x = self.blocks(self._embed(images))
         return self.ln_post(x) if self.flavour.post_norm_on_sequence else x
 
-    def pooled(self, images: jax.Array) -> jax.Array:
-        """`[b, vit_embed]`: CLIP post-normed class token, SigLIP MAP head output."""
-        x = self(images)
+    def pool(self, x: jax.Array, how: str) -> jax.Array:
+        """last_hidden_state `[b, tokens, vit_embed]` -> `[b, vit_embed]`: how
+        "token" (CLIP's post-normed class token, SigLIP's MAP head) or "mean"
+        (the mean patch token, post-normed: SigLIP's norm is on the sequence
+        already, CLIP's `ln_post` is applied to the mean)."""
+        if how == "mean":
+            return self.ln_post(x[:, 1:].mean(axis=1)) if self.flavour.class_token else x.mean(axis=1)
         if self.flavour.class_token:
             return self.ln_post(x[:, 0])
         if self.head is None:
             raise ValueError("this SigLIP encoder has no MAP head (config.model.vit.map_head=False)")
         return self.head(x)
 
+    def pooled(self, images: jax.Array) -> jax.Array:
+        """`[b, vit_embed]`: CLIP post-normed class token, SigLIP MAP head output."""
+        return self.pool(self(images), "token")
+
     def mean_pooled(self, images: jax.Array) -> jax.Array:
         """`[b, vit_embed]`: the mean of the patch tokens of the last hidden
-        state (the class token left out), post-normed: SigLIP's norm is on the
-        sequence already, CLIP's `ln_post` is applied to the mean."""
-        x = self(images)
-        if self.flavour.class_token:
-            return self.ln_post(x[:, 1:].mean(axis=1))
-        return x.mean(axis=1)
+        state (the class token left out), post-normed (see `pool`)."""
+        return self.pool(self(images), "mean")
 
     def features(self, images: jax.Array) -> jax.Array:
         """Patch features for the connector `[b, patches, vit_embed]` from
         `feature_layer` (-1: last block, post-normed for SigLIP; -2: the block
         before it, un-normed, as LLaVA/MM1 take CLIP's penultimate layer)."""
+        self._refuse_moe()
         n = self.blocks.depth + 1 + self.feature_layer
         x = self.blocks(self._embed(images), num_layers=n)
         if self.feature_layer == -1 and self.flavour.post_norm_on_sequence:
@@ -239,6 +281,11 @@ def param_count(cfg) -> int:
     count += 2 * e if f.pre_norm else 0
     block = 4 * e * e + 2 * e * m + 9 * e + m  # qkvo + biases, mlp + biases, two LayerNorms
     count += cfg.depth * block + 2 * e  # + ln_post
+    moe = cfg.get("moe")
+    if moe and moe.num_experts:  # a MoE block's MLP: router + experts (with biases) instead of fc1/fc2
+        n_moe = sum(is_moe_block(cfg, i) for i in range(cfg.depth))
+        h, experts = moe.expert_mlp, moe.num_experts
+        count += n_moe * (e * experts + experts * (2 * e * h + h + e) - (2 * e * m + m + e))
     if cfg.map_head:
         count += e + 4 * e * e + 4 * e + 2 * e + 2 * e * m + m + e
     return count

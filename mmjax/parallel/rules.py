@@ -34,11 +34,18 @@ LAYOUTS: dict[str, dict[str, MeshAxes]] = {
         "heads": "model",
         "kv_heads": "model",
         "vocab": "model",
+        # MOFI's entity head (mmjax/models/dual_encoder.py): its label axis, up to millions of labels,
+        # split over model and fsdp (its input dimension stays whole). Its logits split their label axis
+        # the same way, so each device multiplies the image features (gathered over model and fsdp) by
+        # its own kernel piece and no piece moves; their rows split over the remaining batch axes.
+        "entities": ("model", "fsdp"),
+        "act_entities": ("model", "fsdp"),
+        "act_entity_rows": ("data", "expert"),
         "expert": "expert",
         "conv_out": "model",
     },
     # Pure data parallelism: every weight replicated.
-    "data_parallel": {"batch": _BATCH},
+    "data_parallel": {"batch": _BATCH, "act_entity_rows": _BATCH},
 }
 
 

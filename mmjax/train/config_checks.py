@@ -35,6 +35,7 @@ def check_static(config) -> None:
     resolve_mesh_shape(dict(config.mesh), _any_device_count(config.mesh))
     _check_model(config)
     _check_data(config)
+    _check_mofi(config)
     _check_optimizer(config)
     _check_train(config)
     _check_evaluators(config)
@@ -139,6 +140,77 @@ def _check_data(config) -> None:
         if not isinstance(sources[stream], str):
             _fail(f"data.sources.{stream}", sources[stream], "must be a spec string such as 'procedural'")
         weighted_parts(sources[stream], f"config.data.sources.{stream}")
+    from mmjax.data.labels import label_set
+    from mmjax.data.pairs import caption_mix
+
+    caption_mix(d)  # VeCLIP's "FIELD@W|FIELD@W"
+    label_set(d)  # label files exist and hold labels
+
+
+def _check_mofi(config) -> None:
+    """MOFI's entity head and loss weights (`config.model.mofi`); the head's
+    split over the mesh is checked by `_check_mofi_split`."""
+    from mmjax.config_base import MOFI_DEFAULTS
+
+    mofi = config.model.get("mofi")
+    if mofi is None:
+        return
+    name = config.model.name
+    if name != "dual_encoder":
+        for key, default in MOFI_DEFAULTS.items():
+            value = mofi.get(key, default)
+            if value != default:
+                _fail(f"model.mofi.{key}", value, f"puts an entity head on the dual encoder, but config.model."
+                      f"name={name!r}; use 0" if key == "num_labels" else f"applies to the dual encoder only, "
+                      f"which config.model.name={name!r} is not; leave it at {default!r}")
+        return
+    labels, contrastive, classification = mofi.num_labels, mofi.contrastive_weight, mofi.classification_weight
+    if contrastive == 0 and classification == 0:
+        _fail("model.mofi.contrastive_weight", contrastive, "and config.model.mofi.classification_weight=0 leave "
+              "the dual encoder no loss; give one of them a positive weight")
+    if classification and not labels:
+        _fail("model.mofi.classification_weight", classification, "weighs an entity loss without an entity head; "
+              "set config.model.mofi.num_labels to the number of entities or the weight to 0")
+    if labels and not classification:
+        _fail("model.mofi.num_labels", labels, "builds an entity head that config.model.mofi.classification_weight=0 "
+              "leaves untrained; give the classification a positive weight or set num_labels=0")
+    if not labels:
+        if contrastive != 1:
+            _fail("model.mofi.contrastive_weight", contrastive, "would only scale the contrastive loss, which "
+                  "trains alone without an entity head (config.model.mofi.num_labels=0); leave it at 1")
+        if mofi.get("num_entities", 0):
+            _fail("model.mofi.num_entities", mofi.num_entities, "counts the entities of an entity head that "
+                  "config.model.mofi.num_labels=0 does not build; leave it at 0")
+        return
+    from mmjax.data.labels import label_set
+
+    entities = len(label_set(config.data).entities)
+    if labels < entities:
+        _fail("model.mofi.num_labels", labels, f"is fewer than the {entities} entities of the label set "
+              f"(config.data.labels.entities)")
+    given = mofi.get("num_entities", 0)
+    if given and given != entities:
+        _fail("model.mofi.num_entities", given, f"differs from the {entities} entities of the label set "
+              f"(config.data.labels.entities)")
+    if not given and labels != entities:
+        _fail("model.mofi.num_entities", given, f"makes all config.model.mofi.num_labels={labels} labels "
+              f"entities, but the label set has {entities} (config.data.labels.entities); set it to {entities} "
+              "to pad the head with the rest")
+
+
+def _check_mofi_split(config, mesh: dict, rules: dict) -> None:
+    """The entity head's label axis divides the mesh axes the layout splits it over."""
+    mofi = config.model.get("mofi")
+    if config.model.name != "dual_encoder" or not mofi or not mofi.num_labels:
+        return
+    axes = rules.get("entities") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    split = math.prod(mesh.get(a, 1) for a in axes)
+    if mofi.num_labels % split:
+        padded = -(-mofi.num_labels // split) * split
+        raise ConfigError(f"config.model.mofi.num_labels={mofi.num_labels} is not divisible by the {split} shards "
+                          f"of mesh axes {axes} that split the entity head; pad it to a multiple of {split} "
+                          f"(e.g. {padded}, with config.model.mofi.num_entities the entity count).")
 
 
 def _check_optimizer(config) -> None:
@@ -211,6 +283,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
     if d.global_batch % process_count:
         raise ConfigError(f"config.data.global_batch={d.global_batch} is not divisible by the "
                           f"{process_count} processes.")
+    _check_mofi_split(config, mesh, rules)
     expert_axis = mesh.get("expert", 1)
     moe = config.model.decoder.moe
     if moe.num_experts and moe.num_experts % expert_axis:

@@ -127,6 +127,11 @@ def _text_pools():
     return TEXT_POOLS
 
 
+def _entity_losses():
+    from mmjax.models.dual_encoder import ENTITY_LOSSES
+    return ENTITY_LOSSES
+
+
 def _connectors():
     from mmjax.models.connectors import CONNECTORS
     return CONNECTORS
@@ -188,6 +193,11 @@ FIELDS: dict[str, Rule] = {
     "model.contrastive.image_pool": one_of(_image_pools),
     "model.contrastive.text_pool": one_of(_text_pools),
     "model.contrastive.text_causal": boolean,
+    "model.mofi.num_labels": integer(0),
+    "model.mofi.num_entities": integer(0),
+    "model.mofi.classification_weight": number(0),
+    "model.mofi.contrastive_weight": number(0),
+    "model.mofi.loss": one_of(_entity_losses),
     "model.vit.flavour": one_of(_flavours),
     "model.vit.image_size": integer(1),
     "model.vit.patch_size": integer(1),
@@ -202,6 +212,20 @@ FIELDS: dict[str, Rule] = {
     "model.vit.scan": boolean,
     "model.vit.remat": one_of(_remat, allow_empty=True),
     "model.vit.attention": one_of(_attention),
+    "model.vit.moe.num_experts": integer(0),
+    "model.vit.moe.top_k": integer(1),
+    "model.vit.moe.moe_every": integer(1),
+    "model.vit.moe.renormalize": boolean,
+    "model.vit.moe.capacity_factor": number(0, low_open=True),
+    "model.vit.moe.expert_mlp": integer(1),
+    "model.vit.moe.superclass_weight": number(0),
+    "model.vit.moe.superclass_experts": sequence_of(None, integer(0), "a tuple of expert indices (one per "
+                                                    "super-class; empty: super-class s -> expert s mod "
+                                                    "num_experts)"),
+    "model.vit.moe.load_balance_weight": number(0),
+    "model.vit.moe.router_z_weight": number(0),
+    "model.classifier.num_classes": integer(1),
+    "model.classifier.pool": one_of(_image_pools),
     "model.connector.kind": one_of(_connectors),
     "model.connector.num_tokens": integer(1),
     "model.connector.hidden": integer(1),
@@ -254,6 +278,11 @@ FIELDS: dict[str, Rule] = {
     "data.max_regions": integer(0),
     "data.region_grid": integer(1),
     "data.seed": integer(0),
+    "data.pair_text": one_of(lambda: ("caption", "entities")),
+    "data.caption_mix": text,
+    "data.labels.entities": text,
+    "data.labels.classes": text,
+    "data.labels.max_entities": integer(1),
     "data.shards": integer(0),
     "data.workers": integer(0),
     "data.worker_buffer": integer(1),

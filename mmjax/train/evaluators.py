@@ -23,7 +23,8 @@ from typing import Callable
 from mmjax.errors import ConfigError
 
 # Modules whose import registers the built-in evaluators.
-_BUILTIN_MODULES = ("mmjax.train.caption_eval", "mmjax.eval.tasks", "mmjax.eval.choice")
+_BUILTIN_MODULES = ("mmjax.train.caption_eval", "mmjax.eval.tasks", "mmjax.eval.choice",
+                    "mmjax.train.contrastive_eval", "mmjax.train.classification_eval")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,6 +83,14 @@ def _timed_pause(run: Run, action: Callable[[], None]) -> float:
     return seconds
 
 
+def caption_fractions(data_counts: dict) -> dict:
+    """The realised VeCLIP caption mix so far: `data/caption_mix_<field>`,
+    each caption field's share of the examples that had a choice."""
+    fields = {k[len("caption_"):]: v for k, v in data_counts.items() if k.startswith("caption_")}
+    total = max(sum(fields.values()), 1)
+    return {f"data/caption_mix_{field}": v / total for field, v in fields.items()}
+
+
 class Logging:
     """Every `train.log_every` steps and at the last step: the window's timing,
     the step metrics, MFU, memory, the realised mix and data counters go to
@@ -107,7 +115,7 @@ class Logging:
                   **self.run.timer.summary(self.tokens_per_step), "hbm_or_rss_bytes": memory_bytes(),
                   **{f"mix_{name}": float(c / max(r.stream_counts.sum(), 1))
                      for name, c in zip(STREAMS, r.stream_counts)},
-                  **{f"data/{k}": v for k, v in r.data_counts.items()}}
+                  **{f"data/{k}": v for k, v in r.data_counts.items()}, **caption_fractions(r.data_counts)}
         record.setdefault("moe_aux_loss", 0.0)
         health, warnings = self.starved.update(record)
         record.update(health)

@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from mmjax.data.pairs import PAIR_FIELDS, make_pair_dataset
+from mmjax.data.pairs import PAIR_FIELDS, caption_mix, make_pair_dataset
 from mmjax.data.pipeline import default_tokenizer, make_dataset, to_global_arrays
 from mmjax.data.packing import COUNTS
 from mmjax.data.records import STREAMS
@@ -38,7 +38,7 @@ from mmjax.train.evaluators import make_evaluators
 from mmjax.train.flops import peak_flops_per_device, train_flops
 from mmjax.train.guards import PreemptionFlag
 from mmjax.train.metrics import MetricsWriter, format_duration, log
-from mmjax.train.objectives import batch_loss
+from mmjax.train.objectives import batch_loss, model_objective
 from mmjax.train.optimizer import learning_rate_schedule, make_optimizer, trainable_mask
 from mmjax.train.prefetch import Prefetcher
 from mmjax.train.state import abstract_train_state, build_train_setup, init_train_state, split_params
@@ -100,7 +100,9 @@ def train(config, workdir) -> dict:
     setup, train_step = build_step(config, mesh, get_layout(config.rules))
     # The next batches are read and placed on the devices while a step runs; checkpoints hold
     # the position after the last consumed batch (mmjax/train/prefetch.py).
-    data_iter = Prefetcher(source, lambda local: _step_inputs(local, setup), depth=config.train.get("prefetch", 2))
+    counters = data_counters(config)
+    data_iter = Prefetcher(source, lambda local: _step_inputs(local, setup, counters),
+                           depth=config.train.get("prefetch", 2))
     ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoint,
                         on_bad=config.train.get("on_bad_checkpoint", "previous"), log=log)
     run = hooks.Run(config, workdir, ckpt, MetricsWriter(workdir), data_iter, StepTimer(),
@@ -157,18 +159,31 @@ def train(config, workdir) -> dict:
 
 
 def _pairs(config) -> bool:
-    """Whether the model trains on image-text pairs (its objective is
-    "contrastive") rather than packed sequences."""
-    return model_spec(config.model).objective == "contrastive"
+    """Whether the model trains on image-text pairs (its objective's data is
+    "pairs") rather than packed sequences."""
+    return model_objective(config.model).data == "pairs"
+
+
+def data_counters(config) -> tuple[str, ...]:
+    """The data counters summed over steps and processes and logged as
+    `data/<name>`: dropped / skipped images, skipped records and, for pairs
+    with `data.caption_mix`, the examples per caption field
+    (`caption_<field>`)."""
+    mix = caption_mix(config.data) if _pairs(config) else ()
+    return COUNTS + tuple(f"caption_{field}" for field, _ in mix)
 
 
 def make_train_dataset(config, tokenizer, *, batch_size: int, process_index: int, process_count: int):
     """The training batches the model reads: pair batches
-    (`mmjax.data.pairs`) for a contrastive model, else packed sequences
+    (`mmjax.data.pairs`) for a contrastive model (records without a caption
+    kept when it reads no `tokens`), else packed sequences
     (`mmjax.data.pipeline`)."""
-    make = make_pair_dataset if _pairs(config) else make_dataset
-    return make(config.data, tokenizer, batch_size=batch_size, process_index=process_index,
-                process_count=process_count)
+    if _pairs(config):
+        return make_pair_dataset(config.data, tokenizer, batch_size=batch_size, process_index=process_index,
+                                 process_count=process_count,
+                                 require_text="tokens" in model_spec(config.model).inputs_for(config.model))
+    return make_dataset(config.data, tokenizer, batch_size=batch_size, process_index=process_index,
+                        process_count=process_count)
 
 
 def _check_data_feeds_model(config) -> None:
@@ -204,11 +219,13 @@ def _write_summary(workdir, summary: dict) -> None:
         write_text(workdir / "summary.json", json.dumps(summary, indent=2))
 
 
-def _step_inputs(local: dict, setup) -> tuple[dict, np.ndarray]:
+def _step_inputs(local: dict, setup, counters: tuple[str, ...] = COUNTS) -> tuple[dict, np.ndarray]:
     """A process-local batch -> (the global batch on the mesh, this process's
-    counters of it: examples per stream, data counters, images)."""
+    counters of it: examples per stream, `counters` (`data_counters`), images)."""
+    choices = np.bincount(local["caption_choice"][local["caption_choice"] >= 0],
+                          minlength=len(counters) - len(COUNTS)) if "caption_choice" in local else ()
     counts = np.concatenate([local["stream_counts"].sum(axis=0), [local[k].sum() for k in COUNTS],
-                             [local["image_mask"].sum()]])
+                             choices[:len(counters) - len(COUNTS)], [local["image_mask"].sum()]])
     return to_global_arrays({k: local[k] for k in setup.batch_shardings}, setup.batch_shardings), counts
 
 
@@ -224,8 +241,9 @@ def run_steps(run, setup, train_step, start: int, total_steps: int, step_hooks: 
     """Steps `start+1 .. total_steps` (see the module doc); updates
     `run.state` and `run.summary` (compile time, final metrics, loss means,
     wall time)."""
-    totals = np.zeros(len(STREAMS) + len(COUNTS))  # examples per stream, then data counters (all processes)
-    pending = np.zeros(len(STREAMS) + len(COUNTS) + 1)  # this process's counters since the last exchange
+    counters = data_counters(run.config)
+    totals = np.zeros(len(STREAMS) + len(counters))  # examples per stream, then data counters (all processes)
+    pending = np.zeros(len(STREAMS) + len(counters) + 1)  # this process's counters since the last exchange
     images_since, stop_signalled = 0, False
     compiled, metrics, losses = None, None, []
     run_start = time.perf_counter()
@@ -260,7 +278,7 @@ def run_steps(run, setup, train_step, start: int, total_steps: int, step_hooks: 
             run.timer.add(t2 - t1, wait, time.perf_counter() - t2, images_since)
             images_since = 0
             result = hooks.StepResult(step, metrics, losses[-1], totals[:len(STREAMS)],
-                                      dict(zip(COUNTS, (int(x) for x in totals[len(STREAMS):]))),
+                                      dict(zip(counters, (int(x) for x in totals[len(STREAMS):]))),
                                       stop_signalled=stop_signalled)
             if any(hook.after_step(result) for hook in step_hooks):  # a hook that stops the run ends the round
                 break

@@ -37,11 +37,13 @@ def step_inputs(config) -> tuple[str, ...]:
 def batch_row_shapes(config) -> dict[str, tuple[int, ...]]:
     """Per-row shape of each step input: `[seq_len]`, images `[max_images, size, size, 3]`,
     image `[size, size, 3]` (pair batches), region_images `[max_regions]`,
-    region_masks `[max_regions, region_grid, region_grid]`."""
+    region_masks `[max_regions, region_grid, region_grid]`, the pair labels
+    entity_ids `[max_entities]`, class_id and superclass_id `[]`."""
     d = config.data
     regions, grid = d.get("max_regions", 0), d.get("region_grid", 0)
     special = {"images": (d.max_images, d.image_size, d.image_size, 3), "image": (d.image_size, d.image_size, 3),
-               "region_images": (regions,), "region_masks": (regions, grid, grid)}
+               "region_images": (regions,), "region_masks": (regions, grid, grid),
+               "entity_ids": (d.get("labels", {}).get("max_entities", 8),), "class_id": (), "superclass_id": ()}
     return {k: special.get(k, (d.seq_len,)) for k in step_inputs(config)}
 
 
