@@ -241,6 +241,32 @@ def dual_config(loss: str = "clip"):
     return c
 
 
+def mofi_alone_config():
+    """MOFI's entity head on the dual encoder's image side alone (no text
+    tower: `mofi.contrastive_weight=0`), a wider ViT. (A head of many labels
+    on few images is dominated by the optimizer's per-parameter work, which
+    XLA counts and the analytic count does not: 256 labels here.)"""
+    c = dual_config("clip")
+    c.model.vit.update(embed=256, mlp=1024)
+    c.model.mofi.update(num_labels=256, classification_weight=1.0, contrastive_weight=0.0)
+    return c
+
+
+def vision_moe_classifier_config():
+    """experiments/vmoe_tiny.py's Mobile V-MoE classifier on one device,
+    widened: 4 experts, top-2 per image, capacity factor 1, 1000 classes."""
+    from experiments.vmoe_tiny import get_config
+
+    c = get_config("moe")
+    c.mesh = {"data": 1, "fsdp": 1, "expert": 1, "model": 1}
+    c.data.image_size = 32
+    c.data.global_batch = 16
+    c.model.vit.update(patch_size=4, embed=256, mlp=1024, heads=4, depth=2, remat="full")
+    c.model.vit.moe.update(num_experts=4, top_k=2, expert_mlp=1024, capacity_factor=1.0)
+    c.model.classifier.num_classes = 1000
+    return c
+
+
 def dual_pairs_heavy_config(joint_embed: int, locked_image: bool):
     """Many pairs through small towers, so the `[B, B]` similarity and the
     projections are a large share of the step; with `locked_image` the image
@@ -268,9 +294,15 @@ def dual_xla_flops(c) -> float:
     return float(cost["flops"])
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"], ids=["clip_token_causal", "siglip_map_bidirectional"])
-def test_dual_encoder_flops_match_xla_cost_analysis(loss):
-    c = dual_config(loss)
+@pytest.mark.parametrize("make_config", [lambda: dual_config("clip"), lambda: dual_config("siglip"),
+                                         mofi_alone_config, vision_moe_classifier_config],
+                         ids=["clip_token_causal", "siglip_map_bidirectional", "mofi_entity_head_alone",
+                              "classifier_vision_moe"])
+def test_pair_models_flops_match_xla_cost_analysis(make_config):
+    """The dual encoder (CLIP, SigLIP, MOFI's entity head without a text
+    tower) and the Mobile V-MoE image classifier (capacity dispatch per
+    image) against XLA's count of the step `train()` runs."""
+    c = make_config()
     analytic = train_flops(c, num_devices=1)
     measured = dual_xla_flops(c)
     ratio = analytic.hardware_flops / measured
@@ -329,6 +361,13 @@ def test_dual_encoder_counts_each_part_by_hand():
     assert lit.model_flops == pytest.approx(g.model_flops - 2 * image_side)
     assert lit.hardware_backward["similarity/logits"] == f.forward["similarity/logits"]
     assert lit.hardware_backward["vit/mlp"] == 0 and lit.remat["vit/mlp"] == 0
+    # MOFI: an entity head on the projected image; without a text tower no text side, no similarity
+    c.optimizer.module_lr_scale = ""
+    c.model.mofi.update(num_labels=100_000, classification_weight=1.0, contrastive_weight=0.0)
+    mofi = train_flops(c, num_devices=128)
+    assert mofi.forward["entity_head/logits"] == 2 * b * d * 100_000
+    assert mofi.hardware_backward["entity_head/logits"] == 2 * mofi.forward["entity_head/logits"]
+    assert not any(k.startswith(("text", "similarity")) for k in mofi.forward) and mofi.tokens_per_step == 0
     # the same towers as a next-token model count MM1's way (a decoder with an lm_head)
     c.model.name = "mm1"
     assert "decoder/lm_head" in train_flops(c, num_devices=128).forward

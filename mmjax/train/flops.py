@@ -6,8 +6,8 @@ convolutions) of one training step of the model `config.model.name` names,
 by the objective its registry entry trains with (`step_ops`): "next_token"
 counts `MM1Model` (or a text-only decoder) on `data.global_batch` sequences
 of `data.seq_len` tokens with `data.max_images` images each; "contrastive"
-a dual encoder on `data.global_batch` image-text pairs
-(`mmjax.train.flops_dual`). A multiply-add is 2 FLOPs. Elementwise work
+a dual encoder on `data.global_batch` image-text pairs, "classification" an
+image classifier on as many images (`mmjax.train.flops_dual`). A multiply-add is 2 FLOPs. Elementwise work
 (norms, softmax, activations, the loss, the optimizer update) is not
 counted: it is a few percent of the total for models whose matmuls are not
 tiny.
@@ -205,9 +205,13 @@ def _conv_positions(size: int, kernel: int) -> int:
     return sum(max(0, size - abs(offset)) for offset in range(-half, kernel - half))
 
 
-def _vit_ops(vit, n_img: int, blocks: int | None = None, map_head: bool = False) -> list[_Op]:
+def _vit_ops(vit, n_img: int, blocks: int | None = None, map_head: bool = False,
+             batch_shards: int = 1) -> list[_Op]:
     """The ViT on `n_img` images through `blocks` blocks (default: as far as
-    `ViT.features` runs, `feature_layer`), then the MAP head if `map_head`."""
+    `ViT.features` runs, `feature_layer`), then the MAP head if `map_head`.
+    A Mobile V-MoE block (`vit.moe`) runs per-image routed experts instead
+    of its MLP, dispatched by capacity in one group per batch shard."""
+    from mmjax.models.vision_moe import is_moe_block
     from mmjax.models.vit import FLAVOURS
 
     flavour = FLAVOURS[vit.flavour]
@@ -227,12 +231,15 @@ def _vit_ops(vit, n_img: int, blocks: int | None = None, map_head: bool = False)
 
         hw_scores = 2.0 * n_img * padded(tokens, SEQ_MULTIPLE) ** 2 * vit.heads * padded(head_dim, LANES)
     mlp = 2.0 * rows * e * m
-    for _ in range(blocks):
+    for i in range(blocks):
         ops += [_Op("vit/attention_proj", 3 * proj, 3 * proj, stack="vit", tag=_QKV),
                 _Op("vit/attention_proj", proj, proj, stack="vit"),
                 _Op("vit/attention_scores", 2 * scores, 2 * hw_scores, kind=_BATCHED_DOT, stack="vit",
-                    weights=False, tag=_CONTEXT, kernel=kernel),
-                _Op("vit/mlp", mlp, mlp, stack="vit"),
+                    weights=False, tag=_CONTEXT, kernel=kernel)]
+        if is_moe_block(vit, i):
+            ops += _vision_moe_ops(vit, n_img, tokens, batch_shards)
+            continue
+        ops += [_Op("vit/mlp", mlp, mlp, stack="vit"),
                 _Op("vit/mlp", mlp, mlp, stack="vit", residual=False)]
     # The MAP head only feeds `ViT.pooled` (MM1 takes patch features): one
     # probe per image attends to the tokens, then an MLP on the probe.
@@ -244,6 +251,26 @@ def _vit_ops(vit, n_img: int, blocks: int | None = None, map_head: bool = False)
                 + 2.0 * 2 * n_img * e * m)  # MLP
     ops.append(_Op("vit/map_head", head, head))
     return ops
+
+
+def _vision_moe_ops(vit, n_img: int, tokens: int, batch_shards: int) -> list[_Op]:
+    """One Mobile V-MoE block's MLP (`mmjax.models.vision_moe`): the router on
+    each image's mean patch token, its `tokens` through top_k experts (useful)
+    or every expert's capacity buffer (executed), the one-hot dispatch and
+    combine einsums `[G, S, E, C] x [G, S, n, M]`."""
+    from mmjax.models.moe import capacity, dispatch_groups
+
+    moe, e = vit.moe, vit.embed
+    experts, k, h = moe.num_experts, moe.top_k, moe.expert_mlp
+    groups = dispatch_groups(n_img, batch_shards)
+    slots = groups * experts * capacity(n_img // groups, k, experts, moe.capacity_factor)
+    router = 2.0 * n_img * e * experts
+    one_hot = 2.0 * n_img * (slots // groups) * tokens * e
+    active, executed = 2.0 * n_img * k * tokens * e * h, 2.0 * slots * tokens * e * h  # one of fc1 / fc2
+    return [_Op("vit/moe_router", router, router, stack="vit"),
+            _Op("vit/moe_dispatch", 0.0, one_hot, grads=1, kind=_BATCHED_DOT, stack="vit", weights=False),
+            _Op("vit/moe_experts", 2 * active, 2 * executed, kind=_BATCHED_DOT, stack="vit"),
+            _Op("vit/moe_dispatch", 0.0, one_hot, kind=_BATCHED_DOT, stack="vit", residual=False, weights=False)]
 
 
 def _pool_op(component: str, n: int, grid: int, side: int, channels: int) -> _Op:
@@ -454,8 +481,9 @@ def _next_token_ops(config, num_devices: int, ragged_dot: str) -> StepOps:
 
 def step_ops(config, num_devices: int, ragged_dot: str) -> StepOps:
     """The operations of the objective the registry names for
-    `config.model.name` (`ModelSpec.objective`): "next_token" or
-    "contrastive" (a dual encoder, `mmjax.train.flops_dual`)."""
+    `config.model.name` (`ModelSpec.objective`): "next_token",
+    "contrastive" (a dual encoder) or "classification" (an image
+    classifier; both `mmjax.train.flops_dual`)."""
     from mmjax.models import model_spec
 
     objective = model_spec(config.model).objective
@@ -464,7 +492,11 @@ def step_ops(config, num_devices: int, ragged_dot: str) -> StepOps:
     if objective == "contrastive":
         from mmjax.train.flops_dual import dual_encoder_ops
 
-        return dual_encoder_ops(config, num_devices, ragged_dot)
+        return dual_encoder_ops(config, num_devices)
+    if objective == "classification":
+        from mmjax.train.flops_dual import classifier_ops
+
+        return classifier_ops(config, num_devices)
     raise ValueError(f"train_flops has no FLOPs count for objective {objective!r} of model "
                      f"{model_spec(config.model).name!r}; add one to mmjax.train.flops.step_ops.")
 
