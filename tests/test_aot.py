@@ -206,8 +206,25 @@ def _pair_config():
     return c
 
 
-@pytest.mark.parametrize("make_config", [_pair_config, small_config, _region_config],
-                         ids=["pairs", "packed", "regions"])
+def _mofi_config():
+    from experiments.clip_tiny import get_config
+
+    c = get_config("mofi")  # reads entity_ids [b, max_entities]
+    c.data.global_batch = 8
+    return c
+
+
+def _classifier_config():
+    from experiments.vmoe_tiny import get_config
+
+    c = get_config("moe")  # reads class_id and superclass_id [b]
+    c.data.global_batch = 8
+    return c
+
+
+@pytest.mark.parametrize("make_config", [_pair_config, _mofi_config, _classifier_config, small_config,
+                                         _region_config],
+                         ids=["pairs", "pairs_mofi", "pairs_classifier", "packed", "regions"])
 def test_abstract_batch_has_the_pipelines_shapes_and_dtypes(make_config):
     """What the AOT compile lowers with is what training feeds: every step
     input of one real batch (pair batches for a contrastive model: uint8
