@@ -41,8 +41,8 @@ per chip, fully sharded (fsdp=128), both towers scanned and rematerialised
 layer by layer ("full", the TPU presets' policy); attention through XLA in
 both towers (257 and 77 tokens; see `get_config` for the text). Ahead-of-time
 compiles for v5p:4x4x8 (`python -m mmjax.bench.aot --config
-experiments/clip_pods.py:vit_h14`, jax 0.12.0.1 / libtpu 0.0.52, 7-13 minutes
-on the host CPU), per chip:
+experiments/clip_pods.py:vit_h14`, jax 0.12.0.1 / libtpu 0.0.52, 2-13 minutes
+on the 2 host CPU cores, idle or shared), per chip:
 
   pairs   per chip  remat (both towers)  peak GiB  ESTIMATE step  estimated MFU
   32768      256    full (default)         12.7       808 ms          79.2 %
