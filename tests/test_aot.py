@@ -191,6 +191,97 @@ def test_a_bounded_receive_buffer_shapes_the_kernels():
                                                                     rel=1e-6)
 
 
+def _region_config():
+    c = small_config()
+    c.model.region_sampler.enabled = True
+    c.data.max_regions = 2
+    return c
+
+
+def _pair_config():
+    from experiments.clip_tiny import get_config
+
+    c = get_config("clip")
+    c.data.global_batch = 8
+    return c
+
+
+def _mofi_config():
+    from experiments.clip_tiny import get_config
+
+    c = get_config("mofi")  # reads entity_ids [b, max_entities]
+    c.data.global_batch = 8
+    return c
+
+
+def _classifier_config():
+    from experiments.vmoe_tiny import get_config
+
+    c = get_config("moe")  # reads class_id and superclass_id [b]
+    c.data.global_batch = 8
+    return c
+
+
+@pytest.mark.parametrize("make_config", [_pair_config, _mofi_config, _classifier_config, small_config,
+                                         _region_config],
+                         ids=["pairs", "pairs_mofi", "pairs_classifier", "packed", "regions"])
+def test_abstract_batch_has_the_pipelines_shapes_and_dtypes(make_config):
+    """What the AOT compile lowers with is what training feeds: every step
+    input of one real batch (pair batches for a contrastive model: uint8
+    `image`, no targets or loss mask) has the abstract batch's shape and dtype."""
+    import collections
+    import types
+
+    from mmjax.data.pipeline import default_tokenizer
+    from mmjax.train.loop import make_train_dataset
+    from mmjax.train.state import step_inputs
+
+    c = make_config()
+    batch = next(iter(make_train_dataset(c, default_tokenizer(c.data), batch_size=c.data.global_batch,
+                                         process_index=0, process_count=1)))
+    setup = types.SimpleNamespace(batch_shardings=collections.defaultdict(lambda: None))
+    abstract = aot.abstract_batch(c, setup)
+    assert list(abstract) == list(step_inputs(c))
+    for name, spec in abstract.items():
+        assert (spec.shape, spec.dtype) == (batch[name].shape, batch[name].dtype), name
+    if make_config is _pair_config:
+        assert abstract["image"].dtype == "uint8" and not {"targets", "loss_mask"} & set(abstract)
+
+
+def dual_encoder_config():
+    """experiments/clip_pods.py's smoke dual encoder (CLIP loss, bf16), one
+    layer per tower, fully sharded over 4 chips, whole-layer remat."""
+    from experiments import clip_pods
+
+    c = clip_pods.get_config("smoke")
+    c.mesh = dict(data=1, fsdp=4, expert=1, model=1)
+    c.model.vit.update(depth=1, remat="full")
+    c.model.decoder.update(layers=1, remat="full")
+    return c
+
+
+@needs_libtpu
+def test_dual_encoder_step_compiles_for_v5p():
+    """A contrastive model through the whole AOT path: its pair batch
+    (uint8 images, no targets or loss mask) compiles for 4 v5p chips; the
+    FLOPs are the dual encoder's, every image slot counts as filled."""
+    c = dual_encoder_config()
+    fill = aot._image_fill("auto", c)  # no packed image slots: nothing to measure
+    r = aot.compile_for_topology(c, "v5p:2x2x1", image_fill=fill)
+    f = train_flops(c, 4)
+    assert fill == 1.0 and r.num_devices == 4 and r.mesh == {"data": 1, "fsdp": 4, "expert": 1, "model": 1}
+    assert r.fits and 0 < r.peak_bytes < 0.01 * r.hbm_bytes
+    assert r.analytic_flops == pytest.approx(f.hardware_flops_per_device)
+    assert "similarity/logits" in f.forward and not any(k.startswith("decoder/") for k in f.forward)
+    assert r.flops == pytest.approx(r.analytic_flops, rel=0.15)
+    assert r.model_flops_per_device == pytest.approx(f.model_flops / 4)
+    assert 0 < r.estimated_mfu <= r.estimated_mfu_overlapped and r.estimate.step_s > 0
+    b, t = c.data.global_batch // 4, c.data.image_size  # each chip's rows of the batch
+    entry = r.hlo_text[r.hlo_text.index("ENTRY"):].split("\n", 1)[0]
+    assert f"u8[{b},{t},{t},3]" in entry and f"s32[{b},{c.data.seq_len}]" in entry
+    assert "ESTIMATE" in r.format() and "ESTIMATED MFU" in r.format()
+
+
 def test_a_step_that_cannot_fit_is_refused_in_one_sentence():
     class Lowered:
         def compile(self):

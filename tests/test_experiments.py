@@ -1,5 +1,5 @@
 """The experiment configs (experiments/mm1.py, mm1_5.py, connector_ablation.py,
-moe_pairs.py) and the hardware presets: every config passes `check_config`
+moe_pairs.py, clip_pods.py) and the hardware presets: every config passes `check_config`
 on its preset's device count, every parameter divides over its preset's mesh,
 parameter counts land where the configs document them. Nothing is compiled:
 parameters are abstract (`nnx.eval_shape`), and the full-depth counts come
@@ -17,7 +17,7 @@ import jax
 import pytest
 from flax import nnx
 
-from experiments import connector_ablation, mm1, mm1_5, moe_pairs
+from experiments import clip_pods, connector_ablation, mm1, mm1_5, moe_pairs
 from mmjax import hardware
 from mmjax.bench.topology import devices_per_chip, parse_topology
 from mmjax.models.connectors import make_connector
@@ -30,7 +30,8 @@ from mmjax.train.param_counts import decoder_param_counts, param_counts
 
 ALL_CONFIGS = ([(mm1, a) for a in mm1.SIZES] + [(mm1_5, a) for a in mm1_5.SIZES]
                + [(connector_ablation, a) for a in connector_ablation.NAMES]
-               + [(moe_pairs, a) for a in moe_pairs.NAMES])
+               + [(moe_pairs, a) for a in moe_pairs.NAMES]
+               + [(clip_pods, a) for a in clip_pods.NAMES])
 
 
 def _id(case):
@@ -370,3 +371,51 @@ def test_apply_and_resolve_hardware():
     assert resolve_mesh_shape(dict(c.mesh), 8) == dict(data=1, fsdp=1, expert=8, model=1)
     with pytest.raises(ValueError, match="'tpu-v9-1' is not a hardware preset"):
         hardware.apply_hardware(c, "tpu-v9-1")
+
+
+def _shallow_dual_encoder(config):
+    """The abstract dual encoder with its widths, one ViT block and one text layer."""
+    from mmjax.models import build_model
+
+    m = config.model.copy_and_resolve_references()
+    m.vit.depth, m.decoder.layers = 1, 1
+    return nnx.eval_shape(lambda: build_model(m, nnx.Rngs(0)))
+
+
+def test_clip_pods_vit_h14():
+    """ViT-H/14 at 224 and OpenCLIP ViT-H-14's text tower, CLIP's recipe,
+    on v5p: the checks pass, every parameter divides over the fsdp mesh of
+    each v5p preset, the batch over its devices, and the parameter counts are
+    the documented ones."""
+    from mmjax.models.vit import VARIANTS
+
+    c = clip_pods.get_config("vit_h14")
+    v, d = c.model.vit, c.model.decoder
+    assert c.hardware == "tpu-v5p-256" and c.topology == "v5p:4x4x8" and c.model.name == "dual_encoder"
+    assert (v.embed, v.depth, v.heads, v.mlp, v.patch_size) == VARIANTS["H/14"] == (1280, 32, 16, 5120, 14)
+    assert (v.flavour, c.data.image_size, v.image_size) == ("clip", 224, 224)
+    assert (d.embed, d.layers, d.heads, d.kv_heads, d.head_dim, d.mlp) == (1024, 24, 16, 16, 64, 2816)
+    assert (c.data.vocab_size, d.vocab_size, c.data.seq_len) == (49408, 49408, 77)
+    assert dict(c.model.contrastive) == dict(loss="clip", embed=1024, image_pool="token", text_pool="last",
+                                             text_causal=True)
+    assert (c.data.global_batch, c.model.dtype, v.remat, d.remat) == (32768, "bfloat16", "full", "full")
+    assert d.attention == "xla" and v.scan and d.scan
+    assert param_count(v) == 630_766_080
+    shallow = _shallow_dual_encoder(c)
+    text_layer = sum(x.size for x in _variables(shallow.text.layers))
+    text = sum(x.size for x in _variables(shallow.text))
+    assert d.layers * text_layer == 308_330_496  # OpenCLIP's text transformer: 302M
+    assert text + (d.layers - 1) * text_layer == 358_925_312
+    for name in ("tpu-v5p-128", "tpu-v5p-256", "tpu-v5p-512"):
+        config = clip_pods.get_config(f"vit_h14,{name}")
+        n = hardware.num_devices(config)
+        check_config(config, n)
+        assert config.data.global_batch % n == 0
+        _shardable(config, resolve_mesh_shape(dict(config.mesh), n), [shallow])
+    # `--config.hardware=NAME` keeps the text tower's XLA attention
+    c.hardware = "tpu-v5p-512"
+    hardware.resolve_hardware(c)
+    assert c.topology == "v5p:4x8x8" and c.model.decoder.attention == "xla"
+    with pytest.raises(ValueError, match="'vit_g14' is unknown"):
+        clip_pods.get_config("vit_g14")
+

@@ -217,3 +217,168 @@ def test_every_remat_policy_has_a_recompute_rule_and_named_ones_recompute_less()
     assert attention["decoder/attention_scores"] == pytest.approx(full["decoder/attention_scores"] / 2)
     assert attention["decoder/mlp"] == full["decoder/mlp"] > 0
     assert remat["attention_offload"] == attention and sum(remat["dots"].values()) == 0
+
+
+# ------------------------------------------------------------ dual encoder
+
+
+def dual_config(loss: str = "clip"):
+    """A dual encoder on one device, towers wide enough that matmuls dominate
+    XLA's count; remat on in both stacks. `clip`: class-token pooling, causal
+    text; `siglip`: MAP-head pooling, bidirectional text, mean text pool."""
+    from experiments.clip_tiny import get_config
+
+    c = get_config(loss)
+    c.mesh = {"data": 1, "fsdp": 1, "expert": 1, "model": 1}
+    c.model.vit.update(embed=128, mlp=512, heads=4, depth=1, remat="full")
+    if loss == "siglip":
+        c.model.vit.map_head = True
+        c.model.contrastive.update(image_pool="token", text_causal=False, text_pool="mean")
+    c.model.decoder.update(embed=256, mlp=1024, heads=4, kv_heads=2, head_dim=64, layers=1, remat="full")
+    c.model.contrastive.embed = 128
+    c.data.seq_len = 64
+    c.data.global_batch = 16
+    return c
+
+
+def mofi_alone_config():
+    """MOFI's entity head on the dual encoder's image side alone (no text
+    tower: `mofi.contrastive_weight=0`), a wider ViT. (A head of many labels
+    on few images is dominated by the optimizer's per-parameter work, which
+    XLA counts and the analytic count does not: 256 labels here.)"""
+    c = dual_config("clip")
+    c.model.vit.update(embed=256, mlp=1024)
+    c.model.mofi.update(num_labels=256, classification_weight=1.0, contrastive_weight=0.0)
+    return c
+
+
+def vision_moe_classifier_config():
+    """experiments/vmoe_tiny.py's Mobile V-MoE classifier on one device,
+    widened: 4 experts, top-2 per image, capacity factor 1, 1000 classes."""
+    from experiments.vmoe_tiny import get_config
+
+    c = get_config("moe")
+    c.mesh = {"data": 1, "fsdp": 1, "expert": 1, "model": 1}
+    c.data.image_size = 32
+    c.data.global_batch = 16
+    c.model.vit.update(patch_size=4, embed=256, mlp=1024, heads=4, depth=2, remat="full")
+    c.model.vit.moe.update(num_experts=4, top_k=2, expert_mlp=1024, capacity_factor=1.0)
+    c.model.classifier.num_classes = 1000
+    return c
+
+
+def dual_pairs_heavy_config(joint_embed: int, locked_image: bool):
+    """Many pairs through small towers, so the `[B, B]` similarity and the
+    projections are a large share of the step; with `locked_image` the image
+    side is frozen (locked-image tuning): neither the ViT nor the
+    similarity's image gradient runs backward."""
+    c = dual_config("clip")
+    c.model.vit.update(embed=32, mlp=128, heads=2, remat="")
+    c.model.decoder.update(embed=64, mlp=256, heads=2, kv_heads=2, head_dim=32, remat="")
+    c.model.contrastive.embed = joint_embed
+    c.data.image_size = 8
+    c.data.seq_len = 8
+    c.data.global_batch = 512
+    c.optimizer.module_lr_scale = "vit=0.0,image_projection=0.0" if locked_image else ""
+    return c
+
+
+def dual_xla_flops(c) -> float:
+    """XLA's FLOPs of the step `train()` builds (contrastive loss) on one device."""
+    from mmjax.train.loop import build_step
+
+    mesh = make_mesh(dict(c.mesh), jax.devices()[:1])
+    setup, step = build_step(c, mesh, get_layout(c.rules))
+    cost = step.lower(abstract_train_state(setup), abstract_batch(c, setup)).compile(COMPILE_OPTIONS).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+@pytest.mark.parametrize("make_config", [lambda: dual_config("clip"), lambda: dual_config("siglip"),
+                                         mofi_alone_config, vision_moe_classifier_config],
+                         ids=["clip_token_causal", "siglip_map_bidirectional", "mofi_entity_head_alone",
+                              "classifier_vision_moe"])
+def test_pair_models_flops_match_xla_cost_analysis(make_config):
+    """The dual encoder (CLIP, SigLIP, MOFI's entity head without a text
+    tower) and the Mobile V-MoE image classifier (capacity dispatch per
+    image) against XLA's count of the step `train()` runs."""
+    c = make_config()
+    analytic = train_flops(c, num_devices=1)
+    measured = dual_xla_flops(c)
+    ratio = analytic.hardware_flops / measured
+    print(f"analytic/XLA = {ratio:.4f}\n{analytic.table()}")
+    assert 0.98 <= ratio <= 1.02, f"analytic/XLA = {ratio:.4f} (XLA {measured:.6g})\n{analytic.table()}"
+
+
+@pytest.mark.parametrize("locked_image", [False, True], ids=["both_towers", "locked_image"])
+def test_similarity_and_projections_match_xla_by_difference(locked_image):
+    """Doubling joint_embed adds only the similarity's and the projections'
+    work (elementwise work of small towers, several percent of XLA's count
+    here, cancels): the analytic and XLA differences agree within 1 %."""
+    small, large = (dual_pairs_heavy_config(d, locked_image) for d in (512, 1024))
+    analytic = train_flops(large, num_devices=1).hardware_flops - train_flops(small, num_devices=1).hardware_flops
+    measured = dual_xla_flops(large) - dual_xla_flops(small)
+    b = small.data.global_batch
+    similarity = 2 * b * b * 512 * (2 if locked_image else 3)  # forward + the trained sides' gradients
+    assert analytic > similarity  # the similarity dominates the difference
+    assert analytic / measured == pytest.approx(1.0, abs=0.01), (analytic, measured)
+
+
+def test_dual_encoder_counts_each_part_by_hand():
+    """The ViT-H/14 CLIP pre-training config: the image tower (all 32 blocks
+    on 257 tokens), the text tower's causal attention pairs and no lm_head,
+    the projections and the `[B, B]` similarity, 3 passes each; the
+    objective (not the name) picks the count."""
+    from experiments import clip_pods
+
+    c = clip_pods.get_config("vit_h14")
+    b, s, d = c.data.global_batch, c.data.seq_len, c.model.contrastive.embed
+    vit, dec = c.model.vit, c.model.decoder
+    f = train_flops(c, num_devices=128)
+    assert (f.tokens_per_step, f.images_per_step) == (b * s, b)
+    assert f.forward["similarity/logits"] == 2 * b * b * d
+    assert f.hardware_backward["similarity/logits"] == 2 * f.forward["similarity/logits"]
+    assert f.forward["image_projection/dense"] == 2 * b * vit.embed * d
+    assert f.forward["text_projection/dense"] == 2 * b * dec.embed * d
+    tokens, e, m = 257, vit.embed, vit.mlp
+    vit_block = 2 * tokens * e * (4 * e + 2 * m) + 2 * 2 * tokens * tokens * e
+    vit_total = b * (2 * 256 * 14 * 14 * 3 * e + 32 * vit_block)
+    assert sum(v for k, v in f.forward.items() if k.startswith("vit/")) == pytest.approx(vit_total)
+    pairs = s * (s + 1) / 2  # causal: the lower triangle with its diagonal
+    scores = f.forward["text/attention_scores"]
+    assert scores == pytest.approx(dec.layers * 2 * 2 * b * dec.heads * dec.head_dim * pairs)
+    assert f.hardware_forward["text/attention_scores"] / scores == pytest.approx(s * s / pairs)  # XLA: all pairs
+    assert not any(k.endswith("lm_head") for k in f.forward)
+    assert f.model_flops == pytest.approx(3 * f.model_forward_flops)
+    # bidirectional text: every pair is useful
+    c.model.contrastive.text_causal = False
+    g = train_flops(c, num_devices=128)
+    assert g.forward["text/attention_scores"] == pytest.approx(f.forward["text/attention_scores"] * s * s / pairs)
+    # locked image: no backward through the image side; the similarity differentiates the text only
+    c.optimizer.module_lr_scale = "vit=0.0,image_projection=0.0"
+    lit = train_flops(c, num_devices=128)
+    image_side = sum(v for k, v in g.forward.items() if k.startswith(("vit/", "image_projection/")))
+    assert lit.model_flops == pytest.approx(g.model_flops - 2 * image_side)
+    assert lit.hardware_backward["similarity/logits"] == f.forward["similarity/logits"]
+    assert lit.hardware_backward["vit/mlp"] == 0 and lit.remat["vit/mlp"] == 0
+    # MOFI: an entity head on the projected image; without a text tower no text side, no similarity
+    c.optimizer.module_lr_scale = ""
+    c.model.mofi.update(num_labels=100_000, classification_weight=1.0, contrastive_weight=0.0)
+    mofi = train_flops(c, num_devices=128)
+    assert mofi.forward["entity_head/logits"] == 2 * b * d * 100_000
+    assert mofi.hardware_backward["entity_head/logits"] == 2 * mofi.forward["entity_head/logits"]
+    assert not any(k.startswith(("text", "similarity")) for k in mofi.forward) and mofi.tokens_per_step == 0
+    # the same towers as a next-token model count MM1's way (a decoder with an lm_head)
+    c.model.name = "mm1"
+    assert "decoder/lm_head" in train_flops(c, num_devices=128).forward
+
+
+def test_a_model_with_an_objective_without_a_count_is_refused(monkeypatch):
+    import dataclasses
+
+    from mmjax.models import registry
+
+    spec = registry.MODELS["dual_encoder"]
+    monkeypatch.setitem(registry.MODELS, "dual_encoder", dataclasses.replace(spec, objective="masked_tokens"))
+    with pytest.raises(ValueError, match="no FLOPs count for objective 'masked_tokens' of model 'dual_encoder'"):
+        train_flops(dual_config(), num_devices=1)

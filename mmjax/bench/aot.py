@@ -19,8 +19,13 @@ from `config.mesh` (a -1 axis takes the slice's remaining devices) over those
 devices, builds the step with `mmjax.train.loop.build_step` exactly as
 training does, lowers it with abstract inputs (`jax.ShapeDtypeStruct` with
 shardings: the train state from `abstract_train_state`, the batch
-`[global_batch, seq_len]` int32 fields, float32 `loss_mask` and uint8 images
-`[global_batch, max_images, image_size, image_size, 3]`) and compiles it.
+`[global_batch, seq_len]` int32 fields, float32 `loss_mask` and
+`region_masks`, uint8 images `[global_batch, max_images, image_size,
+image_size, 3]`, or a pair batch's uint8 `image` `[global_batch, image_size,
+image_size, 3]` for a contrastive model: the dtypes the data pipelines
+produce) and compiles it. A contrastive model (a dual encoder) compiles the
+same way: its batch holds only the fields it reads (no targets, no
+loss_mask) and its FLOPs are the dual encoder's (`mmjax.train.flops_dual`).
 
 Memory (per device, from `compiled.memory_analysis()`):
 
@@ -73,7 +78,9 @@ Estimated MFU: useful FLOPs per device (`train_flops(...).model_flops_at`:
 connector scaled by the image slots the data fills) / the estimated step
 (no overlap; also shown with perfect overlap) / the chip's peak. The fill
 comes from packing 32 sequences of the config's own data on the host
-(`--image_fill auto`, `mmjax.bench.image_fill`) or is given as a number.
+(`--image_fill auto`, `mmjax.bench.image_fill`) or is given as a number;
+a model without packed image slots (a dual encoder: one image per row) has
+fill 1.
 It is an estimate from published rates, not a measurement.
 """
 
@@ -287,7 +294,8 @@ def abstract_batch(config, setup) -> dict:
 
     from mmjax.train.state import batch_row_shapes
 
-    dtypes = {"loss_mask": jnp.float32, "images": jnp.uint8}
+    # as the pipelines produce them (mmjax.data.packing, mmjax.data.pairs); every other field is int32
+    dtypes = {"loss_mask": jnp.float32, "region_masks": jnp.float32, "images": jnp.uint8, "image": jnp.uint8}
     return {name: jax.ShapeDtypeStruct((config.data.global_batch,) + row, dtypes.get(name, jnp.int32),
                                        sharding=setup.batch_shardings[name])
             for name, row in batch_row_shapes(config).items()}
@@ -423,8 +431,8 @@ def _image_fill(text: str, config) -> float:
     from mmjax.models import model_spec
 
     if text == "auto":
-        if not model_spec(config.model).uses_images:
-            return 1.0
+        if "images" not in model_spec(config.model).inputs_for(config.model):
+            return 1.0  # no packed image slots: text only, or one image per pair batch row
         from mmjax.bench.image_fill import measured_image_fill
 
         fill, sentence = measured_image_fill(config)

@@ -1,11 +1,16 @@
-"""Training FLOPs per step from the config alone, device peak FLOP/s and MFU.
+"""Training FLOPs per step from the config alone (peak FLOP/s and MFU:
+`mmjax.train.peak_flops`, re-exported here).
 
 `train_flops(config)` counts the matrix multiplications (and the connector's
-convolutions) of one training step of `MM1Model` on `data.global_batch`
-sequences of `data.seq_len` tokens with `data.max_images` images each. A
-multiply-add is 2 FLOPs. Elementwise work (norms, softmax, activations, the
-loss, the optimizer update) is not counted: it is a few percent of the total
-for models whose matmuls are not tiny.
+convolutions) of one training step of the model `config.model.name` names,
+by the objective its registry entry trains with (`step_ops`): "next_token"
+counts `MM1Model` (or a text-only decoder) on `data.global_batch` sequences
+of `data.seq_len` tokens with `data.max_images` images each; "contrastive"
+a dual encoder on `data.global_batch` image-text pairs, "classification" an
+image classifier on as many images (`mmjax.train.flops_dual`). A multiply-add is 2 FLOPs. Elementwise work
+(norms, softmax, activations, the loss, the optimizer update) is not
+counted: it is a few percent of the total for models whose matmuls are not
+tiny.
 
 Two totals:
 
@@ -57,24 +62,23 @@ for work the partitioner replicates), so compare it with
 `hardware_flops_per_device`. With `scan=True` XLA's cost analysis may count
 a scanned layer stack's body once rather than once per layer; the analytic
 count is always per layer.
-
-Peak FLOP/s: `PEAK_FLOPS_PER_DEVICE` holds published bf16 dense peaks by
-`jax.Device.device_kind`; devices not in the table (the host CPU) get a
-measured peak from a matmul calibration, see `peak_flops_per_device`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import time
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from mmjax.errors import ConfigError
+from mmjax.train.peak_flops import (  # noqa: F401  (re-exported: the callers' import path)
+    PEAK_FLOPS_PER_DEVICE,
+    calibrate_peak_flops,
+    mfu,
+    peak_flops_per_device,
+    table_peak,
+)
 
 # ---------------------------------------------------------------------------
 # Analytic FLOPs
@@ -201,14 +205,21 @@ def _conv_positions(size: int, kernel: int) -> int:
     return sum(max(0, size - abs(offset)) for offset in range(-half, kernel - half))
 
 
-def _vit_ops(vit, n_img: int) -> list[_Op]:
+def _vit_ops(vit, n_img: int, blocks: int | None = None, map_head: bool = False,
+             batch_shards: int = 1) -> list[_Op]:
+    """The ViT on `n_img` images through `blocks` blocks (default: as far as
+    `ViT.features` runs, `feature_layer`), then the MAP head if `map_head`.
+    A Mobile V-MoE block (`vit.moe`) runs per-image routed experts instead
+    of its MLP, dispatched by capacity in one group per batch shard."""
+    from mmjax.models.vision_moe import is_moe_block
     from mmjax.models.vit import FLAVOURS
 
     flavour = FLAVOURS[vit.flavour]
     e, m, p = vit.embed, vit.mlp, vit.patch_size
     patches = (vit.image_size // p) ** 2
     tokens = patches + (1 if flavour.class_token else 0)
-    blocks = vit.depth + 1 + vit.feature_layer  # `ViT.features` stops after this block
+    if blocks is None:
+        blocks = vit.depth + 1 + vit.feature_layer  # `ViT.features` stops after this block
     rows = n_img * tokens
     ops = [_Op("vit/patch_embed", *(2.0 * n_img * patches * p * p * 3 * e,) * 2, grads=1, weight_only=True)]
     proj = 2.0 * rows * e * e
@@ -220,17 +231,46 @@ def _vit_ops(vit, n_img: int) -> list[_Op]:
 
         hw_scores = 2.0 * n_img * padded(tokens, SEQ_MULTIPLE) ** 2 * vit.heads * padded(head_dim, LANES)
     mlp = 2.0 * rows * e * m
-    for _ in range(blocks):
+    for i in range(blocks):
         ops += [_Op("vit/attention_proj", 3 * proj, 3 * proj, stack="vit", tag=_QKV),
                 _Op("vit/attention_proj", proj, proj, stack="vit"),
                 _Op("vit/attention_scores", 2 * scores, 2 * hw_scores, kind=_BATCHED_DOT, stack="vit",
-                    weights=False, tag=_CONTEXT, kernel=kernel),
-                _Op("vit/mlp", mlp, mlp, stack="vit"),
+                    weights=False, tag=_CONTEXT, kernel=kernel)]
+        if is_moe_block(vit, i):
+            ops += _vision_moe_ops(vit, n_img, tokens, batch_shards)
+            continue
+        ops += [_Op("vit/mlp", mlp, mlp, stack="vit"),
                 _Op("vit/mlp", mlp, mlp, stack="vit", residual=False)]
-    # The MAP head only feeds `ViT.pooled`; MM1 takes patch features, so it
-    # is not part of a training step.
-    ops.append(_Op("vit/map_head", 0.0, 0.0))
+    # The MAP head only feeds `ViT.pooled` (MM1 takes patch features): one
+    # probe per image attends to the tokens, then an MLP on the probe.
+    head = 0.0
+    if map_head:
+        head = (2.0 * n_img * e * e * 2  # query (the probe) and output projections
+                + 2.0 * rows * e * 2 * e  # keys, values
+                + 2.0 * 2 * n_img * tokens * e  # scores, weighted values
+                + 2.0 * 2 * n_img * e * m)  # MLP
+    ops.append(_Op("vit/map_head", head, head))
     return ops
+
+
+def _vision_moe_ops(vit, n_img: int, tokens: int, batch_shards: int) -> list[_Op]:
+    """One Mobile V-MoE block's MLP (`mmjax.models.vision_moe`): the router on
+    each image's mean patch token, its `tokens` through top_k experts (useful)
+    or every expert's capacity buffer (executed), the one-hot dispatch and
+    combine einsums `[G, S, E, C] x [G, S, n, M]`."""
+    from mmjax.models.moe import capacity, dispatch_groups
+
+    moe, e = vit.moe, vit.embed
+    experts, k, h = moe.num_experts, moe.top_k, moe.expert_mlp
+    groups = dispatch_groups(n_img, batch_shards)
+    slots = groups * experts * capacity(n_img // groups, k, experts, moe.capacity_factor)
+    router = 2.0 * n_img * e * experts
+    one_hot = 2.0 * n_img * (slots // groups) * tokens * e
+    active, executed = 2.0 * n_img * k * tokens * e * h, 2.0 * slots * tokens * e * h  # one of fc1 / fc2
+    return [_Op("vit/moe_router", router, router, stack="vit"),
+            _Op("vit/moe_dispatch", 0.0, one_hot, grads=1, kind=_BATCHED_DOT, stack="vit", weights=False),
+            _Op("vit/moe_experts", 2 * active, 2 * executed, kind=_BATCHED_DOT, stack="vit"),
+            _Op("vit/moe_dispatch", 0.0, one_hot, kind=_BATCHED_DOT, stack="vit", residual=False, weights=False)]
 
 
 def _pool_op(component: str, n: int, grid: int, side: int, channels: int) -> _Op:
@@ -311,16 +351,19 @@ def _megablox_tile_overhead(moe, tokens_per_device: int, expert_shards: int, emb
 
 
 def _decoder_ops(dec, b: int, s: int, image_reach: int, sizes: Mapping[str, int], batch_shards: int,
-                 ragged_dot: str) -> list[_Op]:
+                 ragged_dot: str, causal: bool = True, lm_head: bool = True, name: str = "decoder") -> list[_Op]:
+    """The decoder's layers on `b` sequences of `s` tokens (causal, or every
+    pair useful when not `causal`: a bidirectional text tower, which runs
+    through XLA's attention) and its `lm_head`; components `{name}/...`."""
     from mmjax.models.decoder import is_moe_layer
     from mmjax.models.moe import capacity, dispatch_groups
 
     t = b * s
     m, hd = dec.embed, dec.head_dim
     q_out, kv_out = dec.heads * hd, dec.kv_heads * hd
-    causal_pairs = s * (s + 1) / 2
+    causal_pairs = s * (s + 1) / 2 if causal else s * s
     ops: list[_Op] = []
-    kernel = dec.get("attention", "xla") == "splash"
+    kernel = dec.get("attention", "xla") == "splash" and causal  # the kernel takes causal masks only
     # The kernel skips key blocks above the diagonal ((n + 1) / 2 of n blocks
     # per query block) except those an image's queries reach.
     executed_pairs, lanes = s * s, hd
@@ -332,31 +375,31 @@ def _decoder_ops(dec, b: int, s: int, image_reach: int, sizes: Mapping[str, int]
     for i in range(dec.layers):
         qkv = 2.0 * t * m * (q_out + 2 * kv_out)  # q: heads; k, v: kv_heads (GQA)
         out = 2.0 * t * m * q_out
-        ops += [_Op("decoder/attention_proj", qkv, qkv, stack="decoder", tag=_QKV),
-                _Op("decoder/attention_proj", out, out, stack="decoder")]
+        ops += [_Op(f"{name}/attention_proj", qkv, qkv, stack=name, tag=_QKV),
+                _Op(f"{name}/attention_proj", out, out, stack=name)]
         per_pair = 2.0 * 2 * b * dec.heads * hd  # scores + weighted values
         hw_pair = per_pair * lanes / hd
-        ops.append(_Op("decoder/attention_scores", per_pair * causal_pairs, hw_pair * executed_pairs,
-                       kind=_BATCHED_DOT, stack="decoder", weights=False, tag=_CONTEXT, kernel=kernel))
+        ops.append(_Op(f"{name}/attention_scores", per_pair * causal_pairs, hw_pair * executed_pairs,
+                       kind=_BATCHED_DOT, stack=name, weights=False, tag=_CONTEXT, kernel=kernel))
         if not is_moe_layer(dec, i):
             up = 2.0 * t * m * dec.mlp
-            ops += [_Op("decoder/mlp", 2 * up, 2 * up, stack="decoder"),  # gate, up
-                    _Op("decoder/mlp", up, up, stack="decoder", residual=False)]  # down
+            ops += [_Op(f"{name}/mlp", 2 * up, 2 * up, stack=name),  # gate, up
+                    _Op(f"{name}/mlp", up, up, stack=name, residual=False)]  # down
             continue
         moe = dec.moe
         e, k, h = moe.num_experts, moe.top_k, moe.expert_mlp
         router = 2.0 * t * m * e
-        ops.append(_Op("decoder/moe_router", router, router, stack="decoder"))
+        ops.append(_Op(f"{name}/moe_router", router, router, stack=name))
         active = 2.0 * t * k * m * h  # one of gate / up / down for the routed tokens
         if moe.dispatch == "capacity":
             groups = dispatch_groups(t, batch_shards, moe.get("group_size", 0))
             slots = groups * e * capacity(t // groups, k, e, moe.capacity_factor)  # all expert buffers
             one_hot = 2.0 * t * (slots // groups) * m  # dispatch or combine einsum: T x (E * C) x M
             hw = 2.0 * slots * m * h
-            ops += [_Op("decoder/moe_dispatch", 0.0, one_hot, grads=1, kind=_BATCHED_DOT, stack="decoder",
+            ops += [_Op(f"{name}/moe_dispatch", 0.0, one_hot, grads=1, kind=_BATCHED_DOT, stack=name,
                         weights=False),
-                    _Op("decoder/moe_experts", 3 * active, 3 * hw, kind=_BATCHED_DOT, stack="decoder"),
-                    _Op("decoder/moe_dispatch", 0.0, one_hot, kind=_BATCHED_DOT, stack="decoder",
+                    _Op(f"{name}/moe_experts", 3 * active, 3 * hw, kind=_BATCHED_DOT, stack=name),
+                    _Op(f"{name}/moe_dispatch", 0.0, one_hot, kind=_BATCHED_DOT, stack=name,
                         residual=False, weights=False)]
         else:
             # Expert parallelism runs in `shard_map` with weights replicated over `model`:
@@ -366,15 +409,16 @@ def _decoder_ops(dec, b: int, s: int, image_reach: int, sizes: Mapping[str, int]
             if moe.get("grouped_matmul") == "megablox" and ragged_dot == "grouped":
                 hw *= _megablox_tile_overhead(moe, t // batch_shards, sizes.get("expert", 1), m)
             combine = 2.0 * t * k * m  # weighting the k outputs of each token
-            ops += [_Op("decoder/moe_experts", 3 * active, 3 * hw, kind=_RAGGED, stack="decoder"),
-                    _Op("decoder/moe_dispatch", 0.0, combine, kind=_BATCHED_DOT, stack="decoder",
+            ops += [_Op(f"{name}/moe_experts", 3 * active, 3 * hw, kind=_RAGGED, stack=name),
+                    _Op(f"{name}/moe_dispatch", 0.0, combine, kind=_BATCHED_DOT, stack=name,
                         residual=False, weights=False)]
         if moe.shared_expert:
             shared = 2.0 * t * m * h
-            ops += [_Op("decoder/moe_shared", 2 * shared, 2 * shared, stack="decoder"),
-                    _Op("decoder/moe_shared", shared, shared, stack="decoder", residual=False)]
-    head = 2.0 * t * m * dec.vocab_size  # lm_head or tied embedding.attend
-    ops.append(_Op("decoder/lm_head", head, head))
+            ops += [_Op(f"{name}/moe_shared", 2 * shared, 2 * shared, stack=name),
+                    _Op(f"{name}/moe_shared", shared, shared, stack=name, residual=False)]
+    if lm_head:
+        head = 2.0 * t * m * dec.vocab_size  # lm_head or tied embedding.attend
+        ops.append(_Op(f"{name}/lm_head", head, head))
     return ops
 
 
@@ -396,6 +440,65 @@ def _recompute(op: _Op, policies: Mapping[str, str]) -> float:
         # recomputes the scores (q k^T, half the work) for the softmax's backward.
         return inside_kernel if op.kernel else (op.hardware / 2 if op.tag == _CONTEXT else 0.0)
     return op.hardware + inside_kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOps:
+    """The matmul-like operations of one training step and how the model's
+    components connect (what `train_flops` counts for one objective)."""
+
+    ops: list[_Op]
+    components: tuple[str, ...]             # the model's components (top-level parameter names)
+    upstream: dict[str, tuple[str, ...]]    # component -> the components its input comes from, transitively
+    policies: dict[str, str]                # layer stack -> remat policy
+    tokens: int                             # tokens per step
+    images: int                             # images per step
+    stateless: frozenset[str] = frozenset()  # components without weights: they train when one upstream does
+
+
+# Components of a next-token model in the order activations flow through them.
+COMPONENTS = ("vit", "connector", "decoder")
+
+
+def _next_token_ops(config, num_devices: int, ragged_dot: str) -> StepOps:
+    """MM1 (ViT -> connector -> decoder) or a text-only decoder, on
+    `data.global_batch` sequences of `data.seq_len` tokens."""
+    from mmjax.models import model_spec
+
+    model, data = config.model, config.data
+    b, s = data.global_batch, data.seq_len
+    n_img = b * data.max_images if model_spec(model).uses_images else 0  # text-only models encode no image
+    sizes = _mesh_sizes(config, num_devices)
+    num_patches = (model.vit.image_size // model.vit.patch_size) ** 2
+    # how far past the diagonal a query of a bidirectional image block sees
+    image_reach = data.tokens_per_image - 1 if n_img and model.get("bidirectional_image_attention") else 0
+    ops = (_vit_ops(model.vit, n_img)
+           + _connector_ops(model.connector, model.vit.embed, num_patches, model.decoder.embed, n_img)
+           + _decoder_ops(model.decoder, b, s, image_reach, sizes, _batch_shards(config, sizes), ragged_dot))
+    return StepOps(ops, COMPONENTS, {c: COMPONENTS[:i] for i, c in enumerate(COMPONENTS)},
+                   {"vit": model.vit.get("remat", ""), "decoder": model.decoder.get("remat", "")}, b * s, n_img)
+
+
+def step_ops(config, num_devices: int, ragged_dot: str) -> StepOps:
+    """The operations of the objective the registry names for
+    `config.model.name` (`ModelSpec.objective`): "next_token",
+    "contrastive" (a dual encoder) or "classification" (an image
+    classifier; both `mmjax.train.flops_dual`)."""
+    from mmjax.models import model_spec
+
+    objective = model_spec(config.model).objective
+    if objective == "next_token":
+        return _next_token_ops(config, num_devices, ragged_dot)
+    if objective == "contrastive":
+        from mmjax.train.flops_dual import dual_encoder_ops
+
+        return dual_encoder_ops(config, num_devices)
+    if objective == "classification":
+        from mmjax.train.flops_dual import classifier_ops
+
+        return classifier_ops(config, num_devices)
+    raise ValueError(f"train_flops has no FLOPs count for objective {objective!r} of model "
+                     f"{model_spec(config.model).name!r}; add one to mmjax.train.flops.step_ops.")
 
 
 def train_flops(config, num_devices: int | None = None, ragged_dot: str | None = None) -> FlopsBreakdown:
@@ -421,49 +524,33 @@ def train_flops(config, num_devices: int | None = None, ragged_dot: str | None =
         ragged_dot = "dense" if jax.default_backend() == "cpu" else "grouped"
     if ragged_dot not in ("grouped", "dense"):
         raise ValueError(f"ragged_dot={ragged_dot!r}; choose 'grouped' or 'dense'.")
-    model, data = config.model, config.data
-    b, s = data.global_batch, data.seq_len
-    from mmjax.models import model_spec
-
-    n_img = b * data.max_images if model_spec(model).uses_images else 0  # text-only models encode no image
-    sizes = _mesh_sizes(config, num_devices)
-    num_patches = (model.vit.image_size // model.vit.patch_size) ** 2
-    # how far past the diagonal a query of a bidirectional image block sees
-    image_reach = data.tokens_per_image - 1 if n_img and model.get("bidirectional_image_attention") else 0
-    ops = (_vit_ops(model.vit, n_img)
-           + _connector_ops(model.connector, model.vit.embed, num_patches, model.decoder.embed, n_img)
-           + _decoder_ops(model.decoder, b, s, image_reach, sizes, _batch_shards(config, sizes), ragged_dot))
-    policies = {"vit": model.vit.get("remat", ""), "decoder": model.decoder.get("remat", "")}
-    frozen = frozen_components(config)
+    step = step_ops(config, num_devices, ragged_dot)
+    frozen = frozen_components(config, step.components)
     forward: dict[str, float] = {}
     hw_fwd: dict[str, float] = {}
     hw_bwd: dict[str, float] = {}
     remat: dict[str, float] = {}
     passes: dict[str, float] = {}
-    for op in ops:
+    for op in step.ops:
         part = op.component.split("/")[0]
-        trainable = part not in frozen
-        upstream = any(c not in frozen for c in COMPONENTS[:COMPONENTS.index(part)])
+        upstream = any(c not in frozen for c in step.upstream[part])
+        trainable = upstream if part in step.stateless else part not in frozen
         backward = _backward_ops(op, trainable, upstream)
         passes[part] = 3.0 if trainable else (2.0 if upstream else 1.0)
         for table, value in ((forward, op.model), (hw_fwd, op.hardware), (hw_bwd, backward * op.hardware),
-                             (remat, _recompute(op, policies) if backward else 0.0)):
+                             (remat, _recompute(op, step.policies) if backward else 0.0)):
             table[op.component] = table.get(op.component, 0.0) + value
-    return FlopsBreakdown(forward, hw_fwd, hw_bwd, remat, num_devices, b * s, n_img, passes)
+    return FlopsBreakdown(forward, hw_fwd, hw_bwd, remat, num_devices, step.tokens, step.images, passes)
 
 
-# Components in the order activations flow through them.
-COMPONENTS = ("vit", "connector", "decoder")
-
-
-def frozen_components(config) -> frozenset[str]:
+def frozen_components(config, components: tuple[str, ...] = COMPONENTS) -> frozenset[str]:
     """Components whose parameters `optimizer.module_lr_scale` sets to 0
     (the whole component, e.g. "vit=0.0"; a frozen sub-module is counted as
     trainable)."""
     from mmjax.train.optimizer import parse_module_lr_scale
 
     scales = parse_module_lr_scale(config.optimizer.get("module_lr_scale", ""))
-    return frozenset(c for c in COMPONENTS if scales.get(c, 1.0) == 0.0)
+    return frozenset(c for c in components if scales.get(c, 1.0) == 0.0)
 
 
 def _backward_ops(op: _Op, trainable: bool, upstream: bool) -> int:
@@ -477,112 +564,3 @@ def _backward_ops(op: _Op, trainable: bool, upstream: bool) -> int:
     if not op.weights:  # activations only: every operand's gradient is needed, or none
         return op.grads if (trainable or upstream) else 0
     return (1 if trainable else 0) + (op.grads - 1 if flows_back else 0)
-
-
-# ---------------------------------------------------------------------------
-# Peak FLOP/s and MFU
-# ---------------------------------------------------------------------------
-
-# Published dense bf16 peak FLOP/s per chip (TPU) or GPU, keyed by
-# `jax.Device.device_kind`.
-PEAK_FLOPS_PER_DEVICE: dict[str, float] = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,   # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,        # v5p reports itself as "TPU v5"
-    "TPU v6 lite": 918e12,   # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "TPU7x": 1153.5e12,      # Ironwood: 2307e12 per chip, two TensorCores = two devices
-    "NVIDIA H100 80GB HBM3": 989e12,  # SXM
-    "NVIDIA H100 PCIe": 756e12,
-    "NVIDIA H100 NVL": 835e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA H200 NVL": 835e12,
-    "NVIDIA GH200 480GB": 989e12,  # Grace Hopper: an H100-class GPU
-}
-
-# Normalised substrings (lowercase, letters and digits only) tried in order,
-# most specific first, for kinds that are not spelled exactly as a table key.
-_KIND_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("tpu7x", "TPU7x"), ("tpuv7x", "TPU7x"), ("ironwood", "TPU7x"),
-    ("tpuv6lite", "TPU v6 lite"), ("tpuv6e", "TPU v6e"), ("trillium", "TPU v6 lite"),
-    ("tpuv5lite", "TPU v5 lite"), ("tpuv5e", "TPU v5e"), ("tpuv5p", "TPU v5p"), ("tpuv5", "TPU v5"),
-    ("tpuv4", "TPU v4"),
-    ("h100pcie", "NVIDIA H100 PCIe"), ("h100nvl", "NVIDIA H100 NVL"), ("h100", "NVIDIA H100 80GB HBM3"),
-    ("gh200", "NVIDIA GH200 480GB"), ("h200nvl", "NVIDIA H200 NVL"), ("h200", "NVIDIA H200"),
-)
-
-
-def _normalise(kind: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", kind.lower())
-
-
-def table_peak(device_kind: str) -> tuple[str, float] | None:
-    """(table key, peak FLOP/s) for a `device_kind`, or None if it is not listed."""
-    if device_kind in PEAK_FLOPS_PER_DEVICE:
-        return device_kind, PEAK_FLOPS_PER_DEVICE[device_kind]
-    norm = _normalise(device_kind)
-    for pattern, key in _KIND_PATTERNS:
-        if pattern in norm:
-            return key, PEAK_FLOPS_PER_DEVICE[key]
-    return None
-
-
-_CALIBRATION: dict[str, tuple[float, str]] = {}
-
-
-def calibrate_peak_flops(platform: str | None = None, size: int = 1024, reps: int = 3) -> tuple[float, str]:
-    """Measured peak: achieved float32 matmul FLOP/s per device.
-
-    One `[size, size] @ [size, size]` matmul per local device of `platform`,
-    all at once (the operands are sharded over a mesh of every local device,
-    so simulated devices that share the same cores split them as they do in
-    training). After a warm-up run, the fastest of `reps` timed runs gives the
-    total FLOP/s, divided by the device count. Measured once per process and
-    platform, then cached."""
-    platform = platform or jax.default_backend()
-    if platform in _CALIBRATION:
-        return _CALIBRATION[platform]
-    devices = jax.local_devices(backend=platform)
-    n = len(devices)
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("devices",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("devices"))
-    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, size, size)), jnp.float32),
-                       sharding)
-    matmul = jax.jit(lambda x, y: jnp.einsum("nij,njk->nik", x, y), out_shardings=sharding)
-    matmul(a, a).block_until_ready()  # compile + warm up
-    best = math.inf
-    for _ in range(reps):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    per_device = 2.0 * size ** 3 / best
-    source = (f"measured: float32 {size}x{size} matmul on {n} {platform} device(s) at once, "
-              f"best of {reps}: {per_device / 1e9:.3g} GFLOP/s per device")
-    result = (per_device, source)
-    _CALIBRATION[platform] = result
-    return result
-
-
-def peak_flops_per_device(device: jax.Device | None = None, calibrate: bool = True) -> tuple[float, str]:
-    """(peak FLOP/s of one device, where the number comes from).
-
-    Listed device kinds (TPU v4/v5e/v5p/v6e, H100/H200) give the published
-    bf16 dense peak; any other device (e.g. the host CPU) gets the measured
-    peak of `calibrate_peak_flops` on its platform, or NaN if `calibrate` is
-    False."""
-    device = device or jax.local_devices()[0]
-    hit = table_peak(device.device_kind)
-    if hit is not None:
-        return hit[1], f"table: {hit[0]} (bf16 dense peak)"
-    if not calibrate:
-        return math.nan, f"unknown device kind {device.device_kind!r}; no calibration"
-    return calibrate_peak_flops(device.platform)
-
-
-def mfu(model_flops_per_step: float, step_time_s: float, num_devices: int, peak: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the devices' peak."""
-    if step_time_s <= 0 or num_devices <= 0 or not peak > 0:
-        return math.nan
-    return model_flops_per_step / step_time_s / (num_devices * peak)
