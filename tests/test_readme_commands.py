@@ -72,6 +72,17 @@ NOT_RUN = {
     "--workdir /tmp/sweep-aot": f"{LONGER}; test_sweep.py runs an AOT-only sweep",
     "python -m mmjax.bench.sweep --config experiments/mm1.py:3b --aot_only --topology v5p:4x4x4 "
     "--grid 1x64x1x1,2x32x1x1 --layouts fsdp --workdir /tmp/sweep-3b": f"{LONGER} (minutes per candidate)",
+    "python -m mmjax.train --config experiments/clip_tiny.py --workdir /tmp/clip":
+        f"{LONGER}; test_pairs.py and test_contrastive_eval.py train it shortened",
+    "python -m mmjax.train --config experiments/tiny.py --workdir /tmp/mm1-from-clip "
+    "--config.init_from=\"('/tmp/clip',)\"": "needs the trained workdir of the command above; "
+                                            "test_init_from_workdir.py hands a dual encoder's ViT to MM1",
+    "python -m mmjax.train --config experiments/vmoe_tiny.py --workdir /tmp/vmoe":
+        f"{LONGER}; test_vit_classifier.py trains the classifier shortened",
+    "python -m mmjax.bench.moe_vs_dense --config experiments/vmoe_tiny.py:tiny --steps 20 --workdir /tmp/vmoe-bench":
+        f"{LONGER}; test_vit_classifier.py checks the vision pair it builds",
+    "python -m mmjax.bench.aot --config experiments/clip_pods.py:vit_h14": f"{LONGER} (a 128-chip compile); "
+                                                                           "test_aot.py compiles a small dual encoder",
     "launch/local_multiprocess.sh experiments/tiny.py /tmp/mmjax-mp 2 4 --config.data.shards=2":
         f"{LONGER}; test_multihost.py runs the launcher with 6 steps",
     "launch/tpu_vm.sh my-v5e-16 us-west4-a experiments/tiny.py /mnt/shared/tiny --config.mesh.data=-1 "
