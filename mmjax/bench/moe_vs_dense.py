@@ -155,8 +155,9 @@ def compare(dense, moe, steps: int, topology: str | None = None, log=print, aot_
     return rows
 
 
-COLUMNS = ("config", "dispatch", "params", "active_params", "capacity_factor", "expert_flops_ratio", "step_time_s", "step_time_p90_s", "ratio_to_dense",
-           "collective_bytes", "all_to_all_bytes", "peak_bytes_per_device")
+COLUMNS = ("config", "dispatch", "params", "active_params", "capacity_factor", "expert_flops_ratio",
+           "step_time_s", "step_time_p90_s", "ratio_to_dense", "collective_bytes", "all_to_all_bytes",
+           "peak_bytes_per_device")
 TPU_COLUMNS = ("tpu_topology", "tpu_fits", "tpu_peak_bytes", "tpu_collective_bytes", "tpu_flops_ratio",
                "tpu_megablox_flops_ratio", "tpu_estimate_s", "tpu_ratio_to_dense")
 

@@ -12,15 +12,19 @@ goes through those k experts, each a ViT MLP (fc1 + bias, the flavour's
 activation, fc2 + bias; hidden width `expert_mlp`), and their outputs are
 combined with the router weights.
 
-Dispatch: capacity per image (GShard's masks with the image as the routed
-unit, `moe.capacity_dispatch_masks`). Images are split into groups, one per
-batch shard (`moe.dispatch_groups`); each expert takes at most
+Dispatch: capacity per image (the decoder MoE's GShard path,
+`moe.capacity_experts`, with the image and its n tokens as the routed
+unit). Images are split into groups, one per batch shard
+(`moe.dispatch_groups`); each expert takes at most
 C = ceil(top_k * S * capacity_factor / E) of a group's S images; an image
 past its expert's capacity gets nothing from that expert (it is dropped
 there; the residual carries it). capacity_factor >= E / top_k gives C >= S:
-nothing can be dropped. Expert buffers `[E, G, C, n, vit_embed]` are
-group-sharded around dispatch and combine and expert-sharded around the
-experts, so the re-layout between them is an all-to-all of whole images.
+nothing can be dropped. The held-out evaluation runs at
+`vit.moe.eval_capacity_factor`, by default E / top_k (`eval_model_config`),
+so an image's prediction does not depend on its batch. Expert buffers
+`[E, G, C, n, vit_embed]` are group-sharded around dispatch and combine and
+expert-sharded around the experts, so the re-layout between them is an
+all-to-all of whole images.
 
 aux (the decoder MoE's keys, from `moe.routing_aux`, with images as the
 routed units, all of kind "image"): load_balance_loss, router_z_loss,
