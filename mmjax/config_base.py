@@ -50,9 +50,11 @@ def base_config() -> mlc.ConfigDict:
     # superclass_weight: Mobile V-MoE's super-class routing loss (images of super-class s -> expert
     # superclass_experts[s % len], or s mod num_experts when that is empty). The aux losses' weights here
     # apply to a model trained with the "classification" objective (vit_classifier).
+    # eval_capacity_factor: the capacity factor of the held-out evaluation's forward (top1_accuracy;
+    # 0: num_experts / top_k, no image dropped, so an image's prediction does not depend on its batch).
     c.model.vit.moe = dict(num_experts=0, top_k=1, moe_every=2, renormalize=False, capacity_factor=2.0,
-                           expert_mlp=256, superclass_weight=0.0, superclass_experts=(),
-                           load_balance_weight=0.01, router_z_weight=0.001)
+                           eval_capacity_factor=0.0, expert_mlp=256, superclass_weight=0.0,
+                           superclass_experts=(), load_balance_weight=0.01, router_z_weight=0.001)
     # kind: c_abstractor | avg_pool | attention_pool (hidden/depth: C-Abstractor; heads: attention pool;
     # scan: the C-Abstractor's ResBlocks stacked and scanned per stage)
     c.model.connector = dict(kind="c_abstractor", num_tokens=tokens_per_image, hidden=64, depth=1, heads=4,

@@ -4,6 +4,7 @@ of an image reaches the same experts; the super-class routing loss is
 minimised by its mapping; bad `vit.moe` settings are refused."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -257,3 +258,164 @@ def test_scanned_moe_vit_equals_the_listed_one():
     assert aux.keys() == scanned_aux.keys() and aux["superclass_loss"].shape == (2,)
     for key in aux:
         np.testing.assert_allclose(np.asarray(scanned_aux[key]), np.asarray(aux[key]), rtol=1e-6, err_msg=key)
+
+
+def _mesh_run(layer, x, r, mesh_shape=None):
+    """Jitted (y, dropped share, (param grads, input grads)) of `sum(y * r)`, the layer sharded by the
+    fsdp layout on `mesh_shape` (None: one device, no mesh)."""
+    from mmjax.models.partitioning import activation_sharding
+    from mmjax.parallel import activation_resolver, batch_sharding, get_layout, make_mesh, tree_shardings
+
+    graphdef, params = nnx.split(layer, nnx.Param)
+    resolver = None
+    if mesh_shape is not None:
+        mesh, rules = make_mesh(mesh_shape), get_layout("fsdp")
+        resolver = activation_resolver(mesh, rules)
+        params = jax.device_put(params, tree_shardings(params, mesh, rules))
+        x = jax.device_put(x, batch_sharding(mesh, rules, 3))
+
+    def loss(p, x):
+        with activation_sharding(resolver):
+            y, aux = nnx.merge(graphdef, p)(x)
+        return jnp.sum(y * r), (y, aux["dropped_fraction"])
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, (y, dropped)), grads = fn(params, x)
+    return fn, params, x, y, dropped, grads
+
+
+MESH = {"data": 2, "fsdp": 2, "expert": 2}
+
+
+def test_mesh_capacity_drops_per_batch_shard_like_the_reference():
+    """On data=2 x fsdp=2 x expert=2 each of the 8 batch shards is a dispatch
+    group with its own capacity: with capacity_factor < 1 the images dropped
+    are those of `_reference(groups=8)`, not of one whole-batch group."""
+    batch = 32
+    layer = _layer(top_k=2, capacity_factor=0.5)
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(batch, TOKENS, EMBED)), jnp.float32)
+    r = jnp.asarray(np.random.default_rng(8).normal(size=(batch, TOKENS, EMBED)), jnp.float32)
+    choices = _choices(layer, x)
+    _, _, _, y, dropped, grads = _mesh_run(layer, x, r, MESH)
+    want, want_dropped = _reference(_params(layer), x, choices, layer.cfg, 0, groups=8)
+    _, one_group = _reference(_params(layer), x, choices, layer.cfg, 0, groups=1)
+    assert 0 < float(want_dropped.mean()) < 1 and not np.array_equal(np.asarray(one_group), np.asarray(want_dropped))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(dropped), float(want_dropped.mean()), rtol=1e-6)
+
+    def ref_loss(p, x):
+        return jnp.sum(_reference(p, x, choices, layer.cfg, 0, groups=8)[0] * r)
+
+    want_grads, want_x_grad = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(_params(layer), x)
+    got = grads[0].to_pure_dict()
+    for name in want_grads:
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want_grads[name]), rtol=1e-4, atol=1e-5,
+                                   err_msg=name)
+    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(want_x_grad), rtol=1e-4, atol=1e-5)
+
+
+def test_mesh_layer_exchanges_images_with_all_to_alls_over_the_expert_axis():
+    """The compiled forward + backward on data=2 x fsdp=2 x expert=2: the
+    expert buffers `[E, G, C, n, M]` move between the group- and the
+    expert-sharded layout by all-to-alls among the 2 devices of each expert
+    group (forward 2, backward 2 with the input's gradient), and no buffer of rank 4 or more
+    (the dispatch buffers, the images) is all-gathered."""
+    from mmjax.bench.hlo_collectives import parse_hlo_module
+
+    batch = 32
+    layer = _layer(top_k=2, capacity_factor=2.0)
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(batch, TOKENS, EMBED)), jnp.float32)
+    fn, params, xs, *_ = _mesh_run(layer, x, jnp.ones_like(x), MESH)
+    hlo = fn.lower(params, xs).compile().as_text()
+    ops = [i for instrs in parse_hlo_module(hlo)[1].values() for i in instrs]
+    exchanges = [i for i in ops if i.opcode in ("all-to-all", "all-to-all-start")]
+    assert len(exchanges) == 4, [i.shape for i in exchanges]
+    for op in exchanges:
+        axes = re.search(r"replica_groups=mesh\[[^\]]*\]\s*\{([^}]*)\}", op.attrs).group(1)
+        assert axes == "'expert'", op.attrs  # among the devices that differ in their expert coordinate
+        assert re.search(r"\[([0-9,]*)\]", op.shape).group(1).count(",") + 1 >= 5, op.shape  # [E,G,C,n,M] pieces
+    gathers = [i for i in ops if i.opcode in ("all-gather", "all-gather-start")]
+    assert all(len(re.search(r"\[([0-9,]*)\]", g.shape).group(1).split(",")) < 4 for g in gathers), \
+        [g.shape for g in gathers]
+
+
+def test_param_counts_weigh_each_moe_by_its_own_top_k():
+    """The ViT's experts count vit.moe's top_k / num_experts toward `active`,
+    the decoder's their own (the tiny V-MoE: the decoder has no experts)."""
+    from experiments import vmoe_tiny
+    from mmjax.train.param_counts import decoder_param_counts, param_counts
+
+    def vit_expert_params(vit) -> tuple[int, int]:  # (all experts' weights, the unused share's) over the MoE blocks
+        n_moe = sum((i + 1) % vit.moe.moe_every == 0 for i in range(vit.depth))
+        per_expert = 2 * vit.embed * vit.moe.expert_mlp + vit.moe.expert_mlp + vit.embed
+        return n_moe * vit.moe.num_experts * per_expert, n_moe * (vit.moe.num_experts - vit.moe.top_k) * per_expert
+
+    c = vmoe_tiny.get_config("moe")
+    n, dense = param_counts(c), param_counts(vmoe_tiny.get_config("dense"))
+    experts, unused = vit_expert_params(c.model.vit)
+    n_moe, e, mlp = 2, c.model.vit.embed, c.model.vit.mlp
+    assert n["total"] == dense["total"] + experts + n_moe * (e * 2 - (2 * e * mlp + mlp + e))  # + routers - MLPs
+    assert n["active"] == n["total"] - unused and dense["active"] == dense["total"]
+    # both MoEs, with different top_k / num_experts
+    c = base_config()
+    c.model.vit.update(depth=2, embed=32, heads=2, mlp=64)
+    c.model.vit.moe.update(num_experts=4, top_k=1, moe_every=1, expert_mlp=48)
+    c.model.decoder.update(layers=2, embed=32, mlp=64, vocab_size=512)
+    c.model.decoder.moe.update(num_experts=8, top_k=2, moe_every=2, expert_mlp=40)
+    vit, dec = param_counts(c, "vit"), param_counts(c, "decoder")
+    experts, unused = vit_expert_params(c.model.vit)
+    assert vit["active"] == vit["total"] - unused and experts > 0
+    want = decoder_param_counts(c.model.decoder)
+    assert (dec["total"], dec["active"]) == (want["total"], want["active"])
+    whole = param_counts(c)
+    assert whole["total"] - whole["active"] == (vit["total"] - vit["active"]) + (dec["total"] - dec["active"])
+
+
+def _tiny(arg="moe"):
+    from experiments import vmoe_tiny
+
+    return vmoe_tiny.get_config(arg)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.model.vit.moe.update(num_experts=3),
+     r"config.model.vit.moe.num_experts=3 is not divisible by the config.mesh.expert=2 expert shards"),
+    (lambda c: c.model.update(name="dual_encoder"),
+     r"config.model.vit.moe.num_experts=2 makes a mixture-of-experts ViT, which model 'dual_encoder' does not train"),
+    (lambda c: c.model.update(name="mm1"), r"which model 'mm1' does not train"),
+    (lambda c: c.model.vit.moe.update(renormalize=True),
+     r"config.model.vit.moe.renormalize=True with config.model.vit.moe.top_k=1 makes every combine weight 1"),
+    (lambda c: c.model.vit.moe.update(top_k=3), r"config.model.vit.moe.top_k=3 must be in 1..num_experts=2"),
+])
+def test_config_refusals_before_any_build(change, message):
+    from mmjax.train.config_checks import check_static
+
+    c = _tiny()
+    change(c)
+    with pytest.raises(ConfigError, match=message):
+        check_static(c)
+
+
+def test_superclass_routing_needs_two_super_classes_and_the_mesh_check_counts_experts(tmp_path):
+    from mmjax.train.config_checks import check_config, check_static
+
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\tanimal\ndog\tanimal\n")
+    c = _tiny()
+    c.data.labels.classes = str(classes)
+    c.model.classifier.num_classes = 2
+    with pytest.raises(ConfigError, match=r"config.model.vit.moe.superclass_weight=1.0 routes images by "
+                                          r"super-class, but the label set .* has 1 super-class"):
+        check_static(c)
+    c.model.vit.moe.superclass_weight = 0.0
+    check_static(c)
+    two = tmp_path / "two_superclasses.txt"
+    two.write_text("cat\tanimal\ncar\tvehicle\n")
+    c.model.vit.moe.superclass_weight = 1.0
+    c.data.labels.classes = str(two)
+    check_static(c)
+    # an expert axis resolved from -1 (fsdp=1, expert=-1: 8 shards) does not divide 2 experts
+    c.mesh.update(data=1, fsdp=1, expert=-1)
+    check_static(c)
+    with pytest.raises(ConfigError, match=r"config.model.vit.moe.num_experts=2 is not divisible by the 8 expert"):
+        check_config(c, 8)

@@ -26,15 +26,18 @@ def mesh_name(mesh: dict) -> str:
 
 
 def first_batch(config) -> dict:
-    """One host-local batch of this process from the config's data pipeline."""
+    """One host-local batch of this process from the data pipeline the
+    config's model trains on (`mmjax.train.loop.make_train_dataset`: packed
+    sequences, or pair batches for a model that reads pairs)."""
     import jax
 
-    from mmjax.data.pipeline import default_tokenizer, make_dataset
+    from mmjax.data.pipeline import default_tokenizer
+    from mmjax.train.loop import make_train_dataset
 
     pc = jax.process_count()
-    return next(iter(make_dataset(config.data, default_tokenizer(config.data),
-                                  batch_size=config.data.global_batch // pc,
-                                  process_index=jax.process_index(), process_count=pc)))
+    return next(iter(make_train_dataset(config, default_tokenizer(config.data),
+                                        batch_size=config.data.global_batch // pc,
+                                        process_index=jax.process_index(), process_count=pc)))
 
 
 def with_candidate(config, mesh: dict | None = None, layout: str | None = None, remat: str | None = None):

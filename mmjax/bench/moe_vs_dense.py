@@ -21,8 +21,12 @@ the dispatch path and the MoE/dense ratio; with --workdir also writes
 also compiled ahead of time for a TPU topology and its step time ESTIMATED
 from the compiled FLOPs, bytes and collectives (`mmjax/bench/estimate.py`).
 
-`results.csv` columns: config, dispatch, params, active_params, step_time_s,
-step_time_p90_s, ratio_to_dense, collective_bytes (per device per step, from
+`results.csv` columns: config, dispatch, params, active_params,
+capacity_factor, expert_flops_ratio (the MLP FLOPs the MoE layers execute
+per step / the dense MLP's in the same layers, padding of the capacity
+buffers included: a vision pair with E=2, top_k=1, capacity_factor=2 runs
+2x the dense MLP FLOPs, so its ratio_to_dense is NOT at equal compute;
+`expert_compute`), step_time_s, step_time_p90_s, ratio_to_dense, collective_bytes (per device per step, from
 the compiled program), all_to_all_bytes, peak_bytes_per_device; with
 --topology also topology, tpu_fits, tpu_peak_bytes, tpu_collective_bytes,
 tpu_flops_ratio (compiled / analytic FLOPs of the whole step; XLA counts a
@@ -37,9 +41,10 @@ from __future__ import annotations
 
 import os
 
-from mmjax.bench.harness import TimedConfig, time_round_robin
+from mmjax.bench.harness import TimedConfig, first_batch, time_round_robin
 from mmjax.errors import ConfigError
 from mmjax.paths import save_figure, workdir_path, write_csv
+from mmjax.train.param_counts import param_counts
 
 DISPATCHES = ("capacity", "dropless")
 
@@ -57,41 +62,40 @@ def dispatch_name(config) -> str:
     return config.model.decoder.moe.dispatch if config.model.decoder.moe.num_experts else "dense"
 
 
-def counts(config) -> dict[str, int]:
-    """{"total", "active"} parameters; a vision MoE's expert weights count
-    `top_k / num_experts` of their size toward `active` (per image)."""
+def expert_compute(config) -> tuple[float, float]:
+    """(capacity_factor, expert_flops_ratio) of a configuration: the MLP
+    FLOPs its MoE layers execute per step over the FLOPs the dense MLP of
+    the same layers would (1.0 for dense). Capacity dispatch runs every
+    expert on all its C slots of every group, padding included:
+    E * C * expert_mlp / (S * mlp) for groups of S routed units (tokens, or
+    images for the ViT's MoE; `mmjax.models.moe.capacity`); dropless runs
+    only the routed rows: top_k * expert_mlp / mlp. The one-hot dispatch /
+    combine einsums come on top of this."""
     import math
 
     import jax
-    from flax import nnx
 
-    from mmjax.train.param_counts import param_counts
-    from mmjax.train.state import abstract_model
+    from mmjax.models.moe import capacity, dispatch_groups
+    from mmjax.parallel.mesh import resolve_mesh_shape
+    from mmjax.parallel.rules import get_layout
 
-    if not vision_moe(config):
-        return param_counts(config)
-    moe = config.model.vit.moe
-    total = active = 0
-    for leaf in jax.tree.leaves(abstract_model(config.model)[1], is_leaf=lambda x: isinstance(x, nnx.Variable)):
-        size = math.prod(leaf.shape)
-        total += size
-        expert = "expert" in (leaf.get_metadata().get("logical_axes") or ())
-        active += size * moe.top_k // moe.num_experts if expert else size
-    return {"total": total, "active": active}
-
-
-def first_batch(config) -> dict:
-    """One host-local batch of this process from the data pipeline the
-    config's model trains on (packed sequences or pairs)."""
-    import jax
-
-    from mmjax.data.pipeline import default_tokenizer
-    from mmjax.train.loop import make_train_dataset
-
-    pc = jax.process_count()
-    return next(iter(make_train_dataset(config, default_tokenizer(config.data),
-                                        batch_size=config.data.global_batch // pc,
-                                        process_index=jax.process_index(), process_count=pc)))
+    if dispatch_name(config) == "dense":
+        return float("nan"), 1.0
+    if vision_moe(config):
+        moe, mlp = config.model.vit.moe, config.model.vit.mlp
+        units, group_size = config.data.global_batch, 0
+    else:
+        moe, mlp = config.model.decoder.moe, config.model.decoder.mlp
+        units, group_size = config.data.global_batch * config.data.seq_len, moe.get("group_size", 0)
+        if moe.dispatch == "dropless":
+            return float("nan"), moe.top_k * moe.expert_mlp / mlp
+    units //= config.train.get("grad_accum_steps", 1)
+    axes = get_layout(config.rules).get("batch") or ()
+    mesh = resolve_mesh_shape(dict(config.mesh), jax.device_count())
+    shards = math.prod(mesh.get(a, 1) for a in ((axes,) if isinstance(axes, str) else axes))
+    groups = dispatch_groups(units, max(shards, 1), group_size)
+    cap = capacity(units // groups, moe.top_k, moe.num_experts, moe.capacity_factor)
+    return float(moe.capacity_factor), moe.num_experts * cap * moe.expert_mlp / (units // groups * mlp)
 
 
 def variants(dense, moe) -> dict:
@@ -127,8 +131,10 @@ def compare(dense, moe, steps: int, topology: str | None = None, log=print, aot_
         run = TimedConfig(cfg)
         if not aot_only and not run.prepare(local):
             raise ConfigError(f"{name}: {run.row['reason']}")
-        n = counts(cfg)
-        run.row.update(config=name, dispatch=dispatch_name(cfg), params=n["total"], active_params=n["active"])
+        n = param_counts(cfg)
+        factor, ratio = expert_compute(cfg)
+        run.row.update(config=name, dispatch=dispatch_name(cfg), params=n["total"], active_params=n["active"],
+                       capacity_factor=factor, expert_flops_ratio=ratio)
         where = "" if aot_only else f" compiled in {run.row['compile_s']:.1f}s"
         unit = "image" if vision_moe(moe) else "token"
         log(f"{name}:{where} ({n['total']:,} params, {n['active']:,} active per {unit})")
@@ -149,8 +155,9 @@ def compare(dense, moe, steps: int, topology: str | None = None, log=print, aot_
     return rows
 
 
-COLUMNS = ("config", "dispatch", "params", "active_params", "step_time_s", "step_time_p90_s", "ratio_to_dense",
-           "collective_bytes", "all_to_all_bytes", "peak_bytes_per_device")
+COLUMNS = ("config", "dispatch", "params", "active_params", "capacity_factor", "expert_flops_ratio",
+           "step_time_s", "step_time_p90_s", "ratio_to_dense", "collective_bytes", "all_to_all_bytes",
+           "peak_bytes_per_device")
 TPU_COLUMNS = ("tpu_topology", "tpu_fits", "tpu_peak_bytes", "tpu_collective_bytes", "tpu_flops_ratio",
                "tpu_megablox_flops_ratio", "tpu_estimate_s", "tpu_ratio_to_dense")
 
@@ -158,10 +165,13 @@ TPU_COLUMNS = ("tpu_topology", "tpu_fits", "tpu_peak_bytes", "tpu_collective_byt
 def print_table(rows: list[dict], mesh: str, steps: int, log=print) -> None:
     if "step_time_s" in rows[0]:
         log(f"\nmesh {mesh}, {steps} timed steps each, median step time to device completion")
-        log(f"{'config':14s} {'dispatch':>9s} {'params':>14s} {'active':>14s} {'step s':>8s} {'p90 s':>8s} "
-            f"{'coll MiB':>9s} {'/dense':>7s}")
+        log("cap: capacity factor; MLP FLOPs: the MoE layers' executed expert FLOPs / their dense MLP's "
+            "(padding included; dispatch and combine on top)")
+        log(f"{'config':14s} {'dispatch':>9s} {'params':>14s} {'active':>14s} {'cap':>5s} {'MLP FLOPs':>9s} "
+            f"{'step s':>8s} {'p90 s':>8s} {'coll MiB':>9s} {'/dense':>7s}")
         for r in rows:
             log(f"{r['config']:14s} {r['dispatch']:>9s} {r['params']:>14,} {r['active_params']:>14,} "
+                f"{r['capacity_factor']:5.2f} {r['expert_flops_ratio']:8.2f}x "
                 f"{r['step_time_s']:8.4f} {r['step_time_p90_s']:8.4f} {r['collective_bytes'] / 2**20:9.2f} "
                 f"{r['ratio_to_dense']:7.2f}")
     if rows[0].get("tpu_topology"):

@@ -75,6 +75,7 @@ def _optional_inputs(cfg) -> tuple[str, ...]:
     return ("superclass_id",) if moe and moe.num_experts and moe.superclass_weight > 0 else ()
 
 
-@register_model("vit_classifier", inputs=("image",), optional_inputs=_optional_inputs, objective="classification")
+@register_model("vit_classifier", inputs=("image",), optional_inputs=_optional_inputs, objective="classification",
+                vision_moe=True)
 def build_vit_classifier(cfg, rngs: nnx.Rngs) -> ViTClassifier:
     return ViTClassifier(cfg, rngs=rngs)

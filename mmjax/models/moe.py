@@ -58,10 +58,6 @@ from mmjax.errors import ConfigError
 
 DISPATCHES = ("capacity", "dropless")
 BALANCES = ("aux_loss", "bias")
-# Logical layouts of the capacity buffers `[E, G, C, M]`: split by group (as the
-# tokens are) or by expert (as the expert weights are).
-_BY_GROUP = (None, "batch", None, "act_embed")
-_BY_EXPERT = ("expert", "batch", None, "act_embed")
 # token_kind codes of the routing statistics; 0 is padding (left out of them).
 TOKEN_KINDS = {"text": 1, "image": 2}
 
@@ -219,6 +215,53 @@ def capacity_dispatch_masks(weights: jax.Array, experts: jax.Array, num_experts:
     return dispatch, combine, kept.any(axis=-1)
 
 
+def capacity_experts(x: jax.Array, weights: jax.Array, experts: jax.Array, cfg, run_experts,
+                     embed_axis: str = "act_embed", group_size: int = 0):
+    """GShard capacity dispatch of routed units with trailing axes: x
+    `[U, ..., M]` (U units: tokens, or images with their n tokens), weights /
+    experts `[U, k]` -> (y `[U, ..., M]`, dispatch `[G, S, E, C]` 0/1,
+    dropped `[U]` share of the unit's k choices dropped). Groups: one per batch
+    shard (`dispatch_groups`, split further by `group_size`); C from
+    `cfg.capacity_factor`. `run_experts` maps the buffers `[E, G, C, ..., M]`
+    to the same shape.
+
+    Dispatch and combine are local to each group's shard; the two re-layouts
+    between group-sharded and expert-sharded buffers are the all-to-alls (and
+    their transposes in the backward pass). Without the group-sharded
+    constraints GSPMD partitions the einsums over the expert-sharded operand:
+    all-gathers and all-reduces of whole buffers."""
+    units, trailing, m = x.shape[0], x.shape[1:-1], x.shape[-1]
+    rest = (None,) * len(trailing)
+    by_group = (None, "batch", None) + rest + (embed_axis,)
+    by_expert = ("expert", "batch", None) + rest + (embed_axis,)
+    groups = dispatch_groups(units, num_shards("batch"), group_size)
+    size = units // groups
+    cap = capacity(size, cfg.top_k, cfg.num_experts, cfg.capacity_factor)
+    xg = constrain(x.reshape(groups, size, *trailing, m), ("batch", None) + rest + (embed_axis,))
+    dispatch, combine, kept = capacity_dispatch_masks(
+        weights.reshape(groups, size, -1), experts.reshape(groups, size, -1), cfg.num_experts, cap)
+    expert_in = jnp.einsum("gsec,gs...m->egc...m", dispatch.astype(x.dtype), xg)
+    expert_in = constrain(expert_in, by_group)
+    expert_in = constrain(expert_in, by_expert)
+    expert_out = constrain(run_experts(expert_in), by_expert)
+    expert_out = constrain(expert_out, by_group)
+    y = jnp.einsum("gsec,egc...m->gs...m", combine.astype(x.dtype), expert_out)
+    y = constrain(y, ("batch", None) + rest + (embed_axis,))
+    return y.reshape(x.shape), dispatch, 1.0 - kept.mean(axis=-1).reshape(units)
+
+
+def check_moe_placement(moe, where: str, layers: int, layers_field: str) -> None:
+    """ConfigError (one sentence) for a `top_k` outside 1..num_experts or a
+    `moe_every` that leaves no MoE layer among `layers` (`layers_field`);
+    shared by the decoder's and the ViT's MoE. `where`: "config.model.decoder.moe"."""
+    e = moe.num_experts
+    if not isinstance(moe.top_k, int) or not 1 <= moe.top_k <= e:
+        raise ConfigError(f"{where}.top_k={moe.top_k!r} must be in 1..num_experts={e}.")
+    if not isinstance(moe.moe_every, int) or not 1 <= moe.moe_every <= layers:
+        raise ConfigError(f"{where}.moe_every={moe.moe_every!r} must be in 1..{layers_field}={layers} "
+                          "(a larger value leaves no MoE layer).")
+
+
 class MoEFeedForward(nnx.Module):
     """Routed SwiGLU experts (+ optional always-on shared expert). The router
     stays float32; the experts compute in `dtype`."""
@@ -232,8 +275,8 @@ class MoEFeedForward(nnx.Module):
         if cfg.get("grouped_matmul", "ragged_dot") not in GROUPED_MATMULS:
             raise ConfigError(f"config.model.decoder.moe.grouped_matmul={cfg.grouped_matmul!r}; "
                               f"choose one of {GROUPED_MATMULS}.")
-        if not 1 <= cfg.top_k <= e:
-            raise ConfigError(f"config.model.decoder.moe.top_k={cfg.top_k} must be in 1..num_experts={e}.")
+        if not isinstance(cfg.top_k, int) or not 1 <= cfg.top_k <= e:
+            raise ConfigError(f"config.model.decoder.moe.top_k={cfg.top_k!r} must be in 1..num_experts={e}.")
         balance = cfg.get("balance", "aux_loss")
         if balance not in BALANCES:
             raise ConfigError(f"config.model.decoder.moe.balance={balance!r}; choose one of {BALANCES}.")
@@ -259,26 +302,10 @@ class MoEFeedForward(nnx.Module):
 
     def _capacity(self, x, weights, experts):
         b, s, m = x.shape
-        tokens = b * s
-        groups = dispatch_groups(tokens, num_shards("batch"), self.cfg.get("group_size", 0))
-        size = tokens // groups
-        cap = capacity(size, self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
-        xg = constrain(x.reshape(groups, size, m), ("batch", None, "act_embed"))
-        dispatch, combine, kept = capacity_dispatch_masks(
-            weights.reshape(groups, size, -1), experts.reshape(groups, size, -1), self.cfg.num_experts, cap)
-        # Dispatch and combine are local to each group's shard; the two
-        # re-layouts between group-sharded and expert-sharded buffers are the
-        # all-to-alls (and their transposes in the backward pass). Without the
-        # group-sharded constraints GSPMD partitions the einsums over the
-        # expert-sharded operand: all-gathers and all-reduces of whole buffers.
-        expert_in = jnp.einsum("gsec,gsm->egcm", dispatch.astype(x.dtype), xg)
-        expert_in = constrain(expert_in, _BY_GROUP)
-        expert_in = constrain(expert_in, _BY_EXPERT)
-        expert_out = constrain(self._experts_einsum(expert_in), _BY_EXPERT)
-        expert_out = constrain(expert_out, _BY_GROUP)
-        y = jnp.einsum("gsec,egcm->gsm", combine.astype(x.dtype), expert_out)
-        y = constrain(y, ("batch", None, "act_embed"))
-        return y.reshape(b, s, m), 1.0 - kept.mean(axis=-1).reshape(tokens)
+        y, _, dropped = capacity_experts(x.reshape(b * s, m), weights.reshape(b * s, -1),
+                                         experts.reshape(b * s, -1), self.cfg, self._experts_einsum,
+                                         group_size=self.cfg.get("group_size", 0))
+        return y.reshape(b, s, m), dropped
 
     def _dropless(self, x, weights, experts):
         w = lambda p: p[...].astype(self.dtype)  # noqa: E731

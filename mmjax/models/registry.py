@@ -51,6 +51,7 @@ class ModelSpec:
     inputs: tuple[str, ...]           # batch fields forward_batch reads
     optional_inputs: Callable[..., tuple[str, ...]] | None = None  # model_cfg -> further fields it reads
     objective: str = "next_token"    # the loss it trains with (mmjax.train.objectives)
+    vision_moe: bool = False          # trains a mixture-of-experts ViT (its objective weighs `vit.moe`'s aux)
 
     @property
     def uses_images(self) -> bool:
@@ -67,14 +68,16 @@ MODELS: dict[str, ModelSpec] = {}
 
 def register_model(name: str, inputs: tuple[str, ...],
                    optional_inputs: Callable[..., tuple[str, ...]] | None = None,
-                   objective: str = "next_token"):
-    """Decorator registering `build(model_cfg, rngs)` as model `name`."""
+                   objective: str = "next_token", vision_moe: bool = False):
+    """Decorator registering `build(model_cfg, rngs)` as model `name`;
+    `vision_moe`: the model trains a ViT with `config.model.vit.moe` experts
+    (other models refuse them at config time)."""
     unknown = [f for f in inputs if f not in KNOWN_FIELDS]
     if unknown:
         raise ValueError(f"model {name!r} reads unknown batch fields {unknown}; known: {KNOWN_FIELDS}.")
 
     def register(build):
-        MODELS[name] = ModelSpec(name, build, tuple(inputs), optional_inputs, objective)
+        MODELS[name] = ModelSpec(name, build, tuple(inputs), optional_inputs, objective, vision_moe)
         return build
 
     return register

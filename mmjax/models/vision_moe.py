@@ -12,15 +12,19 @@ goes through those k experts, each a ViT MLP (fc1 + bias, the flavour's
 activation, fc2 + bias; hidden width `expert_mlp`), and their outputs are
 combined with the router weights.
 
-Dispatch: capacity per image (GShard's masks with the image as the routed
-unit, `moe.capacity_dispatch_masks`). Images are split into groups, one per
-batch shard (`moe.dispatch_groups`); each expert takes at most
+Dispatch: capacity per image (the decoder MoE's GShard path,
+`moe.capacity_experts`, with the image and its n tokens as the routed
+unit). Images are split into groups, one per batch shard
+(`moe.dispatch_groups`); each expert takes at most
 C = ceil(top_k * S * capacity_factor / E) of a group's S images; an image
 past its expert's capacity gets nothing from that expert (it is dropped
 there; the residual carries it). capacity_factor >= E / top_k gives C >= S:
-nothing can be dropped. Expert buffers `[E, G, C, n, vit_embed]` are
-group-sharded around dispatch and combine and expert-sharded around the
-experts, so the re-layout between them is an all-to-all of whole images.
+nothing can be dropped. The held-out evaluation runs at
+`vit.moe.eval_capacity_factor`, by default E / top_k (`eval_model_config`),
+so an image's prediction does not depend on its batch. Expert buffers
+`[E, G, C, n, vit_embed]` are group-sharded around dispatch and combine and
+expert-sharded around the experts, so the re-layout between them is an
+all-to-all of whole images.
 
 aux (the decoder MoE's keys, from `moe.routing_aux`, with images as the
 routed units, all of kind "image"): load_balance_loss, router_z_loss,
@@ -44,13 +48,9 @@ from flax import nnx
 
 from mmjax.errors import ConfigError
 from mmjax.models.layers import fan_in_init, make_param
-from mmjax.models.moe import (TOKEN_KINDS, capacity, capacity_dispatch_masks, dispatch_groups,
-                              modality_means, route, routing_aux)
-from mmjax.models.partitioning import constrain, num_shards
-
-# Logical layouts of the expert buffers `[E, G, C, n, vit_embed]`.
-_BY_GROUP = (None, "batch", None, None, "act_vit_embed")
-_BY_EXPERT = ("expert", "batch", None, None, "act_vit_embed")
+from mmjax.models.moe import (TOKEN_KINDS, capacity_experts, check_moe_placement, modality_means, route,
+                              routing_aux)
+from mmjax.models.partitioning import constrain
 
 
 def is_moe_block(vit_cfg, index: int) -> bool:
@@ -69,11 +69,7 @@ def check_vit_moe(vit_cfg) -> None:
     e = moe.num_experts
     if not isinstance(e, int) or e < 0:
         raise ConfigError(f"{where}.num_experts={e!r} must be a non-negative integer (0: a dense ViT).")
-    if not isinstance(moe.top_k, int) or not 1 <= moe.top_k <= e:
-        raise ConfigError(f"{where}.top_k={moe.top_k!r} must be in 1..num_experts={e}.")
-    if not isinstance(moe.moe_every, int) or not 1 <= moe.moe_every <= vit_cfg.depth:
-        raise ConfigError(f"{where}.moe_every={moe.moe_every!r} must be in 1..config.model.vit.depth="
-                          f"{vit_cfg.depth} (a larger value leaves no MoE block).")
+    check_moe_placement(moe, where, vit_cfg.depth, "config.model.vit.depth")
     if not moe.capacity_factor > 0:
         raise ConfigError(f"{where}.capacity_factor={moe.capacity_factor!r} must be positive.")
     if not isinstance(moe.expert_mlp, int) or moe.expert_mlp < 1:
@@ -88,6 +84,19 @@ def check_vit_moe(vit_cfg) -> None:
     if vit_cfg.scan and moe.moe_every > 1:
         raise ConfigError(f"config.model.vit.scan=True needs identical blocks; with MoE on every "
                           f"{moe.moe_every}-th block set scan=False (or {where}.moe_every=1).")
+
+
+def eval_model_config(model_cfg):
+    """A copy of `config.model` whose ViT MoE uses its evaluation capacity:
+    `vit.moe.eval_capacity_factor`, or num_experts / top_k (C >= S: no image
+    dropped, each image's output independent of the rest of its batch) when
+    that is 0. `model_cfg` itself when the ViT has no MoE."""
+    moe = model_cfg.vit.get("moe")
+    if not moe or not moe.num_experts:
+        return model_cfg
+    out = model_cfg.copy_and_resolve_references()
+    out.vit.moe.capacity_factor = moe.get("eval_capacity_factor", 0.0) or moe.num_experts / moe.top_k
+    return out
 
 
 def superclass_targets(superclass_id: jax.Array, num_experts: int, mapping=()) -> jax.Array:
@@ -144,20 +153,9 @@ class VisionMoE(nnx.Module):
 
     def dispatch(self, x: jax.Array, weights: jax.Array, experts: jax.Array):
         """x `[b, n, M]`, weights/experts `[b, k]` -> (y `[b, n, M]`, dispatch
-        `[G, S, E, C]` 0/1, dropped `[b]` share of the image's k choices dropped)."""
-        b, n, m = x.shape
-        groups = dispatch_groups(b, num_shards("batch"))
-        size = b // groups
-        cap = capacity(size, self.cfg.top_k, self.cfg.num_experts, self.cfg.capacity_factor)
-        xg = constrain(x.reshape(groups, size, n, m), ("batch", None, None, "act_vit_embed"))
-        dispatch, combine, kept = capacity_dispatch_masks(
-            weights.reshape(groups, size, -1), experts.reshape(groups, size, -1), self.cfg.num_experts, cap)
-        expert_in = jnp.einsum("gsec,gsnm->egcnm", dispatch.astype(x.dtype), xg)
-        expert_in = constrain(constrain(expert_in, _BY_GROUP), _BY_EXPERT)  # the all-to-all
-        expert_out = constrain(constrain(self.experts(expert_in), _BY_EXPERT), _BY_GROUP)
-        y = jnp.einsum("gsec,egcnm->gsnm", combine.astype(x.dtype), expert_out)
-        y = constrain(y, ("batch", None, None, "act_vit_embed"))
-        return y.reshape(b, n, m), dispatch, 1.0 - kept.mean(axis=-1).reshape(b)
+        `[G, S, E, C]` 0/1, dropped `[b]` share of the image's k choices dropped):
+        `moe.capacity_experts` with the image (its n tokens) as the unit."""
+        return capacity_experts(x, weights, experts, self.cfg, self.experts, embed_axis="act_vit_embed")
 
     def __call__(self, x: jax.Array, superclass_id: jax.Array | None = None) -> tuple[jax.Array, dict]:
         """x `[b, n, vit_embed]`, superclass_id `[b]` (optional, -1: none) ->

@@ -10,6 +10,8 @@ The images of the source's "eval" split go through the pair pipeline
   eval_images                labelled images scored
   superclass/<name>          top-1 accuracy over the images of each
                              super-class of the label set (`data.labels`)
+A Mobile V-MoE ViT is evaluated at `config.model.vit.moe.eval_capacity_factor`
+(0: num_experts / top_k, no image dropped).
 It needs a model trained with the "classification" objective.
 """
 
@@ -28,7 +30,8 @@ from mmjax.data.pipeline import to_global_arrays
 from mmjax.models import model_spec
 from mmjax.train.config_schema import integer, text
 from mmjax.train.evaluators import register_evaluator
-from mmjax.train.state import TrainSetup
+from mmjax.models.vision_moe import eval_model_config
+from mmjax.train.state import TrainSetup, abstract_model
 from mmjax.train.step import model_forward
 
 DEFAULT_SOURCE = "procedural:classes"
@@ -53,12 +56,16 @@ def eval_batches(config, tokenizer, setup: TrainSetup, source: str, num_examples
     return batches
 
 
-def make_predict(setup: TrainSetup) -> Callable:
+def make_predict(config, setup: TrainSetup) -> Callable:
     """`predict(params, batch) -> (argmax class [B], class_id [B],
-    superclass_id [B])`, replicated so every process reads all of them."""
+    superclass_id [B])`, replicated so every process reads all of them. A
+    Mobile V-MoE ViT runs at its evaluation capacity
+    (`vision_moe.eval_model_config`: by default no image is dropped, so an
+    image's prediction does not depend on the other images of its batch)."""
+    graphdef = abstract_model(eval_model_config(config.model), config.train.seed)[0]
 
     def predict(params, batch):
-        outputs, _ = model_forward(setup.graphdef, params, batch, setup.resolver)
+        outputs, _ = model_forward(graphdef, params, batch, setup.resolver)
         return jnp.argmax(outputs["logits"], axis=-1), batch["class_id"], batch["superclass_id"]
 
     return jax.jit(predict, out_shardings=NamedSharding(setup.mesh, PartitionSpec()))
@@ -86,7 +93,7 @@ def make_top1_accuracy(config, setup: TrainSetup, tokenizer, name: str = "top1_a
     settings = config.get("evaluators", {}).get(name, {})
     source = settings.get("source", DEFAULT_SOURCE)
     batches = eval_batches(config, tokenizer, setup, source, settings.get("num_examples", 256))
-    predict = make_predict(setup)
+    predict = make_predict(config, setup)
     superclasses = label_set(config.data).superclasses
 
     def evaluate(params) -> dict:

@@ -16,6 +16,7 @@ import math
 import os
 
 from mmjax.errors import ConfigError
+from mmjax.models.moe import check_moe_placement
 from mmjax.parallel.mesh import axis_settings, resolve_mesh_shape
 from mmjax.parallel.rules import get_layout
 from mmjax.train.config_schema import field_problems, lookup
@@ -35,6 +36,7 @@ def check_static(config) -> None:
     resolve_mesh_shape(dict(config.mesh), _any_device_count(config.mesh))
     _check_model(config)
     _check_data(config)
+    _check_vision_moe(config)
     _check_mofi(config)
     _check_optimizer(config)
     _check_train(config)
@@ -84,12 +86,7 @@ def _check_model(config) -> None:
     if dec.head_dim % 2:
         _fail("model.decoder.head_dim", dec.head_dim, "must be even (rotary embeddings rotate pairs of dimensions)")
     if moe.num_experts:
-        if moe.top_k > moe.num_experts:
-            _fail("model.decoder.moe.top_k", moe.top_k, f"exceeds config.model.decoder.moe.num_experts="
-                  f"{moe.num_experts}")
-        if moe.moe_every > dec.layers:
-            _fail("model.decoder.moe.moe_every", moe.moe_every, f"leaves no MoE layer among the "
-                  f"config.model.decoder.layers={dec.layers} layers")
+        check_moe_placement(moe, "config.model.decoder.moe", dec.layers, "config.model.decoder.layers")
         if dec.scan and moe.moe_every != 1:
             _fail("model.decoder.scan", True, f"needs identical layers, but MoE every "
                   f"{moe.moe_every} layers alternates dense and MoE layers; set "
@@ -98,6 +95,38 @@ def _check_model(config) -> None:
         if expert_axis > 1 and moe.num_experts % expert_axis:
             _fail("model.decoder.moe.num_experts", moe.num_experts, f"is not divisible by the "
                   f"config.mesh.expert={expert_axis} expert shards")
+
+
+def _check_vision_moe(config) -> None:
+    """`config.model.vit.moe` (Mobile V-MoE): its own fields
+    (`check_vit_moe`), a model whose registry entry trains it, the expert
+    shards, a router the loss reaches, super-classes to route by."""
+    from mmjax.data.labels import label_set
+    from mmjax.models import model_spec
+    from mmjax.models.vision_moe import check_vit_moe
+
+    vit = config.model.vit
+    moe = vit.get("moe")
+    if not moe or not moe.num_experts:
+        return
+    check_vit_moe(vit)
+    name = config.model.get("name", "mm1")
+    if not model_spec(config.model).vision_moe:
+        _fail("model.vit.moe.num_experts", moe.num_experts, f"makes a mixture-of-experts ViT, which model "
+              f"{name!r} does not train (its objective ignores the routing losses); use 0 or a model registered "
+              "with vision_moe=True such as 'vit_classifier'")
+    expert_axis = dict(config.mesh).get("expert", 1)
+    if isinstance(expert_axis, int) and expert_axis > 1 and moe.num_experts % expert_axis:
+        _fail("model.vit.moe.num_experts", moe.num_experts, f"is not divisible by the config.mesh.expert="
+              f"{expert_axis} expert shards")
+    if moe.renormalize and moe.top_k == 1:
+        _fail("model.vit.moe.renormalize", True, "with config.model.vit.moe.top_k=1 makes every combine weight "
+              "1, so the classification loss gives the router no gradient; set renormalize=False or top_k > 1")
+    supers = label_set(config.data).superclasses
+    if moe.superclass_weight > 0 and len(supers) < 2:
+        _fail("model.vit.moe.superclass_weight", moe.superclass_weight, f"routes images by super-class, but the "
+              f"label set (config.data.labels.classes) has {len(supers)} super-class(es) {supers}, nothing to tell "
+              "apart; set it to 0 or give the classes at least two super-classes")
 
 
 def _check_data(config) -> None:
@@ -285,7 +314,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> None:
                           f"{process_count} processes.")
     _check_mofi_split(config, mesh, rules)
     expert_axis = mesh.get("expert", 1)
-    moe = config.model.decoder.moe
-    if moe.num_experts and moe.num_experts % expert_axis:
-        raise ConfigError(f"config.model.decoder.moe.num_experts={moe.num_experts} is not divisible by the "
-                          f"{expert_axis} expert shards of the mesh.")
+    for where, moe in (("decoder", config.model.decoder.moe), ("vit", config.model.vit.get("moe"))):
+        if moe and moe.num_experts and moe.num_experts % expert_axis:
+            raise ConfigError(f"config.model.{where}.moe.num_experts={moe.num_experts} is not divisible by the "
+                              f"{expert_axis} expert shards of the mesh.")

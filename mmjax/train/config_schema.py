@@ -217,6 +217,7 @@ FIELDS: dict[str, Rule] = {
     "model.vit.moe.moe_every": integer(1),
     "model.vit.moe.renormalize": boolean,
     "model.vit.moe.capacity_factor": number(0, low_open=True),
+    "model.vit.moe.eval_capacity_factor": number(0),
     "model.vit.moe.expert_mlp": integer(1),
     "model.vit.moe.superclass_weight": number(0),
     "model.vit.moe.superclass_experts": sequence_of(None, integer(0), "a tuple of expert indices (one per "

@@ -21,22 +21,38 @@ def _is_expert_weight(variable) -> bool:
     return "expert" in (variable.get_metadata().get("logical_axes") or ())
 
 
+def _key_name(entry) -> str:
+    """A tree path entry (DictKey, GetAttrKey, ...) as its plain name."""
+    return str(getattr(entry, "key", getattr(entry, "name", entry)))
+
+
+def _moe_of(config, path) -> object:
+    """The MoE settings of an expert leaf at `path` (tree keys): the ViT's
+    (`config.model.vit.moe`) under the top-level "vit", else the decoder's."""
+    return config.model.vit.moe if _key_name(path[0]) == "vit" else config.model.decoder.moe
+
+
 def param_counts(config, component: str | None = None) -> dict[str, int]:
     """{"total", "active"} parameters of the model in `config` (or of one
     top-level component: "vit", "connector", "decoder"), from abstract
     params. Expert weights count `top_k / num_experts` of their size toward
-    `active`: the parameters one token passes through."""
+    `active` (the top_k and num_experts of their own MoE, the ViT's or the
+    decoder's): the parameters one routed unit (a token, or an image for
+    the ViT's MoE) passes through."""
     from mmjax.train.state import abstract_model
 
     _, params = abstract_model(config.model)
-    if component is not None:
-        params = params[component]
-    moe = config.model.decoder.moe
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
     total = active = 0
-    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    for path, leaf in flat:
+        if component is not None and _key_name(path[0]) != component:
+            continue
         size = math.prod(leaf.shape)
         total += size
-        active += size * moe.top_k // moe.num_experts if _is_expert_weight(leaf) else size
+        if _is_expert_weight(leaf):
+            moe = _moe_of(config, path)
+            size = size * moe.top_k // moe.num_experts
+        active += size
     return {"total": total, "active": active}
 
 
