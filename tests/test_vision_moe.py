@@ -203,7 +203,7 @@ def test_moe_blocks_and_parameter_count():
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(top_k=5), r"config.model.vit.moe.top_k=5 must be in 1..num_experts=4"),
+    (dict(top_k=5), r"config.model.vit.moe.top_k=5 exceeds config.model.vit.moe.num_experts=4\."),
     (dict(moe_every=3), r"config.model.vit.moe.moe_every=3 must be in 1..config.model.vit.depth=2"),
     (dict(capacity_factor=0.0), r"config.model.vit.moe.capacity_factor=0.0 must be positive"),
     (dict(superclass_experts=(0, 4)), r"config.model.vit.moe.superclass_experts=\(0, 4\) names experts \[4\]"),
@@ -385,7 +385,8 @@ def _tiny(arg="moe"):
     (lambda c: c.model.update(name="mm1"), r"which model 'mm1' does not train"),
     (lambda c: c.model.vit.moe.update(renormalize=True),
      r"config.model.vit.moe.renormalize=True with config.model.vit.moe.top_k=1 makes every combine weight 1"),
-    (lambda c: c.model.vit.moe.update(top_k=3), r"config.model.vit.moe.top_k=3 must be in 1..num_experts=2"),
+    (lambda c: c.model.vit.moe.update(top_k=3),
+     r"config.model.vit.moe.top_k=3 exceeds config.model.vit.moe.num_experts=2\."),
 ])
 def test_config_refusals_before_any_build(change, message):
     from mmjax.train.config_checks import check_static

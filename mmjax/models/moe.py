@@ -255,6 +255,8 @@ def check_moe_placement(moe, where: str, layers: int, layers_field: str) -> None
     `moe_every` that leaves no MoE layer among `layers` (`layers_field`);
     shared by the decoder's and the ViT's MoE. `where`: "config.model.decoder.moe"."""
     e = moe.num_experts
+    if isinstance(moe.top_k, int) and moe.top_k > e:
+        raise ConfigError(f"{where}.top_k={moe.top_k!r} exceeds {where}.num_experts={e}.")
     if not isinstance(moe.top_k, int) or not 1 <= moe.top_k <= e:
         raise ConfigError(f"{where}.top_k={moe.top_k!r} must be in 1..num_experts={e}.")
     if not isinstance(moe.moe_every, int) or not 1 <= moe.moe_every <= layers:
