@@ -54,7 +54,7 @@ import numpy as np
 from mmjax.data import images as image_ops
 from mmjax.data.labels import LabelSet, label_set
 from mmjax.data.packing import COUNTS
-from mmjax.data.pipeline import shard_split
+from mmjax.data.pipeline import combine_shards, shard_split
 from mmjax.data.records import STREAMS, DataError, warn_bad_input
 from mmjax.data.sources import open_stream
 from mmjax.data.tokenizer import Tokenizer
@@ -254,17 +254,4 @@ def make_pair_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split:
                    process_count=shards, require_text=require_text).batch(batch_size // per_process,
                                                                           drop_remainder=True)
              for j in range(per_process)]
-    it = parts[0] if per_process == 1 else grain.experimental.ZipIterDataset(parts).map(_concatenate)
-    if data_cfg.workers > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (library use, tests)
-            flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers,
-                                                         per_worker_buffer_size=data_cfg.worker_buffer))
-    return it
-
-
-def _concatenate(batches: tuple[dict, ...]) -> dict:
-    """Batches of several shards -> one batch (shard order kept)."""
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    return combine_shards(parts, data_cfg)

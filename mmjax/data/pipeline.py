@@ -120,7 +120,13 @@ def make_dataset(data_cfg, tokenizer: Tokenizer, *, batch_size: int, split: str 
                                   process_count=shards, streams=streams, with_attributes=with_attributes)
         packed = PackIterDataset(examples, packer, window=data_cfg.pack_window if pack else 1)
         parts.append(packed.batch(batch_size // per_process, drop_remainder=True))
-    it = parts[0] if per_process == 1 else grain.experimental.ZipIterDataset(parts).map(_concatenate)
+    return combine_shards(parts, data_cfg)
+
+
+def combine_shards(parts: list, data_cfg) -> grain.IterDataset:
+    """One process's batches from its shards' batch datasets (concatenated
+    in shard order), read by Grain workers when `data.workers > 0`."""
+    it = parts[0] if len(parts) == 1 else grain.experimental.ZipIterDataset(parts).map(_concatenate)
     if data_cfg.workers > 0:
         _mark_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.workers,

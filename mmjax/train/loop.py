@@ -175,7 +175,7 @@ def data_counters(config) -> tuple[str, ...]:
 
 def make_train_dataset(config, tokenizer, *, batch_size: int, process_index: int, process_count: int):
     """The training batches the model reads: pair batches
-    (`mmjax.data.pairs`) for a contrastive model (records without a caption
+    (`mmjax.data.pairs`) for a model whose objective trains on pairs (records without a caption
     kept when it reads no `tokens`), else packed sequences
     (`mmjax.data.pipeline`)."""
     if _pairs(config):
@@ -188,7 +188,7 @@ def make_train_dataset(config, tokenizer, *, batch_size: int, process_index: int
 
 def _check_data_feeds_model(config) -> None:
     """ConfigError when the model reads batch fields its data pipeline
-    (packed sequences, or pairs for a contrastive model) does not produce."""
+    (packed sequences, or pairs for a model that trains on pairs) does not produce."""
     pairs = _pairs(config)
     produced = PAIR_FIELDS if pairs else PACKED_FIELDS
     unfed = [f for f in model_spec(config.model).inputs_for(config.model) if f not in produced]
